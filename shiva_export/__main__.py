@@ -1,0 +1,5 @@
+import sys
+
+from shiva_export.cli import main
+
+sys.exit(main())

@@ -1,0 +1,50 @@
+"""`python -m shiva_export VERB`: thin verbs over library calls; exit 0 ok, 1 a check failed, 2 unusable input."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from shiva_export.errors import ShivaError
+
+# One module per verb under shiva_export/commands; each exposes add_parser(subparsers).
+VERBS = ("train", "freeze", "export", "lint", "engine", "check", "bench", "report", "inspect", "build")
+
+EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m shiva_export",
+        description="Compile Shiva-DiT token-pruned DiTs into static ONNX graphs and engines.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    subparsers = parser.add_subparsers(dest="verb", metavar="VERB")
+    for verb in VERBS:
+        try:
+            module = importlib.import_module(f"shiva_export.commands.{verb}")
+        except ModuleNotFoundError as err:
+            if err.name != f"shiva_export.commands.{verb}":
+                raise
+            continue
+        module.add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_BAD_INPUT
+    try:
+        return int(args.func(args) or 0)
+    except ShivaError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted: partial outputs were discarded; existing artifacts are unchanged", file=sys.stderr)
+        return 130

@@ -1,0 +1,229 @@
+"""Token pruning on diffusers' SD3/SD3.5 blocks through named, removable hooks (no edits to diffusers).
+
+Each pruned block runs attention and FFN (and SD3.5's image-only attn2) on the k kept image tokens only; the
+context stream runs in full (D2); outputs are scattered back and dropped tokens keep their input (D1).
+Three modes share one code path: dense (hooks inert), static (fixed integer k per layer: the path the freeze
+and export stages trace) and train (policy ratios, score noise, soft-rank STE).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+from typing import Iterator, Literal, Sequence
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+
+from shiva_export.errors import ConfigError
+from shiva_export.router import RouterBank
+from shiva_export.topk import DifferentiableTopK, check_k, check_ratio, gather_rows, hard_topk_indices, scatter_rows
+
+PRUNING_HOOK = "shiva.token_pruning"
+SUPPORTED_BLOCKS = ("JointTransformerBlock",)
+
+Mode = Literal["dense", "static", "train"]
+
+
+@dataclasses.dataclass(frozen=True)
+class PruningConfig:
+    """How blocks are pruned. Temperatures and noise are the D12 starting values (annealed by training)."""
+
+    dense_layers: tuple[int, ...] = (0,)
+    cfg_consistent: bool = False   # batch = [uncond; cond] halves of the same samples: select with max score (D4)
+    tau_rank: float = 0.2
+    tau_sel: float = 0.1
+    score_noise: float = 0.1       # in units of the batch's score std, training only
+    soft_rank_chunk: int = 1024
+
+
+@dataclasses.dataclass
+class PruningState:
+    """Per-model mutable state the hooks read; changed only through the context managers below."""
+
+    config: PruningConfig
+    num_layers: int
+    mode: Mode = "dense"
+    k: tuple[int, ...] | None = None            # static mode, one per layer (dense layers: ignored)
+    ratios: torch.Tensor | None = None           # train mode, [B, L] keep ratios from the policy
+    tau_rank: float = 0.2
+    tau_sel: float = 0.1
+    score_noise: float = 0.0
+    generator: torch.Generator | None = None
+    record: bool = False
+    indices: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
+    processed_tokens: dict[int, int] = dataclasses.field(default_factory=dict)
+    pi: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
+
+    @property
+    def pruned_layers(self) -> list[int]:
+        return [l for l in range(self.num_layers) if l not in self.config.dense_layers]
+
+
+class TokenPruningHook(ModelHook):
+    """Replaces one block's forward: route -> select k -> block on kept tokens -> scatter back."""
+
+    def __init__(self, layer: int, routers: RouterBank, state: PruningState, block_signature: inspect.Signature):
+        super().__init__()
+        self.layer, self.routers, self.state, self.signature = layer, routers, state, block_signature
+        self.topk = DifferentiableTopK()
+
+    def new_forward(self, module, *args, **kwargs):
+        state = self.state
+        if state.mode == "dense":
+            return self.fn_ref.original_forward(*args, **kwargs)
+        bound = self.signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        call = dict(bound.arguments)
+        hidden, context, temb = call["hidden_states"], call["encoder_hidden_states"], call["temb"]
+        batch, num_tokens, _ = hidden.shape
+
+        scores = self.routers(self.layer, hidden, temb, context.mean(dim=1))
+        if state.mode == "train" and state.score_noise > 0:
+            noise = torch.randn(scores.shape, generator=state.generator).to(scores.device)
+            scores = scores + state.score_noise * scores.detach().std() * noise
+        if state.config.cfg_consistent:
+            scores = cfg_max(scores)
+
+        if state.mode == "static":
+            k = state.k[self.layer]
+            check_k(k, num_tokens, where=f"layer {self.layer}: ")
+            indices = hard_topk_indices(scores, k)
+            kept, passed = gather_rows(hidden, indices), hidden
+        else:
+            ratio = state.ratios[:, self.layer]
+            check_ratio(ratio, where=f"layer {self.layer}: ")
+            k = max(1, int(torch.floor(num_tokens * ratio.detach().float().mean()).item()))
+            self.topk.tau_rank, self.topk.tau_sel = state.tau_rank, state.tau_sel
+            self.topk.chunk = state.config.soft_rank_chunk
+            kept, passed, indices, pi = self.topk(hidden, scores, ratio, k)
+            state.pi[self.layer] = pi
+
+        call["hidden_states"] = kept
+        context_out, kept_out = self.fn_ref.original_forward(**call)
+        if state.record:
+            state.indices[self.layer] = indices
+            state.processed_tokens[self.layer] = kept.shape[1]
+        return context_out, scatter_rows(passed, indices, kept_out)
+
+
+def cfg_max(scores: torch.Tensor) -> torch.Tensor:
+    """s = max(s_uncond, s_cond) broadcast to both halves, so CFG halves keep the same tokens (Eq. 32)."""
+    batch = scores.shape[0]
+    if batch % 2:
+        raise ConfigError(f"CFG-consistent selection needs an even batch ([uncond; cond]), got batch {batch}")
+    half = batch // 2
+    joint = torch.maximum(scores[:half], scores[half:])
+    return torch.cat([joint, joint], dim=0)
+
+
+def _blocks(transformer) -> list[torch.nn.Module]:
+    blocks = getattr(transformer, "transformer_blocks", None)
+    if blocks is None or not len(blocks):
+        raise ConfigError(f"{type(transformer).__name__} has no transformer_blocks; expected an SD3Transformer2DModel")
+    for block in blocks:
+        if type(block).__name__ not in SUPPORTED_BLOCKS:
+            raise ConfigError(f"block type {type(block).__name__} is not supported; expected {SUPPORTED_BLOCKS}")
+    return list(blocks)
+
+
+def apply_token_pruning(transformer, routers: RouterBank, config: PruningConfig = PruningConfig()) -> PruningState:
+    """Attach a pruning hook to every block not in config.dense_layers; returns the shared state (mode: dense)."""
+    blocks = _blocks(transformer)
+    if routers.num_layers != len(blocks):
+        raise ConfigError(f"router bank is for {routers.num_layers} layers but the model has {len(blocks)}")
+    bad = [l for l in config.dense_layers if not 0 <= l < len(blocks)]
+    if bad:
+        raise ConfigError(f"dense layers {bad} are out of range for a {len(blocks)}-layer model")
+    if get_pruning_state(transformer) is not None:
+        raise ConfigError("token pruning is already applied to this model; call remove_token_pruning first")
+    state = PruningState(config=config, num_layers=len(blocks), tau_rank=config.tau_rank, tau_sel=config.tau_sel)
+    for index, block in enumerate(blocks):
+        if index in config.dense_layers:
+            continue
+        signature = inspect.signature(block.forward)
+        registry = HookRegistry.check_if_exists_or_initialize(block)
+        registry.register_hook(TokenPruningHook(index, routers, state, signature), PRUNING_HOOK)
+    transformer.shiva_routers = routers  # registered as a submodule: moves with .to() and is saved with the model
+    return state
+
+
+def remove_token_pruning(transformer) -> None:
+    for block in _blocks(transformer):
+        HookRegistry.check_if_exists_or_initialize(block).remove_hook(PRUNING_HOOK, recurse=False)
+    if hasattr(transformer, "shiva_routers"):
+        del transformer.shiva_routers
+
+
+def get_pruning_state(transformer) -> PruningState | None:
+    for block in _blocks(transformer):
+        registry = getattr(block, "_diffusers_hook", None)
+        hook = registry.get_hook(PRUNING_HOOK) if registry is not None else None
+        if hook is not None:
+            return hook.state
+    return None
+
+
+def _require_state(transformer) -> PruningState:
+    state = get_pruning_state(transformer)
+    if state is None:
+        raise ConfigError("token pruning is not applied to this model; call apply_token_pruning first")
+    return state
+
+
+@contextlib.contextmanager
+def _swapped(state: PruningState, **changes) -> Iterator[PruningState]:
+    previous = {name: getattr(state, name) for name in changes}
+    try:
+        for name, value in changes.items():
+            setattr(state, name, value)
+        yield state
+    finally:
+        for name, value in previous.items():
+            setattr(state, name, value)
+
+
+def validate_k(state: PruningState, k_per_layer: Sequence[int], num_tokens: int | None = None) -> tuple[int, ...]:
+    k = tuple(k_per_layer)
+    if len(k) != state.num_layers:
+        raise ConfigError(f"k has {len(k)} entries but the model has {state.num_layers} layers")
+    for layer in state.pruned_layers:
+        check_k(k[layer], num_tokens or max(k[layer], 1), where=f"layer {layer}: ")
+    return k
+
+
+@contextlib.contextmanager
+def static_k(transformer, k_per_layer: Sequence[int], record: bool = False) -> Iterator[PruningState]:
+    """Run with a fixed integer k per layer: hard top-k only, no surrogate, no noise (the exported path)."""
+    state = _require_state(transformer)
+    k = validate_k(state, k_per_layer)
+    with _swapped(state, mode="static", k=k, record=record, indices={}, processed_tokens={}):
+        yield state
+
+
+@contextlib.contextmanager
+def training_ratios(transformer, ratios: torch.Tensor, tau_rank: float | None = None, tau_sel: float | None = None,
+                    score_noise: float | None = None, generator: torch.Generator | None = None,
+                    record: bool = False) -> Iterator[PruningState]:
+    """Run with policy ratios [B, L] (or [L]): hard top-k forward, soft-rank STE backward."""
+    state = _require_state(transformer)
+    ratios = ratios if ratios.dim() == 2 else ratios.unsqueeze(0)
+    if ratios.shape[-1] != state.num_layers:
+        raise ConfigError(f"ratios have {ratios.shape[-1]} layers but the model has {state.num_layers}")
+    check_ratio(ratios[:, state.pruned_layers])
+    cfg = state.config
+    with _swapped(state, mode="train", ratios=ratios, record=record, indices={}, processed_tokens={}, pi={},
+                  tau_rank=cfg.tau_rank if tau_rank is None else tau_rank,
+                  tau_sel=cfg.tau_sel if tau_sel is None else tau_sel,
+                  score_noise=cfg.score_noise if score_noise is None else score_noise, generator=generator):
+        yield state
+
+
+def keep_ratios_to_k(ratios: Sequence[float], num_tokens: int, dense_layers: Sequence[int] = (0,)) -> tuple[int, ...]:
+    """Uniform helper: k = max(1, floor(N r)) per layer; dense layers keep N."""
+    out = []
+    for layer, ratio in enumerate(ratios):
+        check_ratio(ratio, where=f"layer {layer}: ")
+        out.append(num_tokens if layer in dense_layers else max(1, int(num_tokens * ratio)))
+    return tuple(out)

@@ -1,0 +1,103 @@
+"""Adaptive Ratio Policy (Eqs. 10-11), the EMA budget loss (Eqs. 12-13) and stratified sampling (Eq. 15, App. B)."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from shiva_export.errors import ConfigError
+
+
+def sinusoidal_embedding(timesteps: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half)
+    args = timesteps.float().reshape(-1, 1) * freqs
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class AdaptiveRatioPolicy(nn.Module):
+    """logit r_{t,l} = Phi_time(e_t) + Phi_layer(e_l) + b_anchor; r clamped to [r_min, 1]; dense layers keep 1.
+
+    Decoupled additive form: the temporal trend is shared by every depth (the paper rejects FiLM here). Both
+    branch outputs start at zero, so an untrained policy returns the target keep ratio everywhere.
+    """
+
+    def __init__(self, num_layers: int, target_keep: float = 0.6, r_min: float = 0.1,
+                 dense_layers: Sequence[int] = (0,), hidden_dim: int = 256):
+        super().__init__()
+        if not 0 < target_keep <= 1:
+            raise ConfigError(f"target keep ratio {target_keep:g} is outside (0, 1]")
+        if not 0 < r_min <= target_keep:
+            raise ConfigError(f"r_min {r_min:g} must be in (0, target_keep={target_keep:g}]")
+        self.num_layers, self.r_min, self.hidden_dim = num_layers, r_min, hidden_dim
+        self.dense_layers = tuple(sorted(set(dense_layers)))
+        self.time_mlp = nn.Sequential(nn.Linear(hidden_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, 1))
+        self.layer_table = nn.Embedding(num_layers, hidden_dim)
+        self.layer_mlp = nn.Sequential(nn.Linear(hidden_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, 1))
+        anchor = math.log(target_keep / (1 - target_keep)) if target_keep < 1 else 6.0
+        self.anchor = nn.Parameter(torch.tensor(anchor))
+        for head in (self.time_mlp[-1], self.layer_mlp[-1]):
+            nn.init.zeros_(head.weight)
+            nn.init.zeros_(head.bias)
+        mask = torch.ones(num_layers, dtype=torch.bool)
+        mask[list(self.dense_layers)] = False
+        self.register_buffer("pruned_mask", mask, persistent=False)
+
+    def logits(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """timesteps [T] in scheduler units (0..1000) -> logits [T, L]."""
+        time_term = self.time_mlp(sinusoidal_embedding(timesteps, self.hidden_dim))            # [T, 1]
+        layers = torch.arange(self.num_layers, device=self.anchor.device)
+        layer_term = self.layer_mlp(self.layer_table(layers)).reshape(1, -1)                  # [1, L]
+        return time_term + layer_term + self.anchor
+
+    def forward(self, timesteps: torch.Tensor, logit_noise: float = 0.0, generator: torch.Generator | None = None
+                ) -> torch.Tensor:
+        """Ratios [T, L]; logit_noise > 0 adds N(0, sigma^2) to the logits (stage 2 exploration, Eq. 29)."""
+        logits = self.logits(timesteps)
+        if logit_noise:
+            noise = torch.randn(logits.shape, generator=generator, device=logits.device if generator is None else "cpu")
+            logits = logits + logit_noise * noise.to(logits.device)
+        ratios = torch.sigmoid(logits).clamp(self.r_min, 1.0)
+        return torch.where(self.pruned_mask, ratios, torch.ones_like(ratios))
+
+    @torch.no_grad()
+    def ratios(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """The deterministic lookup the freeze pass evaluates at the sampler's timesteps."""
+        return self.forward(torch.as_tensor(timesteps, dtype=torch.float32))
+
+
+class BudgetLoss(nn.Module):
+    """L_budget = lambda_b * r_bar * sg[2 (mu - R_target)], mu an EMA (beta = 0.2) of the batch mean ratio (D10).
+
+    Only the long-run mean is tied to the target, so individual batches (e.g. all high-noise) may differ from it.
+    """
+
+    def __init__(self, target_keep: float, beta: float = 0.2, weight: float = 1.0):
+        super().__init__()
+        self.target_keep, self.beta, self.weight = target_keep, beta, weight
+        self.register_buffer("ema", torch.tensor(float(target_keep)))
+
+    def forward(self, batch_mean_ratio: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            self.ema.mul_(1 - self.beta).add_(self.beta * batch_mean_ratio.detach().float())
+        return self.weight * batch_mean_ratio * (2 * (self.ema - self.target_keep)).detach()
+
+
+def stratified_timesteps(count: int, generator: torch.Generator, offset: int = 0, total_strata: int | None = None,
+                         num_train_timesteps: int = 1000) -> torch.Tensor:
+    """t_i ~ U[i T / B, (i + 1) T / B] (Eq. 15) for strata offset .. offset + count of total_strata (D11)."""
+    total = total_strata or count
+    strata = torch.arange(offset, offset + count, dtype=torch.float32)
+    return (strata + torch.rand(count, generator=generator)) * (num_train_timesteps / total)
+
+
+def stratified_ratios(count: int, r_min: float, r_max: float, generator: torch.Generator, offset: int = 0,
+                      total_strata: int | None = None) -> torch.Tensor:
+    """One keep ratio per group from disjoint sub-intervals of [r_min, r_max] (router warm-up, App. B.1)."""
+    total = total_strata or count
+    width = (r_max - r_min) / total
+    strata = torch.arange(offset, offset + count, dtype=torch.float32)
+    return r_min + (strata + torch.rand(count, generator=generator)) * width

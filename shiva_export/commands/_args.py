@@ -1,0 +1,43 @@
+"""Flag groups shared by the verbs that create or extend an artifact folder."""
+
+from __future__ import annotations
+
+import argparse
+
+from shiva_export.pipeline import DEFAULT_MODEL, ArtifactConfig
+
+DEFAULT_OUT = "shiva_artifacts"
+
+
+def add_out_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default=DEFAULT_OUT, help=f"artifact folder (default: ./{DEFAULT_OUT})")
+
+
+def add_artifact_args(parser: argparse.ArgumentParser) -> None:
+    model = parser.add_argument_group("model", "backbone and learned pruning policy")
+    model.add_argument("--model", default=DEFAULT_MODEL,
+                       help="preset (tiny-sd3, tiny-sd35, sd35-medium-shape) or a local diffusers folder")
+    model.add_argument("--router", default=None, help="router/policy checkpoint folder written by `train`")
+    model.add_argument("--target-keep", type=float, default=ArtifactConfig.target_keep,
+                       help="uniform keep ratio when no --router is given")
+    freeze = parser.add_argument_group("freeze", "turning learned ratios into fixed k")
+    freeze.add_argument("--steps", type=int, default=ArtifactConfig.steps, help="sampler steps")
+    freeze.add_argument("--shift", type=float, default=ArtifactConfig.shift, help="flow-matching scheduler shift")
+    freeze.add_argument("--buckets", type=int, default=ArtifactConfig.buckets, help="most static graphs (k-vectors)")
+    freeze.add_argument("--align", type=int, default=None, help="round k up to a multiple of this (default 64)")
+    freeze.add_argument("--k-min", type=int, default=None, help="smallest k of a pruned layer (default: --align)")
+    shape = parser.add_argument_group("export", "static shapes and precision of the graphs")
+    shape.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
+    shape.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
+    shape.add_argument("--batch", type=int, default=None, help="transformer batch; 2 = one image with CFG")
+    shape.add_argument("--context-tokens", type=int, default=None, help="text tokens (333 for SD3.5)")
+    shape.add_argument("--dtype", default=ArtifactConfig.dtype, help="fp32, fp16 or bf16")
+    shape.add_argument("--opset", type=int, default=ArtifactConfig.opset, help="ONNX opset (18..23)")
+    add_out_arg(parser)
+
+
+def artifact_config(args: argparse.Namespace) -> ArtifactConfig:
+    return ArtifactConfig(model=args.model, router=args.router, steps=args.steps, shift=args.shift,
+                          buckets=args.buckets, align=args.align, k_min=args.k_min, height=args.height,
+                          width=args.width, batch=args.batch, context_tokens=args.context_tokens, dtype=args.dtype,
+                          opset=args.opset, target_keep=args.target_keep)

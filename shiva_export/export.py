@@ -1,0 +1,241 @@
+"""Fully static ONNX export: one graph per schedule bucket, all sharing one external weight file.
+
+Each bucket is the patched model in static mode (a Python int k per layer, so torch.export sees no
+data-dependent shape), exported with torch.onnx.export(dynamo=True) at opset 23 (ONNX Attention and
+RMSNormalization ops), then made TensorRT-safe by graph passes and checked by the static lint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import io
+import logging
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import torch
+
+from shiva_export.errors import ConfigError, StaticGraphError
+from shiva_export.io import atomic_directory
+from shiva_export.models import VAE_SCALE_FACTOR, num_image_tokens
+from shiva_export.patching import get_pruning_state, static_k, validate_k
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+INPUT_NAMES = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep")
+OUTPUT_NAME = "sample"
+WEIGHTS_FILE = "weights.bin"
+MIN_EXTERNAL_BYTES = 1024
+WEIGHT_ALIGNMENT = 64
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ConfigError(f"unknown dtype {name!r}; expected one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+    """Static shapes of every bucket graph. height/width are image pixels (latents are /8)."""
+
+    height: int
+    width: int
+    batch: int = 2
+    context_tokens: int = 333
+    dtype: str = "fp32"
+    opset: int = 23
+    debug_indices: bool = False   # extra outputs indices_layer{l}: the kept token indices, for parity checks
+
+    def validate(self, model_config) -> int:
+        torch_dtype(self.dtype)
+        if self.batch < 1:
+            raise ConfigError(f"batch {self.batch} must be >= 1")
+        if self.context_tokens < 1:
+            raise ConfigError(f"context tokens {self.context_tokens} must be >= 1")
+        if not 18 <= self.opset <= 23:
+            raise ConfigError(f"opset {self.opset} is not supported; expected 18..23 (23 gives fused Attention)")
+        return num_image_tokens(model_config, self.height, self.width)
+
+    def input_shapes(self, model_config) -> dict[str, tuple[int, ...]]:
+        lat_h, lat_w = self.height // VAE_SCALE_FACTOR, self.width // VAE_SCALE_FACTOR
+        return {
+            "hidden_states": (self.batch, model_config["in_channels"], lat_h, lat_w),
+            "encoder_hidden_states": (self.batch, self.context_tokens, model_config["joint_attention_dim"]),
+            "pooled_projections": (self.batch, model_config["pooled_projection_dim"]),
+            "timestep": (self.batch,),
+        }
+
+    def input_dtypes(self) -> dict[str, str]:
+        return {"hidden_states": self.dtype, "encoder_hidden_states": self.dtype,
+                "pooled_projections": self.dtype, "timestep": "fp32"}
+
+
+def output_names(num_layers: int, pruned_layers: Sequence[int], debug_indices: bool) -> list[str]:
+    return [OUTPUT_NAME] + ([f"indices_layer{l}" for l in pruned_layers] if debug_indices else [])
+
+
+class StaticBucket(torch.nn.Module):
+    """The patched transformer pinned to one bucket's k vector: the exact module torch.export traces."""
+
+    def __init__(self, transformer, k: Sequence[int], debug_indices: bool = False):
+        super().__init__()
+        self.transformer, self.k, self.debug_indices = transformer, tuple(k), debug_indices
+
+    def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep):
+        with static_k(self.transformer, self.k, record=self.debug_indices) as state:
+            sample = self.transformer(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
+                                      pooled_projections=pooled_projections, timestep=timestep, return_dict=False)[0]
+            if not self.debug_indices:
+                return sample
+            return (sample, *[state.indices[l] for l in state.pruned_layers])
+
+
+def example_feed(model_config, cfg: ExportConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    dtype = torch_dtype(cfg.dtype)
+    feed = {name: torch.randn(shape, generator=gen).to(dtype) for name, shape in cfg.input_shapes(model_config).items()}
+    feed["timestep"] = torch.full((cfg.batch,), 500.0)
+    return feed
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """torch.onnx prints progress and warns about torchvision ops we never use; keep the CLI readable."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.onnx._internal.exporter._registration")]
+    levels = [lg.level for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def export_bucket(transformer, k: Sequence[int], cfg: ExportConfig) -> ir.Model:
+    """Trace one bucket to an onnx_ir model (weights in memory), then run the TensorRT-safety passes."""
+    state = get_pruning_state(transformer)
+    if state is None:
+        raise ConfigError("export needs a patched model: apply_token_pruning(transformer, routers) first")
+    num_tokens = cfg.validate(transformer.config)
+    k = validate_k(state, k, num_tokens)
+    if state.config.cfg_consistent and cfg.batch % 2:
+        raise ConfigError(f"CFG-consistent selection needs an even batch, got --batch {cfg.batch}")
+    module = StaticBucket(transformer, k, cfg.debug_indices).eval()
+    feed = example_feed(transformer.config, cfg)
+    names = output_names(state.num_layers, state.pruned_layers, cfg.debug_indices)
+    with _quiet_exporter(), torch.no_grad():
+        program = torch.onnx.export(module, (), kwargs=feed, dynamo=True, opset_version=cfg.opset,
+                                    input_names=list(INPUT_NAMES), output_names=names, optimize=True)
+    model = program.model
+    tensorrt_safety_passes(model, cfg.dtype)
+    return model
+
+
+def tensorrt_safety_passes(model: ir.Model, dtype: str) -> None:
+    """Rewrite what TensorRT rejects or computes badly; every pass checks its own postcondition."""
+    from shiva_export.passes.topk import SplitLargeTopKPass
+
+    SplitLargeTopKPass()(model)
+    if dtype != "fp32":
+        from shiva_export.passes.precision import Fp32IslandsPass
+
+        Fp32IslandsPass()(model)
+
+
+def _tensor_key(tensor: ir.TensorProtocol, data: bytes) -> str:
+    digest = hashlib.sha256(data)
+    digest.update(f"{tensor.dtype}:{tuple(tensor.shape)}".encode())
+    return digest.hexdigest()
+
+
+class SharedWeightWriter:
+    """Appends initializers to one file, once per distinct content: every bucket graph points into it (D14)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.offsets: dict[str, tuple[int, int]] = {}
+        self.handle = open(path, "wb")
+
+    def externalize(self, model: ir.Model) -> None:
+        for value in list(model.graph.initializers.values()):
+            tensor = value.const_value
+            if tensor is None or tensor.nbytes < MIN_EXTERNAL_BYTES:
+                continue
+            data = tensor.tobytes()
+            key = _tensor_key(tensor, data)
+            if key not in self.offsets:
+                pad = (-self.handle.tell()) % WEIGHT_ALIGNMENT
+                self.handle.write(b"\0" * pad)
+                self.offsets[key] = (self.handle.tell(), len(data))
+                self.handle.write(data)
+            offset, length = self.offsets[key]
+            value.const_value = ir.ExternalTensor(self.path.name, offset, length, tensor.dtype,
+                                                  shape=tensor.shape, name=value.name, base_dir=self.path.parent)
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+def drop_debug_outputs(model: ir.Model) -> None:
+    """The production graph: same nodes, without the index outputs (they stay computed for the gathers)."""
+    keep = [value for value in model.graph.outputs if value.name == OUTPUT_NAME]
+    model.graph.outputs.clear()
+    model.graph.outputs.extend(keep)
+    ir.passes.common.RemoveUnusedNodesPass()(model)
+
+
+def save_graph(model: ir.Model, path: Path) -> None:
+    """Serialize without the exporter's per-node stack traces (they triple the file size)."""
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        node.metadata_props.clear()
+    proto = ir.serde.serialize_model(model)
+    onnx.save_model(proto, str(path))
+
+
+def check_static(path: Path) -> None:
+    """Raise StaticGraphError if the lint finds errors: a non-static graph must never reach an engine build."""
+    from shiva_export.passes.lint import format_report, lint_model
+
+    report = lint_model(str(path))
+    if report.errors:
+        raise StaticGraphError(f"{path.name} is not fully static / TensorRT-legal:\n{format_report(report)}")
+
+
+def export_buckets(transformer, bucket_ks: Sequence[Sequence[int]], cfg: ExportConfig, out_dir: Path,
+                   progress=None) -> list[dict]:
+    """Write out_dir/b{i}.onnx for every bucket + out_dir/weights.bin, atomically as one folder."""
+    out_dir = Path(out_dir)
+    records = []
+    with atomic_directory(out_dir) as tmp:
+        writer = SharedWeightWriter(tmp / WEIGHTS_FILE)
+        try:
+            for bucket, k in enumerate(bucket_ks):
+                model = export_bucket(transformer, k, cfg)
+                writer.externalize(model)
+                record = {"bucket": bucket, "k": list(map(int, k)), "file": f"b{bucket}.onnx"}
+                if cfg.debug_indices:
+                    record["debug_file"] = f"b{bucket}.debug.onnx"
+                    save_graph(model, tmp / record["debug_file"])
+                    drop_debug_outputs(model)
+                save_graph(model, tmp / record["file"])
+                records.append(record)
+                if progress is not None:
+                    progress.update(1)
+        finally:
+            writer.close()
+        for record in records:
+            for key in ("file", "debug_file"):
+                if key in record:
+                    check_static(tmp / record[key])
+    return records

@@ -1,0 +1,215 @@
+"""The stages, model -> freeze -> export -> lint -> engine -> check -> bench -> report, over one artifact folder.
+
+Every stage reads what earlier stages recorded in the manifest, writes its files atomically, and records the
+hash of its inputs; a stage whose inputs and files are unchanged is reused, not rebuilt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+
+from shiva_export.errors import ArtifactError, ConfigError
+from shiva_export.io import sha256_file, sha256_json
+from shiva_export.manifest import Manifest
+
+log = logging.getLogger(__name__)
+
+SCHEDULE_FILE = "schedule.json"
+ONNX_DIR = "onnx"
+DEFAULT_MODEL = "tiny-sd35"
+
+
+@dataclasses.dataclass(frozen=True)
+class ArtifactConfig:
+    """Everything that decides what an artifact folder holds; stored in the manifest (P2, P3)."""
+
+    model: str = DEFAULT_MODEL
+    router: str | None = None
+    steps: int = 28
+    shift: float = 3.0
+    buckets: int = 4
+    align: int | None = None          # None: the preset's default (64; 16 for tiny presets with 256 tokens)
+    k_min: int | None = None
+    height: int | None = None         # image pixels; None: the preset's default
+    width: int | None = None
+    batch: int | None = None
+    context_tokens: int | None = None
+    dtype: str = "fp32"
+    opset: int = 23
+    target_keep: float = 0.6          # only used without --router (untrained, uniform policy)
+
+    def resolve(self, defaults: dict) -> "ArtifactConfig":
+        """Fill unset sizes from the model's defaults and validate what can be validated without the model."""
+        from shiva_export.export import torch_dtype
+
+        torch_dtype(self.dtype)
+        filled = {name: defaults.get(name) if getattr(self, name) is None else getattr(self, name)
+                  for name in ("height", "width", "batch", "context_tokens")}
+        filled["align"] = self.align or defaults.get("align", 64)
+        if self.buckets < 1:
+            raise ConfigError(f"--buckets {self.buckets} must be >= 1")
+        if self.steps < 1:
+            raise ConfigError(f"--steps {self.steps} must be >= 1")
+        if not 0 < self.target_keep <= 1:
+            raise ConfigError(f"target keep {self.target_keep:g} is outside (0, 1]")
+        if self.router and not Path(self.router).exists():
+            raise ConfigError(f"router checkpoint {self.router!r} does not exist")
+        return dataclasses.replace(self, **filled)
+
+    @property
+    def cfg_consistent(self) -> bool:
+        return bool(self.batch and self.batch % 2 == 0)
+
+    def to_json(self) -> dict:
+        data = dataclasses.asdict(self)
+        if self.router:
+            data["router"] = str(Path(self.router).resolve())
+        return data
+
+
+class Workspace:
+    """An artifact folder: its manifest, its config, and the pruned model loaded lazily once."""
+
+    def __init__(self, root: str | Path, config: ArtifactConfig | None = None):
+        self.root = Path(root)
+        self.manifest = Manifest.load(self.root, must_exist=config is None)
+        if config is None:
+            stored = self.manifest.data.get("config")
+            if not stored:
+                raise ArtifactError(f"{self.root}: the manifest has no config; run `python -m shiva_export export` first")
+            config = ArtifactConfig(**stored)
+        self._given = config
+        self._pruned = None
+        self._config = None
+
+    def _load(self):
+        from shiva_export.models import preset_names, read_preset
+        from shiva_export.pruned import load_pruned_model
+
+        is_preset = self._given.model in preset_names()
+        config = self._given.resolve(read_preset(self._given.model)["defaults"] if is_preset else {})
+        pruned = load_pruned_model(config.model, config.router, target_keep=config.target_keep,
+                                   cfg_consistent=bool(config.batch and config.batch % 2 == 0))
+        if not is_preset:  # a folder's defaults come from its config (sample size); CFG follows the batch
+            config = self._given.resolve(pruned.source.defaults)
+            pruned.state.config = dataclasses.replace(pruned.state.config, cfg_consistent=config.cfg_consistent)
+        self._config, self._pruned = config, pruned
+
+    @property
+    def config(self) -> ArtifactConfig:
+        if self._config is None:
+            self._load()
+        return self._config
+
+    @property
+    def pruned(self):
+        if self._pruned is None:
+            self._load()
+        return self._pruned
+
+    def path(self, relative: str) -> Path:
+        return self.root / relative
+
+    def schedule(self):
+        from shiva_export.passes.freeze import Schedule
+
+        self.manifest.verify_files("freeze")
+        return Schedule.load(self.path(SCHEDULE_FILE))
+
+    def bucket_graphs(self) -> list[dict]:
+        """[{bucket, k, file, debug_file, sha256}] of the exported graphs, verified against the manifest."""
+        self.manifest.verify_files("export")
+        return self.manifest.require("export")["graphs"]
+
+
+def model_identity(ws: Workspace) -> dict:
+    return {"model_hash": ws.pruned.source.model_hash, "checkpoint_hash": ws.pruned.checkpoint_hash}
+
+
+def run_freeze(ws: Workspace, force: bool = False) -> bool:
+    """Policy at the sampler's timesteps -> k table -> buckets -> schedule.json. Returns True if it ran."""
+    from shiva_export.passes.freeze import FreezeConfig, freeze
+
+    cfg = ws.config
+    freeze_cfg = FreezeConfig(num_steps=cfg.steps, shift=cfg.shift, align=cfg.align, k_min=cfg.k_min,
+                              max_buckets=cfg.buckets, dense_layers=ws.pruned.policy.dense_layers)
+    inputs = sha256_json({"freeze": freeze_cfg.to_json(), "size": [cfg.height, cfg.width, cfg.batch, cfg.context_tokens],
+                          **model_identity(ws)})
+    if not force and ws.manifest.is_fresh("freeze", inputs):
+        log.info("freeze: schedule.json is up to date, reused")
+        return False
+    schedule = freeze(ws.pruned.policy.ratios, ws.pruned.config, cfg.height, cfg.width, cfg.batch,
+                      cfg.context_tokens, freeze_cfg, **model_identity(ws))
+    path = schedule.save(ws.path(SCHEDULE_FILE))
+    ws.manifest.set_stage("freeze", {"files": [ws.manifest.file_record(path)], "schedule_hash": schedule.schedule_hash,
+                                     "buckets": [list(b.k) for b in schedule.buckets],
+                                     "summary": schedule.summary.to_json()}, inputs)
+    ws.manifest.drop_stages("export", "lint", "engine", "check", "bench", "report")
+    ws.manifest.save()
+    return True
+
+
+def run_export(ws: Workspace, force: bool = False, progress=None) -> bool:
+    """One static ONNX graph per bucket (+ a debug twin with index outputs), one shared weight file."""
+    import torch
+
+    from shiva_export.export import ExportConfig, export_buckets, torch_dtype
+
+    cfg = ws.config
+    schedule = ws.schedule()
+    export_cfg = ExportConfig(cfg.height, cfg.width, cfg.batch, cfg.context_tokens, cfg.dtype, cfg.opset,
+                              debug_indices=True)
+    inputs = sha256_json({"schedule": schedule.schedule_hash, "export": dataclasses.asdict(export_cfg),
+                          **model_identity(ws)})
+    if not force and ws.manifest.is_fresh("export", inputs):
+        log.info("export: ONNX graphs are up to date, reused")
+        return False
+    pruned = ws.pruned
+    dtype = torch_dtype(cfg.dtype)
+    if dtype != torch.float32:
+        pruned.to_dtype(dtype)
+    try:
+        records = export_buckets(pruned.transformer, [b.k for b in schedule.buckets], export_cfg,
+                                 ws.path(ONNX_DIR), progress=progress)
+    finally:
+        if dtype != torch.float32:
+            pruned.to_dtype(torch.float32)
+    files, graphs = [], []
+    for record in records:
+        graph = {**record, "sha256": sha256_file(ws.path(f"{ONNX_DIR}/{record['file']}"))}
+        if record.get("debug_file"):
+            graph["debug_sha256"] = sha256_file(ws.path(f"{ONNX_DIR}/{record['debug_file']}"))
+            files.append(ws.manifest.file_record(ws.path(f"{ONNX_DIR}/{record['debug_file']}")))
+        files.append(ws.manifest.file_record(ws.path(f"{ONNX_DIR}/{record['file']}")))
+        graphs.append(graph)
+    files.append(ws.manifest.file_record(ws.path(f"{ONNX_DIR}/weights.bin")))
+    ws.manifest.set_stage("export", {"files": files, "graphs": graphs, "config": dataclasses.asdict(export_cfg),
+                                     "schedule_hash": schedule.schedule_hash}, inputs)
+    ws.manifest.drop_stages("lint", "engine", "check", "bench", "report")
+    ws.manifest.save()
+    return True
+
+
+def start(root: str | Path, config: ArtifactConfig) -> Workspace:
+    """Open (or create) an artifact folder for `config`; a folder made for other inputs is refused, not mixed."""
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"--out {root} exists and is not a folder")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".write-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"--out {root} is not writable ({err.strerror}); choose another folder") from err
+    ws = Workspace(root, config)
+    stored = ws.manifest.data.get("config")
+    resolved = ws.config.to_json()
+    if stored and stored != resolved:
+        changed = sorted(k for k in resolved if stored.get(k) != resolved.get(k))
+        log.info("config changed (%s): stages whose inputs changed will be redone", ", ".join(changed))
+    ws.manifest.data["config"] = resolved
+    return ws

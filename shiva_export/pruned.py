@@ -1,0 +1,57 @@
+"""The pruned PyTorch model every stage starts from: backbone + routers + ratio policy, patched by hooks."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from shiva_export.models import ModelSource, load_transformer
+from shiva_export.patching import PruningConfig, PruningState, apply_token_pruning
+from shiva_export.policy import AdaptiveRatioPolicy
+from shiva_export.router import RouterBank
+
+DEFAULT_TARGET_KEEP = 0.6
+
+
+@dataclasses.dataclass
+class PrunedModel:
+    transformer: torch.nn.Module
+    routers: RouterBank
+    policy: AdaptiveRatioPolicy
+    state: PruningState
+    source: ModelSource
+    checkpoint_hash: str | None
+
+    @property
+    def config(self):
+        return self.transformer.config
+
+    def to_dtype(self, dtype: torch.dtype) -> "PrunedModel":
+        """Cast the backbone; routers and policy stay fp32 so tokens are ranked as in the fp32 reference."""
+        self.transformer.to(dtype)
+        self.routers.float()
+        self.policy.float()
+        return self
+
+
+def load_pruned_model(model: str, router_checkpoint: str | None = None, cfg_consistent: bool = False,
+                      target_keep: float = DEFAULT_TARGET_KEEP, seed: int = 0) -> PrunedModel:
+    """Backbone from a preset/folder; routers+policy from a checkpoint, or seeded untrained ones."""
+    transformer, source = load_transformer(model)
+    if router_checkpoint:
+        from shiva_export.checkpoint import load_router_checkpoint
+
+        routers, policy, meta = load_router_checkpoint(router_checkpoint, transformer, source)
+        checkpoint_hash = meta["checkpoint_hash"]
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            routers = RouterBank.for_transformer(transformer)
+            policy = AdaptiveRatioPolicy(transformer.config.num_layers, target_keep)
+        checkpoint_hash = None
+    routers.eval().requires_grad_(False)
+    policy.eval().requires_grad_(False)
+    state = apply_token_pruning(transformer, routers,
+                                PruningConfig(dense_layers=policy.dense_layers, cfg_consistent=cfg_consistent))
+    return PrunedModel(transformer, routers, policy, state, source, checkpoint_hash)

@@ -30,9 +30,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_ir as ir
-from google.protobuf.message import DecodeError
 
-from shiva_export.errors import ArtifactError, StaticGraphError
+from shiva_export.errors import StaticGraphError
+from shiva_export.passes._files import read_model_proto
 from shiva_export.passes._patterns import is_fusible_softmax
 from shiva_export.passes._shapes import infer_shapes_file, infer_shapes_model
 from shiva_export.passes.topk import TENSORRT_MAX_TOPK, topk_k
@@ -395,22 +395,8 @@ def _inference_finding(err: StaticGraphError) -> Finding:
     return Finding(Rule.SHAPE_INFERENCE, Severity.ERROR, "", str(err))
 
 
-def _load_checked(path: Path) -> onnx.ModelProto:
-    if not path.is_file():
-        raise ArtifactError(f"{path}: no such file; expected an .onnx model. Check the path.")
-    try:
-        proto = onnx.load(path, load_external_data=False)
-    except (DecodeError, RuntimeError, ValueError, OSError) as err:
-        raise ArtifactError(f"{path}: not a readable ONNX model ({err}); expected a file "
-                            "written by torch.onnx.export or onnx.save.") from err
-    if not proto.HasField("graph") or not proto.opset_import:
-        raise ArtifactError(f"{path}: not an ONNX model (no graph or opset_import); expected "
-                            "a file written by torch.onnx.export or onnx.save.")
-    return proto
-
-
 def _lint_path(path: Path, max_k: int) -> LintReport:
-    _load_checked(path)
+    read_model_proto(path)
     pre: list[Finding] = []
     with tempfile.TemporaryDirectory(prefix="shiva-lint-") as tmp:
         inferred = Path(tmp) / path.name

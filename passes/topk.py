@@ -111,7 +111,7 @@ def _split_topk(node: ir.Node, max_k: int) -> None:
     """Replace one TopK node in its graph by the peeled rounds described in the module doc."""
     graph = node.graph
     assert graph is not None, "SplitLargeTopKPass: TopK node is not attached to a graph"
-    data, _ = node.inputs
+    data, k_input = node.inputs
     values_out, indices_out = node.outputs
     k = topk_k(node)
     assert k is not None
@@ -194,6 +194,8 @@ def _split_topk(node: ir.Node, max_k: int) -> None:
         [values_out, indices_out], [concat_values, concat_indices], replace_graph_outputs=True
     )
     graph.remove(node, safe=True)
+    if k_input.is_initializer() and not k_input.uses() and not k_input.is_graph_output():
+        k_input.graph.initializers.pop(k_input.name)
     # Keep the original tensor names: they may be graph outputs that callers bind by name.
     for new_value, name in zip((concat_values, concat_indices), old_names):
         if name:

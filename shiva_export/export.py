@@ -98,6 +98,18 @@ class StaticBucket(torch.nn.Module):
             return (sample, *[state.indices[l] for l in state.pruned_layers])
 
 
+class DenseModel(torch.nn.Module):
+    """The unpruned backbone (hooks inert), exported beside the buckets as the speed and accuracy baseline."""
+
+    def __init__(self, transformer):
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep):
+        return self.transformer(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
+                                pooled_projections=pooled_projections, timestep=timestep, return_dict=False)[0]
+
+
 def example_feed(model_config, cfg: ExportConfig, seed: int = 0) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     dtype = torch_dtype(cfg.dtype)
@@ -122,18 +134,21 @@ def _quiet_exporter():
             lg.setLevel(level)
 
 
-def export_bucket(transformer, k: Sequence[int], cfg: ExportConfig) -> ir.Model:
-    """Trace one bucket to an onnx_ir model (weights in memory), then run the TensorRT-safety passes."""
+def export_bucket(transformer, k: Sequence[int] | None, cfg: ExportConfig) -> ir.Model:
+    """Trace one bucket (k=None: the dense baseline) to an onnx_ir model, then run the TensorRT-safety passes."""
     state = get_pruning_state(transformer)
     if state is None:
         raise ConfigError("export needs a patched model: apply_token_pruning(transformer, routers) first")
     num_tokens = cfg.validate(transformer.config)
-    k = validate_k(state, k, num_tokens)
-    if state.config.cfg_consistent and cfg.batch % 2:
-        raise ConfigError(f"CFG-consistent selection needs an even batch, got --batch {cfg.batch}")
-    module = StaticBucket(transformer, k, cfg.debug_indices).eval()
+    if k is None:
+        module, names = DenseModel(transformer).eval(), [OUTPUT_NAME]
+    else:
+        k = validate_k(state, k, num_tokens)
+        if state.config.cfg_consistent and cfg.batch % 2:
+            raise ConfigError(f"CFG-consistent selection needs an even batch, got --batch {cfg.batch}")
+        module = StaticBucket(transformer, k, cfg.debug_indices).eval()
+        names = output_names(state.num_layers, state.pruned_layers, cfg.debug_indices)
     feed = example_feed(transformer.config, cfg)
-    names = output_names(state.num_layers, state.pruned_layers, cfg.debug_indices)
     with _quiet_exporter(), torch.no_grad():
         program = torch.onnx.export(module, (), kwargs=feed, dynamo=True, opset_version=cfg.opset,
                                     input_names=list(INPUT_NAMES), output_names=names, optimize=True)
@@ -212,9 +227,13 @@ def check_static(path: Path) -> None:
         raise StaticGraphError(f"{path.name} is not fully static / TensorRT-legal:\n{format_report(report)}")
 
 
+DENSE_FILE = "dense.onnx"
+
+
 def export_buckets(transformer, bucket_ks: Sequence[Sequence[int]], cfg: ExportConfig, out_dir: Path,
-                   progress=None) -> list[dict]:
-    """Write out_dir/b{i}.onnx for every bucket + out_dir/weights.bin, atomically as one folder."""
+                   progress=None, dense: bool = True) -> list[dict]:
+    """Write out_dir/b{i}.onnx for every bucket (+ b{i}.debug.onnx with index outputs, + dense.onnx) and
+    out_dir/weights.bin, atomically as one folder."""
     out_dir = Path(out_dir)
     records = []
     with atomic_directory(out_dir) as tmp:
@@ -230,6 +249,13 @@ def export_buckets(transformer, bucket_ks: Sequence[Sequence[int]], cfg: ExportC
                     drop_debug_outputs(model)
                 save_graph(model, tmp / record["file"])
                 records.append(record)
+            if dense:
+                model = export_bucket(transformer, None, cfg)
+                writer.externalize(model)
+                save_graph(model, tmp / DENSE_FILE)
+                records.append({"bucket": "dense", "k": None, "file": DENSE_FILE})
+                if progress is not None:
+                    progress.update(1)
                 if progress is not None:
                     progress.update(1)
         finally:

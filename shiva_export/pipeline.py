@@ -177,8 +177,12 @@ def run_export(ws: Workspace, force: bool = False, progress=None) -> bool:
     finally:
         if dtype != torch.float32:
             pruned.to_dtype(torch.float32)
-    files, graphs = [], []
+    files, graphs, dense = [], [], None
     for record in records:
+        if record["bucket"] == "dense":
+            dense = {"file": record["file"], "sha256": sha256_file(ws.path(f"{ONNX_DIR}/{record['file']}"))}
+            files.append(ws.manifest.file_record(ws.path(f"{ONNX_DIR}/{record['file']}")))
+            continue
         graph = {**record, "sha256": sha256_file(ws.path(f"{ONNX_DIR}/{record['file']}"))}
         if record.get("debug_file"):
             graph["debug_sha256"] = sha256_file(ws.path(f"{ONNX_DIR}/{record['debug_file']}"))
@@ -186,7 +190,7 @@ def run_export(ws: Workspace, force: bool = False, progress=None) -> bool:
         files.append(ws.manifest.file_record(ws.path(f"{ONNX_DIR}/{record['file']}")))
         graphs.append(graph)
     files.append(ws.manifest.file_record(ws.path(f"{ONNX_DIR}/weights.bin")))
-    ws.manifest.set_stage("export", {"files": files, "graphs": graphs, "config": dataclasses.asdict(export_cfg),
+    ws.manifest.set_stage("export", {"files": files, "graphs": graphs, "dense": dense, "config": dataclasses.asdict(export_cfg),
                                      "schedule_hash": schedule.schedule_hash}, inputs)
     ws.manifest.drop_stages("lint", "engine", "check", "bench", "report")
     ws.manifest.save()

@@ -25,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
     ws = pipeline.start(args.out, artifact_config(args))
     pipeline.run_freeze(ws, force=args.force)
     schedule = ws.schedule()
-    with tqdm(total=len(schedule.buckets), desc="export", unit="graph", disable=None) as bar:
+    with tqdm(total=len(schedule.buckets) + 1, desc="export", unit="graph", disable=None) as bar:
         pipeline.run_export(ws, force=args.force, progress=bar)
     for graph in ws.bucket_graphs():
         print(f"bucket {graph['bucket']}: k={graph['k']} -> {ws.root / 'onnx' / graph['file']}")

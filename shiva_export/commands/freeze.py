@@ -1,0 +1,50 @@
+"""`freeze`: evaluate the ratio policy at the sampler's timesteps and write the bucketed k schedule."""
+
+from __future__ import annotations
+
+import argparse
+
+from shiva_export.commands._args import add_artifact_args, artifact_config
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "freeze", help="freeze the learned keep ratios into at most --buckets fixed-k schedules",
+        description="Evaluate the ratio policy at the real timesteps of the flow-matching scheduler (--steps, "
+                    "--shift), round every k up to a multiple of --align (never pruning more than learned), group "
+                    "the steps into at most --buckets contiguous buckets with the least realised FLOPs, and write "
+                    "OUT/schedule.json (hashed, recorded in OUT/manifest.json). Later stages export one static "
+                    "graph per bucket.")
+    add_artifact_args(parser)
+    parser.add_argument("--force", action="store_true", help="re-freeze even if the inputs are unchanged")
+    parser.set_defaults(func=run)
+
+
+def _k_summary(k: tuple[int, ...]) -> str:
+    """Run-length k-vector: 4096,2496x23 for one dense block then 23 blocks at 2496."""
+    parts, start = [], 0
+    for end in range(1, len(k) + 1):
+        if end == len(k) or k[end] != k[start]:
+            parts.append(f"{k[start]}" + (f"x{end - start}" if end - start > 1 else ""))
+            start = end
+    return ",".join(parts)
+
+
+def run(args: argparse.Namespace) -> int:
+    from shiva_export import pipeline
+
+    ws = pipeline.start(args.out, artifact_config(args))
+    pipeline.run_freeze(ws, force=args.force)
+    schedule = ws.schedule()
+    summary = schedule.summary
+    print(f"{ws.path(pipeline.SCHEDULE_FILE)}: {schedule.num_steps} steps, {len(schedule.buckets)} bucket(s), "
+          f"N={schedule.num_tokens}, schedule_hash {schedule.schedule_hash[:12]}")
+    for bucket in schedule.buckets:
+        print(f"  bucket {bucket.index}: steps {bucket.steps[0]}-{bucket.steps[-1]}  k={_k_summary(bucket.k)}  "
+              f"{bucket.flops_per_step / 1e12:.3f} TFLOPs/step")
+    print(f"  keep ratio: learned {summary.learned_keep_ratio:.3f}, aligned {summary.aligned_keep_ratio:.3f}, "
+          f"realised {summary.realised_keep_ratio:.3f}")
+    print(f"  FLOPs vs dense ({summary.dense_flops_per_step / 1e12:.3f} TFLOPs/step): learned "
+          f"{summary.learned_flop_ratio:.3f}, aligned {summary.aligned_flop_ratio:.3f}, realised "
+          f"{summary.realised_flop_ratio:.3f}")
+    return 0

@@ -30,6 +30,10 @@ def _k_summary(k: tuple[int, ...]) -> str:
     return ",".join(parts)
 
 
+def _flops(value: float) -> str:
+    return f"{value / 1e12:.3f} TFLOPs" if value >= 1e11 else f"{value / 1e9:.3f} GFLOPs"
+
+
 def run(args: argparse.Namespace) -> int:
     from shiva_export import pipeline
 
@@ -41,10 +45,10 @@ def run(args: argparse.Namespace) -> int:
           f"N={schedule.num_tokens}, schedule_hash {schedule.schedule_hash[:12]}")
     for bucket in schedule.buckets:
         print(f"  bucket {bucket.index}: steps {bucket.steps[0]}-{bucket.steps[-1]}  k={_k_summary(bucket.k)}  "
-              f"{bucket.flops_per_step / 1e12:.3f} TFLOPs/step")
+              f"{_flops(bucket.flops_per_step)}/step")
     print(f"  keep ratio: learned {summary.learned_keep_ratio:.3f}, aligned {summary.aligned_keep_ratio:.3f}, "
           f"realised {summary.realised_keep_ratio:.3f}")
-    print(f"  FLOPs vs dense ({summary.dense_flops_per_step / 1e12:.3f} TFLOPs/step): learned "
+    print(f"  FLOPs vs dense ({_flops(summary.dense_flops_per_step)}/step): learned "
           f"{summary.learned_flop_ratio:.3f}, aligned {summary.aligned_flop_ratio:.3f}, realised "
           f"{summary.realised_flop_ratio:.3f}")
     return 0

@@ -26,10 +26,11 @@ def const(name: str, array) -> onnx.TensorProto:
 
 def topk_model(batch: int, n: int, k: int, *, axis: int = -1, largest: int = 1,
                elem_type: int = TensorProto.FLOAT, rank3: bool = False) -> onnx.ModelProto:
-    """scores -> TopK(K=k) -> (values, indices); axis 0 puts N first: [N, batch]."""
+    """scores -> TopK(K=k) -> (values, indices); N sits on `axis` ([N, batch] for axis 0;
+    rank3 gives [batch, n, 3] for axis 1 and [batch, 3, n] for axis -1)."""
     shape = [n, batch] if axis == 0 else [batch, n]
     if rank3:
-        shape = [batch, n, 3] if axis == 1 else shape + [3]
+        shape = [batch, n, 3] if axis == 1 else [batch, 3, n]
     out_shape = list(shape)
     out_shape[axis] = k
     node = helper.make_node("TopK", ["scores", "k"], ["values", "indices"], name="select_tokens",
@@ -40,7 +41,7 @@ def topk_model(batch: int, n: int, k: int, *, axis: int = -1, largest: int = 1,
                  [const("k", np.array([k], np.int64))])
 
 
-def row_prune_model(batch=2, n=16, dim=4, k=6) -> onnx.ModelProto:
+def row_prune_model(batch=2, n=16, dim=4, k=6, reduction: str | None = None) -> onnx.ModelProto:
     """The D15 block shape: TopK -> flat row index (per-batch offset) -> Gather rows of
     [B*N, D] -> work on k rows -> ScatterND them back. Fully static and TensorRT-legal."""
     nodes = [
@@ -55,7 +56,7 @@ def row_prune_model(batch=2, n=16, dim=4, k=6) -> onnx.ModelProto:
         helper.make_node("Mul", ["kept", "two"], ["worked"], name="block"),
         helper.make_node("Unsqueeze", ["rows", "axis1"], ["row_index"], name="row_index"),
         helper.make_node("ScatterND", ["table", "row_index", "worked"], ["merged"],
-                         name="scatter_rows"),
+                         name="scatter_rows", **({"reduction": reduction} if reduction else {})),
         helper.make_node("Reshape", ["merged", "x_shape"], ["y"], name="y"),
     ]
     inits = [

@@ -8,16 +8,21 @@ inference finds the graph inconsistent, so callers get one error type.
 
 from __future__ import annotations
 
-__all__ = ["infer_shapes_file", "infer_shapes_model"]
+__all__ = ["fill_missing_types", "infer_shapes_file", "infer_shapes_model"]
 
+import logging
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import onnx
 import onnx_ir as ir
+from onnx_ir.passes.common import ShapeInferencePass
 
 from shiva_export.errors import StaticGraphError
+
+logger = logging.getLogger(__name__)
 
 # Protobuf refuses to serialize a message of 2 GiB or more.
 _PROTOBUF_LIMIT = onnx.checker.MAXIMUM_PROTOBUF
@@ -58,3 +63,18 @@ def infer_shapes_model(model: onnx.ModelProto, *, strict: bool = True) -> onnx.M
         ir.save(ir.serde.deserialize_model(model), path, external_data="model.onnx.data")
         infer_shapes_file(path, path, strict=strict)
         return onnx.load(path, load_external_data=True)
+
+
+def fill_missing_types(model: ir.Model, values: Iterable[ir.Value | None]) -> bool:
+    """Annotate dtypes/shapes with ONNX inference when any of `values` lacks them.
+
+    Graphs built by hand (or by passes that don't annotate) leave intermediate values untyped;
+    a pass that decides by dtype or rank must not guess. Only type annotations change; onnx_ir
+    leaves the weights out of the inference call, so this is cheap for big models. Returns
+    whether inference ran.
+    """
+    if all(v is None or (v.dtype is not None and v.shape is not None) for v in values):
+        return False
+    logger.debug("filling missing value types with ONNX shape inference")
+    ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(model)
+    return True

@@ -97,7 +97,8 @@ class FreezeConfig:
             object.__setattr__(self, "k_min", self.align)
         _int(self.k_min, "FreezeConfig.k_min", 1)
         if isinstance(self.dense_layers, (str, bytes)) or not isinstance(self.dense_layers, Iterable):
-            raise ConfigError(f"FreezeConfig.dense_layers must be a sequence of block indices, got {self.dense_layers!r}")
+            raise ConfigError(
+                f"FreezeConfig.dense_layers must be a sequence of block indices, got {self.dense_layers!r}")
         layers = tuple(sorted({_int(i, "FreezeConfig.dense_layers entry", 0) for i in self.dense_layers}))
         object.__setattr__(self, "dense_layers", layers)
 
@@ -110,7 +111,8 @@ class FreezeConfig:
         if not isinstance(data, Mapping):
             raise ConfigError(f"freeze config must be a JSON object, got {type(data).__name__}")
         if data.get("schema") != FREEZE_CONFIG_SCHEMA:
-            raise ConfigError(f"freeze config schema {data.get('schema')!r} is unknown; expected {FREEZE_CONFIG_SCHEMA}")
+            raise ConfigError(
+                f"freeze config schema {data.get('schema')!r} is unknown; expected {FREEZE_CONFIG_SCHEMA}")
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - fields - {"schema"})
         if unknown:
@@ -140,8 +142,8 @@ def _validated_ratios(ratios: Any, where: str = "ratios") -> torch.Tensor:
     bad = ~(torch.isfinite(table) & (table > 0) & (table <= 1))
     if bool(bad.any()):
         step, layer = (int(i) for i in bad.nonzero()[0])
-        raise ConfigError(f"{where}: keep ratio {table[step, layer].item()!r} at step {step}, layer {layer} is outside "
-                          "(0, 1]; the policy must return ratios clamped to [r_min, 1]")
+        raise ConfigError(f"{where}: keep ratio {table[step, layer].item():.6g} at step {step}, layer {layer} is "
+                          "outside (0, 1]; the policy must return ratios clamped to [r_min, 1]")
     return table
 
 
@@ -230,7 +232,8 @@ def group_buckets(k_table: Any, max_buckets: int, cost_fn: CostFn) -> Bucketing:
         if key not in memo:
             value = float(cost_fn(vector.copy()))
             if not math.isfinite(value):
-                raise ConfigError(f"cost_fn returned {value!r} for k-vector {vector.tolist()}; expected a finite number")
+                raise ConfigError(
+                    f"cost_fn returned {value!r} for k-vector {vector.tolist()}; expected a finite number")
             memo[key] = value
         return memo[key]
 
@@ -348,7 +351,8 @@ class Bucket:
     flops_per_step: int
 
     def to_json(self) -> dict:
-        return {"index": self.index, "k": list(self.k), "steps": list(self.steps), "flops_per_step": self.flops_per_step}
+        return {"index": self.index, "k": list(self.k), "steps": list(self.steps),
+                "flops_per_step": self.flops_per_step}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -474,6 +478,11 @@ class Schedule:
         if version != SCHEDULE_SCHEMA:
             raise ArtifactError(f"{source}: unknown schema_version {version!r}; expected {SCHEDULE_SCHEMA!r}. "
                                 "Re-run `python -m shiva_export freeze` with this version of shiva_export")
+        if "schedule_hash" not in data:
+            raise ArtifactError(f"{source}: malformed schedule, missing key 'schedule_hash'")
+        if sha256_json({key: value for key, value in data.items() if key != "schedule_hash"}) != data["schedule_hash"]:
+            raise ArtifactError(f"{source}: content does not match schedule_hash (edited or corrupted); "
+                                "re-run `python -m shiva_export freeze`")
         try:
             schedule = cls(
                 freeze_config=FreezeConfig.from_json(data["freeze_config"]),
@@ -501,12 +510,11 @@ class Schedule:
             raise ArtifactError(f"{source}: malformed schedule, missing key {err}") from err
         except (ConfigError, TypeError, ValueError) as err:
             raise ArtifactError(f"{source}: malformed schedule: {err}") from err
-        expected = schedule.to_json()
-        for key in ("num_layers", "realised_k_table", "schedule_hash"):
-            if data.get(key) != expected[key]:
-                what = "content does not match schedule_hash (edited or corrupted)" if key == "schedule_hash" else \
-                    f"{key} does not match the rest of the schedule"
-                raise ArtifactError(f"{source}: {what}; re-run `python -m shiva_export freeze`")
+        canonical = schedule._content()
+        content = {key: value for key, value in data.items() if key != "schedule_hash"}
+        if canonical != content:
+            differing = sorted(key for key in set(canonical) | set(content) if canonical.get(key) != content.get(key))
+            raise ArtifactError(f"{source}: malformed schedule: {differing} do not match the rest of the schedule")
         return schedule
 
     def _check_consistency(self) -> None:
@@ -534,6 +542,25 @@ class Schedule:
                                   "step_to_bucket assigns to it")
             if list(bucket.k) != table[list(members)].max(axis=0).tolist():
                 raise ConfigError(f"bucket {bucket.index} k is not the max over its steps")
+        self._check_summary()
+
+    def _check_summary(self) -> None:
+        """The summary's totals and ratios follow from the tables and the per-bucket FLOPs it was built from."""
+        summary, dense = self.summary, self.freeze_config.dense_layers
+        expected = {
+            "dense_flops_total": summary.dense_flops_per_step * self.num_steps,
+            "realised_flops_total": sum(len(b.steps) * b.flops_per_step for b in self.buckets),
+            "learned_flop_ratio": summary.learned_flops_total / summary.dense_flops_total,
+            "aligned_flop_ratio": summary.aligned_flops_total / summary.dense_flops_total,
+            "realised_flop_ratio": summary.realised_flops_total / summary.dense_flops_total,
+            "learned_keep_ratio": _keep_ratio(np.array(self.ratios), dense),
+            "aligned_keep_ratio": _keep_ratio(np.array(self.k_table) / self.num_tokens, dense),
+            "realised_keep_ratio": _keep_ratio(np.array(self.realised_k) / self.num_tokens, dense),
+        }
+        wrong = [name for name, value in expected.items()
+                 if not math.isclose(getattr(summary, name), value, rel_tol=1e-12)]
+        if wrong:
+            raise ConfigError(f"summary {wrong} do not follow from the k tables and bucket FLOPs")
 
     def save(self, path: str | Path) -> Path:
         """Write the schedule atomically (P12)."""
@@ -553,6 +580,12 @@ class Schedule:
             raise ArtifactError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}); "
                                 "re-run `python -m shiva_export freeze`") from err
         return cls.from_json(data, source=str(path))
+
+
+def _keep_ratio(table: np.ndarray, dense_layers: Sequence[int]) -> float:
+    """Mean keep ratio over pruned layers and steps (uniform, D10); 1 when every layer is dense."""
+    pruned = [layer for layer in range(table.shape[1]) if layer not in dense_layers]
+    return float(table[:, pruned].mean()) if pruned else 1.0
 
 
 def _float(value: Any, name: str) -> float:
@@ -600,19 +633,14 @@ def freeze(ratio_fn: RatioFn, model_config: Mapping[str, Any], height: int, widt
     learned = learned_counts(ratios, num_tokens)
     learned[:, list(cfg.dense_layers)] = num_tokens
     realised = np.array([bucketing.bucket_k[b] for b in bucketing.step_to_bucket], dtype=np.int64)
-    pruned = [layer for layer in range(dims.num_layers) if layer not in cfg.dense_layers]
-
-    def keep_ratio(table: np.ndarray) -> float:
-        return float(table[:, pruned].mean()) if pruned else 1.0
-
     dense_per_step = step_flops.dense()
     dense_total = dense_per_step * cfg.num_steps
     totals = {name: sum(step_flops(row) for row in table)
               for name, table in (("learned", learned), ("aligned", aligned), ("realised", realised))}
     summary = ScheduleSummary(
-        learned_keep_ratio=keep_ratio(ratios.double().numpy()),
-        aligned_keep_ratio=keep_ratio(aligned / num_tokens),
-        realised_keep_ratio=keep_ratio(realised / num_tokens),
+        learned_keep_ratio=_keep_ratio(ratios.double().numpy(), cfg.dense_layers),
+        aligned_keep_ratio=_keep_ratio(aligned / num_tokens, cfg.dense_layers),
+        realised_keep_ratio=_keep_ratio(realised / num_tokens, cfg.dense_layers),
         dense_flops_per_step=dense_per_step,
         dense_flops_total=dense_total,
         learned_flops_total=totals["learned"],

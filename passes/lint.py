@@ -23,7 +23,6 @@ import dataclasses
 import enum
 import logging
 import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -32,9 +31,9 @@ import onnx
 import onnx_ir as ir
 
 from shiva_export.errors import StaticGraphError
-from shiva_export.passes._files import read_model_proto
+from shiva_export.passes._files import inline_small_external_tensors, read_model_proto
 from shiva_export.passes._patterns import is_fusible_softmax
-from shiva_export.passes._shapes import infer_shapes_file, infer_shapes_model
+from shiva_export.passes._shapes import infer_shapes_model
 from shiva_export.passes.topk import TENSORRT_MAX_TOPK, topk_k
 
 logger = logging.getLogger(__name__)
@@ -396,18 +395,17 @@ def _inference_finding(err: StaticGraphError) -> Finding:
 
 
 def _lint_path(path: Path, max_k: int) -> LintReport:
-    read_model_proto(path)
+    # The graph without its weights is small whatever the model's size, so inference runs in
+    # memory; only small external constants (K, shapes) are read from disk.
+    proto = read_model_proto(path)
+    inline_small_external_tensors(proto, path.parent)
     pre: list[Finding] = []
-    with tempfile.TemporaryDirectory(prefix="shiva-lint-") as tmp:
-        inferred = Path(tmp) / path.name
-        try:
-            infer_shapes_file(path, inferred, strict=True)
-        except StaticGraphError as err:
-            pre.append(_inference_finding(err))
-            infer_shapes_file(path, inferred, strict=False)
-        proto = onnx.load(inferred, load_external_data=False)
-    model = ir.serde.deserialize_model(proto)
-    # External weights stay beside the original file; only small constants (K) are read.
+    try:
+        inferred = infer_shapes_model(proto, strict=True)
+    except StaticGraphError as err:
+        pre.append(_inference_finding(err))
+        inferred = infer_shapes_model(proto, strict=False)
+    model = ir.serde.deserialize_model(inferred)
     ir.external_data.set_base_dir(model.graph, path.parent)
     return _lint_ir(model, str(path), max_k, pre)
 
@@ -417,8 +415,10 @@ def lint_model(
 ) -> LintReport:
     """Check that a graph is fully static and legal, and fast, for a TensorRT engine.
 
-    Runs strict ONNX shape inference (from the file for paths, so models with > 2 GB of
-    external weights work) and then every rule; the model is not modified.
+    Runs strict ONNX shape inference, then every rule; the model is not modified. For a path
+    the weights stay on disk (only small external constants such as K are read), so models
+    with > 2 GB of external data lint in seconds; a ModelProto over 2 GB is inferred through
+    a file (`infer_shapes_path`).
 
     Raises:
         ArtifactError: the path is missing or is not an ONNX model.

@@ -26,6 +26,7 @@ import onnx_ir as ir
 
 from shiva_export.errors import StaticGraphError
 from shiva_export.passes._patterns import is_fusible_softmax
+from shiva_export.passes._shapes import fill_missing_types
 
 logger = logging.getLogger(__name__)
 
@@ -130,11 +131,17 @@ class Fp32IslandsPass(ir.passes.InPlacePass):
             return False
         return True
 
+    def _candidates(self, model: ir.Model) -> list[ir.Node]:
+        nodes = [n for n in ir.traversal.RecursiveGraphIterator(model.graph) if self._applies_to(n)]
+        if fill_missing_types(model, (v for n in nodes for v in (*n.inputs, *n.outputs))):
+            nodes = [n for n in nodes if self._applies_to(n)]  # attention shapes may be known now
+        return nodes
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         islands: dict[ir.Graph, _Island] = {}
         wrapped = 0
-        for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):
-            if not self._applies_to(node) or not any(_is_low(v) for v in node.inputs):
+        for node in self._candidates(model):
+            if not any(_is_low(v) for v in node.inputs):
                 continue
             island = islands.setdefault(node.graph, _Island(node.graph))
             for i, value in enumerate(node.inputs):
@@ -156,12 +163,15 @@ class Fp32IslandsPass(ir.passes.InPlacePass):
 def require_fp32_islands(
     model: ir.Model, op_types: Iterable[str] = DEFAULT_FP32_OPS, keep_fused_attention: bool = True
 ) -> None:
-    """Raise StaticGraphError naming every listed op that still takes fp16/bf16 inputs."""
+    """Raise StaticGraphError naming every listed op that still takes fp16/bf16 inputs.
+
+    Values without a dtype are typed by ONNX inference first (annotations only).
+    """
     checker = Fp32IslandsPass(op_types, keep_fused_attention=keep_fused_attention)
     offenders = [
         f"'{_label(node)}' ({node.op_type})"
-        for node in ir.traversal.RecursiveGraphIterator(model.graph)
-        if checker._applies_to(node) and any(_is_low(v) for v in node.inputs)
+        for node in checker._candidates(model)
+        if any(_is_low(v) for v in node.inputs)
     ]
     if offenders:
         raise StaticGraphError(

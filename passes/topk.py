@@ -35,6 +35,7 @@ import onnx
 import onnx_ir as ir
 
 from shiva_export.errors import StaticGraphError
+from shiva_export.passes._shapes import fill_missing_types
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ def _fill_value(dtype: ir.DataType, largest: bool) -> np.ndarray:
     return np.array(fill, dtype=dtype.numpy())
 
 
-def _split_topk(node: ir.Node, max_k: int) -> None:
+def _split_topk(node: ir.Node, max_k: int, shared: dict) -> None:
     """Replace one TopK node in its graph by the peeled rounds described in the module doc."""
     graph = node.graph
     assert graph is not None, "SplitLargeTopKPass: TopK node is not attached to a graph"
@@ -135,15 +136,19 @@ def _split_topk(node: ir.Node, max_k: int) -> None:
         return created.outputs if num_outputs > 1 else created.outputs[0]
 
     # Positions along the axis, shaped to broadcast against the input: [length, 1, ..., 1].
-    position = _const(
-        graph,
-        f"{prefix}/position",
-        np.arange(length, dtype=np.int64).reshape([length] + [1] * (rank - 1 - axis)),
-    )
-    fill = _fill_value(data.dtype, largest)
-    fill_value = _const(graph, f"{prefix}/fill", fill)
-    full_shape = list(data.shape)
-    mask_shape = list(data.shape)  # broadcast of data with [.., 1 at axis, ..]
+    # Shared by every split TopK of the same graph and layout (one per pruned block otherwise).
+    trailing = rank - 1 - axis
+    position_key = (graph, "position", length, trailing)
+    if position_key not in shared:
+        shared[position_key] = _const(
+            graph, f"{prefix}/position",
+            np.arange(length, dtype=np.int64).reshape([length] + [1] * trailing))
+    position = shared[position_key]
+    fill_key = (graph, "fill", data.dtype, largest)
+    if fill_key not in shared:
+        shared[fill_key] = _const(graph, f"{prefix}/fill", _fill_value(data.dtype, largest))
+    fill_value = shared[fill_key]
+    full_shape = list(data.shape)  # masks broadcast data with [.., 1 at axis, ..]: data's shape
 
     round_values: list[ir.Value] = []
     round_indices: list[ir.Value] = []
@@ -163,13 +168,13 @@ def _split_topk(node: ir.Node, max_k: int) -> None:
             last_index = op("Slice", [round_indices[-1], starts, ends, axes],
                             f"peel{r}/last_index", ir.DataType.INT64, edge_shape)
             beyond = op("Less" if largest else "Greater", [data, last_value],
-                        f"peel{r}/beyond", ir.DataType.BOOL, mask_shape)
-            same = op("Equal", [data, last_value], f"peel{r}/same", ir.DataType.BOOL, mask_shape)
+                        f"peel{r}/beyond", ir.DataType.BOOL, full_shape)
+            same = op("Equal", [data, last_value], f"peel{r}/same", ir.DataType.BOOL, full_shape)
             # Broadcast [length,1..] against the [.., 1 at axis, ..] edge: the full shape.
             later = op("Greater", [position, last_index], f"peel{r}/later",
-                       ir.DataType.BOOL, mask_shape)
-            tie_after = op("And", [same, later], f"peel{r}/tie_after", ir.DataType.BOOL, mask_shape)
-            keep = op("Or", [beyond, tie_after], f"peel{r}/keep", ir.DataType.BOOL, mask_shape)
+                       ir.DataType.BOOL, full_shape)
+            tie_after = op("And", [same, later], f"peel{r}/tie_after", ir.DataType.BOOL, full_shape)
+            keep = op("Or", [beyond, tie_after], f"peel{r}/keep", ir.DataType.BOOL, full_shape)
             source = op("Where", [keep, data, fill_value], f"peel{r}/masked", data.dtype, full_shape)
         k_value = _const(graph, f"{prefix}/peel{r}/k", np.array([size], np.int64))
         out_shape = list(data.shape)
@@ -194,7 +199,8 @@ def _split_topk(node: ir.Node, max_k: int) -> None:
         [values_out, indices_out], [concat_values, concat_indices], replace_graph_outputs=True
     )
     graph.remove(node, safe=True)
-    if k_input.is_initializer() and not k_input.uses() and not k_input.is_graph_output():
+    if (k_input.is_initializer() and not k_input.uses() and not k_input.is_graph_output()
+            and not k_input.is_graph_input()):
         k_input.graph.initializers.pop(k_input.name)
     # Keep the original tensor names: they may be graph outputs that callers bind by name.
     for new_value, name in zip((concat_values, concat_indices), old_names):
@@ -238,7 +244,9 @@ class SplitLargeTopKPass(ir.passes.InPlacePass):
         self.max_k = max_k
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        split = 0
+        big = [n for n in _iter_topk(model) if (topk_k(n) or 0) > self.max_k]
+        fill_missing_types(model, (n.inputs[0] for n in big))  # peeling needs dtype and shape
+        split, shared = 0, {}
         for node in _iter_topk(model):
             k = topk_k(node)
             if k is None:
@@ -250,7 +258,7 @@ class SplitLargeTopKPass(ir.passes.InPlacePass):
             if reason is not None:
                 logger.debug("%s: not split: %s", _node_label(node), reason)
                 continue
-            _split_topk(node, self.max_k)
+            _split_topk(node, self.max_k, shared)
             split += 1
         return ir.passes.PassResult(model, modified=bool(split))
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
-from typing import Iterator, Literal, Sequence
+from typing import Callable, Iterator, Literal, Sequence
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
@@ -51,6 +51,7 @@ class PruningState:
     tau_sel: float = 0.1
     score_noise: float = 0.0
     generator: torch.Generator | None = None
+    scorer: Callable[..., torch.Tensor] | None = None   # replaces the routers (RouterBank's call signature)
     record: bool = False
     indices: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
     processed_tokens: dict[int, int] = dataclasses.field(default_factory=dict)
@@ -79,7 +80,8 @@ class TokenPruningHook(ModelHook):
         hidden, context, temb = call["hidden_states"], call["encoder_hidden_states"], call["temb"]
         batch, num_tokens, _ = hidden.shape
 
-        scores = self.routers(self.layer, hidden, temb, context.mean(dim=1))
+        scorer = state.scorer if state.scorer is not None else self.routers
+        scores = scorer(self.layer, hidden, temb, context.mean(dim=1))
         if state.mode == "train" and state.score_noise > 0:
             noise = torch.randn(scores.shape, generator=state.generator).to(scores.device)
             scores = scores + state.score_noise * scores.detach().std() * noise
@@ -217,6 +219,17 @@ def training_ratios(transformer, ratios: torch.Tensor, tau_rank: float | None = 
                   tau_rank=cfg.tau_rank if tau_rank is None else tau_rank,
                   tau_sel=cfg.tau_sel if tau_sel is None else tau_sel,
                   score_noise=cfg.score_noise if score_noise is None else score_noise, generator=generator):
+        yield state
+
+
+@contextlib.contextmanager
+def scored_by(transformer, scorer: Callable[..., torch.Tensor]) -> Iterator[PruningState]:
+    """Score tokens with ``scorer(layer, tokens, temb, pooled_context) -> [B, N]`` instead of the routers.
+
+    For baselines at the same budget (random or grid selection, an untrained router); combine with static_k.
+    """
+    state = _require_state(transformer)
+    with _swapped(state, scorer=scorer):
         yield state
 
 

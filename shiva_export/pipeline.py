@@ -7,6 +7,7 @@ hash of its inputs; a stage whose inputs and files are unchanged is reused, not 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 from pathlib import Path
@@ -129,6 +130,12 @@ def model_identity(ws: Workspace) -> dict:
     return {"model_hash": ws.pruned.source.model_hash, "checkpoint_hash": ws.pruned.checkpoint_hash}
 
 
+def recorded_transformer_config(config) -> dict:
+    """The backbone's diffusers config as JSON, kept in the export record so a deployment needs only the artifact
+    folder (the runtime's `transformer.config`), not the source model."""
+    return json.loads(json.dumps({key: value for key, value in dict(config).items() if not key.startswith("_")}))
+
+
 def run_freeze(ws: Workspace, force: bool = False) -> bool:
     """Policy at the sampler's timesteps -> k table -> buckets -> schedule.json. Returns True if it ran."""
     from shiva_export.passes.freeze import FreezeConfig, freeze
@@ -162,8 +169,9 @@ def run_export(ws: Workspace, force: bool = False, progress=None) -> bool:
     schedule = ws.schedule()
     export_cfg = ExportConfig(cfg.height, cfg.width, cfg.batch, cfg.context_tokens, cfg.dtype, cfg.opset,
                               debug_indices=True)
+    transformer_config = recorded_transformer_config(ws.pruned.config)
     inputs = sha256_json({"schedule": schedule.schedule_hash, "export": dataclasses.asdict(export_cfg),
-                          **model_identity(ws)})
+                          "transformer_config": transformer_config, **model_identity(ws)})
     if not force and ws.manifest.is_fresh("export", inputs):
         log.info("export: ONNX graphs are up to date, reused")
         return False
@@ -191,6 +199,7 @@ def run_export(ws: Workspace, force: bool = False, progress=None) -> bool:
         graphs.append(graph)
     files.append(ws.manifest.file_record(ws.path(f"{ONNX_DIR}/weights.bin")))
     ws.manifest.set_stage("export", {"files": files, "graphs": graphs, "dense": dense, "config": dataclasses.asdict(export_cfg),
+                                     "transformer_config": transformer_config,
                                      "schedule_hash": schedule.schedule_hash}, inputs)
     ws.manifest.drop_stages("lint", "engine", "check", "bench", "report")
     ws.manifest.save()

@@ -32,6 +32,9 @@ class AdaptiveRatioPolicy(nn.Module):
             raise ConfigError(f"target keep ratio {target_keep:g} is outside (0, 1]")
         if not 0 < r_min <= target_keep:
             raise ConfigError(f"r_min {r_min:g} must be in (0, target_keep={target_keep:g}]")
+        bad = [layer for layer in dense_layers if not 0 <= layer < num_layers]
+        if bad:
+            raise ConfigError(f"dense layers {bad} are out of range for a {num_layers}-layer policy")
         self.num_layers, self.r_min, self.hidden_dim = num_layers, r_min, hidden_dim
         self.dense_layers = tuple(sorted(set(dense_layers)))
         self.time_mlp = nn.Sequential(nn.Linear(hidden_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, 1))
@@ -77,6 +80,8 @@ class BudgetLoss(nn.Module):
 
     def __init__(self, target_keep: float, beta: float = 0.2, weight: float = 1.0):
         super().__init__()
+        if not 0 < target_keep <= 1:
+            raise ConfigError(f"target keep ratio {target_keep:g} is outside (0, 1]")
         self.target_keep, self.beta, self.weight = target_keep, beta, weight
         self.register_buffer("ema", torch.tensor(float(target_keep)))
 
@@ -86,10 +91,18 @@ class BudgetLoss(nn.Module):
         return self.weight * batch_mean_ratio * (2 * (self.ema - self.target_keep)).detach()
 
 
+def _check_strata(count: int, offset: int, total_strata: int | None) -> int:
+    total = total_strata or count
+    if count < 1 or offset < 0 or offset + count > total:
+        raise ConfigError(f"strata {offset}..{offset + count - 1} are outside 0..{total - 1}; "
+                          f"expected count >= 1 and 0 <= offset <= total_strata - count")
+    return total
+
+
 def stratified_timesteps(count: int, generator: torch.Generator, offset: int = 0, total_strata: int | None = None,
                          num_train_timesteps: int = 1000) -> torch.Tensor:
     """t_i ~ U[i T / B, (i + 1) T / B] (Eq. 15) for strata offset .. offset + count of total_strata (D11)."""
-    total = total_strata or count
+    total = _check_strata(count, offset, total_strata)
     strata = torch.arange(offset, offset + count, dtype=torch.float32)
     return (strata + torch.rand(count, generator=generator)) * (num_train_timesteps / total)
 
@@ -97,7 +110,7 @@ def stratified_timesteps(count: int, generator: torch.Generator, offset: int = 0
 def stratified_ratios(count: int, r_min: float, r_max: float, generator: torch.Generator, offset: int = 0,
                       total_strata: int | None = None) -> torch.Tensor:
     """One keep ratio per group from disjoint sub-intervals of [r_min, r_max] (router warm-up, App. B.1)."""
-    total = total_strata or count
+    total = _check_strata(count, offset, total_strata)
     width = (r_max - r_min) / total
     strata = torch.arange(offset, offset + count, dtype=torch.float32)
     return r_min + (strata + torch.rand(count, generator=generator)) * width

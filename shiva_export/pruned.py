@@ -36,9 +36,9 @@ class PrunedModel:
 
 
 def load_pruned_model(model: str, router_checkpoint: str | None = None, cfg_consistent: bool = False,
-                      target_keep: float = DEFAULT_TARGET_KEEP, seed: int = 0) -> PrunedModel:
+                      target_keep: float = DEFAULT_TARGET_KEEP, seed: int = 0, device: str = "cpu") -> PrunedModel:
     """Backbone from a preset/folder; routers+policy from a checkpoint, or seeded untrained ones."""
-    transformer, source = load_transformer(model)
+    transformer, source = load_transformer(model, device=device)
     if router_checkpoint:
         from shiva_export.checkpoint import load_router_checkpoint
 
@@ -50,8 +50,8 @@ def load_pruned_model(model: str, router_checkpoint: str | None = None, cfg_cons
             routers = RouterBank.for_transformer(transformer)
             policy = AdaptiveRatioPolicy(transformer.config.num_layers, target_keep)
         checkpoint_hash = None
-    routers.eval().requires_grad_(False)
-    policy.eval().requires_grad_(False)
+    routers.to(device).eval().requires_grad_(False)
+    policy.to(device).eval().requires_grad_(False)
     state = apply_token_pruning(transformer, routers,
                                 PruningConfig(dense_layers=policy.dense_layers, cfg_consistent=cfg_consistent))
     return PrunedModel(transformer, routers, policy, state, source, checkpoint_hash)

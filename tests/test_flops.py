@@ -33,12 +33,12 @@ def tiny_model(request):
 
 def test_dense_forward_matches_torch_flop_counter_exactly(tiny_model):
     cfg, batch, context = tiny_model.config, 2, 24
-    inputs = (torch.randn(batch, 16, 32, 32), torch.randn(batch, context, cfg.joint_attention_dim),
+    inputs = (torch.randn(batch, 16, 16, 16), torch.randn(batch, context, cfg.joint_attention_dim),
               torch.randn(batch, cfg.pooled_projection_dim), torch.full((batch,), 500.0))
-    assert flops.dense_model_flops(cfg, 256, context, batch) == counted_flops(tiny_model, *inputs)
+    assert flops.dense_model_flops(cfg, 64, context, batch) == counted_flops(tiny_model, *inputs)
 
 
-@pytest.mark.parametrize("k", [1, 37, 128, 256])
+@pytest.mark.parametrize("k", [1, 37, 96])
 def test_every_block_on_k_kept_tokens_matches_torch_flop_counter(tiny_model, k):
     cfg, batch, context = tiny_model.config, 2, 24
     dim = cfg.num_attention_heads * cfg.attention_head_dim

@@ -111,7 +111,7 @@ def test_budget_loss_value_and_gradient_use_the_updated_ema():
     r_bar = torch.tensor(0.9, requires_grad=True)
     loss = budget(r_bar)
     mu = 0.8 * 0.6 + 0.2 * 0.9
-    assert float(loss) == pytest.approx(0.5 * 0.9 * 2 * (mu - 0.6))
+    assert loss.item() == pytest.approx(0.5 * 0.9 * 2 * (mu - 0.6))
     loss.backward()
     assert float(r_bar.grad) == pytest.approx(0.5 * 2 * (mu - 0.6))
 
@@ -133,7 +133,7 @@ def test_budget_gradient_moves_policy_ratios_toward_the_target(batch_mean, direc
         for param in policy.parameters():
             if param.grad is not None:
                 param -= 0.5 * param.grad
-    moved = float(policy.ratios(TIMESTEPS)[:, 1:].mean()) - float(r_bar)
+    moved = float(policy.ratios(TIMESTEPS)[:, 1:].mean()) - r_bar.item()
     assert (moved < 0) == (direction == "down") and moved != 0
 
 

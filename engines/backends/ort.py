@@ -81,13 +81,18 @@ def resolve_onnx(engine_path: str | Path) -> Path:
 
 
 class SharedWeights:
-    """External initializers of one engine set, memory-mapped once and handed to every ORT session.
+    """External initializers of one engine set, loaded once and handed to every ORT session of the set.
 
-    Keep the store alive as long as any session built from it (runners hold a reference through their loader).
-    The maps are copy-on-write: the files are never modified, and unmodified pages are shared with the page cache.
+    `device="cpu"`: the weights files are memory-mapped copy-on-write (never modified; unmodified pages shared
+    with the page cache) and every `OrtValue` wraps the mapped bytes without a copy. `device="cuda"`: each tensor
+    is copied to the GPU once and every session gets that device `OrtValue`.
+    Keep the store alive as long as any session built from it (runners hold it through their loader).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, device: Literal["cpu", "cuda"] = "cpu", device_id: int = 0) -> None:
+        if device not in ("cpu", "cuda"):
+            raise ConfigError(f"SharedWeights: device must be 'cpu' or 'cuda', got {device!r}.")
+        self.device, self.device_id = device, device_id
         self._files: dict[Path, np.memmap] = {}
         self._values: dict[tuple, Any] = {}
         self._arrays: dict[tuple, np.ndarray] = {}
@@ -98,14 +103,17 @@ class SharedWeights:
         return sum(array.nbytes for array in self._arrays.values())
 
     def arrays(self) -> dict[tuple, np.ndarray]:
-        """(file, offset, length, dtype, dims) -> the array every session reads."""
+        """(file, offset, length, dtype, dims) -> the host array behind each shared tensor."""
         return dict(self._arrays)
+
+    def values(self) -> dict[tuple, Any]:
+        """(file, offset, length, dtype, dims) -> the `OrtValue` every session uses (on `device`)."""
+        return dict(self._values)
 
     def initializers_for(self, onnx_path: str | Path) -> dict[str, Any]:
         """Initializer name -> `OrtValue` for every external initializer of `onnx_path`."""
         import onnx
 
-        ort = _onnxruntime()
         onnx_path = Path(onnx_path)
         model = onnx.load(str(onnx_path), load_external_data=False)
         values = {}
@@ -124,9 +132,23 @@ class SharedWeights:
                 if not array.flags.aligned:  # small tensors written without alignment: ORT wants aligned data
                     array = np.ascontiguousarray(array).copy()
                 self._arrays[key] = array
-                self._values[key] = ort.OrtValue.ortvalue_from_numpy(array)
+                self._values[key] = self._ort_value(array, tensor.data_type)
             values[tensor.name] = self._values[key]
         return values
+
+    def _ort_value(self, array: np.ndarray, onnx_type: int):
+        ort = _onnxruntime()
+        if array.dtype.kind in "fiub" and array.dtype.name != "bfloat16":
+            host = ort.OrtValue.ortvalue_from_numpy(array)
+        else:  # bfloat16 / float8: numpy has no native type, reinterpret the bytes
+            host = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(
+                array.view(np.dtype(f"u{array.dtype.itemsize}")), onnx_type
+            )
+        if self.device == "cpu":
+            return host
+        device = ort.OrtValue.ortvalue_from_shape_and_type(array.shape, onnx_type, "cuda", self.device_id)
+        device.update_inplace(host)
+        return device
 
     def _map(self, file: Path) -> np.memmap:
         if file not in self._files:
@@ -235,7 +257,7 @@ def make_runners(
     engine_paths: Sequence[str | Path], provider: Provider = "cpu", share_weights: bool = True, **kwargs: Any
 ) -> list[OrtRunner]:
     """Runners for a set of engines (one per bucket) that share one in-memory copy of the weights."""
-    weights = SharedWeights() if share_weights else None
+    weights = SharedWeights(device=provider) if share_weights else None
     return [BACKEND.make_runner(path, provider=provider, weights=weights, **kwargs) for path in engine_paths]
 
 

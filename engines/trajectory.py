@@ -1,0 +1,293 @@
+"""Check inputs from a real sampling trajectory, not from random tensors: the feeds an engine meets in deployment.
+
+Random inputs at one timestep miss what matters for a pruned DiT: the router ranks tokens of *denoising*
+latents, and each step runs on its own bucket's engine. So the check runs the sampler the SD3/SD3.5 pipelines run
+(diffusers' ``FlowMatchEulerDiscreteScheduler`` with the schedule's steps and shift, classifier-free guidance on a
+batch ``[uncond; cond]``) with the PyTorch pruned model in static mode (each step pinned to its bucket's k vector,
+as exported), from seeded latents and seeded prompt embeddings, and records at every step the transformer's inputs
+(in the graphs' exact dtypes), its outputs and the kept token indices per pruned layer.
+
+``denoise`` is the one sampling loop: the PyTorch capture and the engine loop in ``compare.py`` both run it, so
+scheduler and guidance arithmetic are identical and only the transformer differs.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "REFERENCE_RUNNER",
+    "StepRecord",
+    "Trajectory",
+    "capture_trajectory",
+    "denoise",
+    "export_config",
+    "save_bucket_data",
+]
+
+import contextlib
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from shiva_export.errors import ArtifactError, ConfigError
+
+logger = logging.getLogger(__name__)
+
+REFERENCE_RUNNER = "torch-static"   # runner name of the PyTorch static-mode outputs in reference.json
+DEFAULT_GUIDANCE_SCALE = 7.0        # demoDiffusion's SD3.5 default (--guidance-scale 7.0)
+TIMESTEP_ATOL = 1e-2                # passes.freeze.TIMESTEP_ATOL: the frozen timesteps are the scheduler's
+
+# The transformer call of one step: feed dict (numpy, graph dtypes) -> {"sample": ..., maybe indices_layer{l}}.
+StepFn = Callable[[int, Mapping[str, np.ndarray]], Mapping[str, np.ndarray]]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepRecord:
+    """One sampler step: what the transformer was fed and what the PyTorch static-mode model returned."""
+
+    step: int
+    bucket: int
+    timestep: float
+    feed: dict[str, np.ndarray]        # INPUT_NAMES -> array in the graph's dtype
+    outputs: dict[str, np.ndarray]     # "sample" + "indices_layer{l}" per pruned layer (int64 [B, k])
+
+
+@dataclasses.dataclass(frozen=True)
+class Trajectory:
+    """A whole denoising run of the PyTorch static-mode model, step by step.
+
+    Attributes:
+        seed: seeds the initial latents and the prompt embeddings.
+        guidance_scale: classifier-free guidance scale (1.0 when the batch has no [uncond; cond] halves).
+        dtype: the export dtype ("fp32", "fp16", "bf16"); latents stay in it between steps, as in diffusers.
+        steps: one record per sampler step.
+        initial_latents / final_latents: [images, C, H, W] before the first and after the last step.
+    """
+
+    seed: int
+    guidance_scale: float
+    dtype: str
+    steps: tuple[StepRecord, ...]
+    initial_latents: np.ndarray
+    final_latents: np.ndarray
+    conditioning: dict[str, np.ndarray]   # encoder_hidden_states / pooled_projections of the batch
+
+    def bucket_steps(self, bucket: int) -> tuple[StepRecord, ...]:
+        return tuple(s for s in self.steps if s.bucket == bucket)
+
+    @property
+    def buckets(self) -> tuple[int, ...]:
+        return tuple(sorted({s.bucket for s in self.steps}))
+
+
+def export_config(ws):
+    """The ExportConfig the graphs of `ws` were exported with (shapes and dtypes of their inputs)."""
+    from shiva_export.export import ExportConfig
+
+    record = ws.manifest.require("export")
+    try:
+        return ExportConfig(**record["config"])
+    except (KeyError, TypeError) as err:
+        raise ArtifactError(f"{ws.root}: the manifest's export record has no usable config ({err}); re-export") from err
+
+
+def _numpy_dtype(name: str):
+    if name == "bf16":
+        import ml_dtypes  # numpy has no bfloat16; onnx ships ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype({"fp32": np.float32, "fp16": np.float16}[name])
+
+
+def _to_numpy(tensor, dtype: np.dtype) -> np.ndarray:
+    import torch
+
+    tensor = tensor.detach().cpu()
+    if tensor.dtype == torch.bfloat16:
+        return tensor.float().numpy().astype(dtype)
+    return tensor.numpy().astype(dtype, copy=True)
+
+
+def _to_torch(array: np.ndarray):
+    import torch
+
+    if array.dtype.name == "bfloat16":
+        return torch.from_numpy(array.astype(np.float32)).to(torch.bfloat16)
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+@contextlib.contextmanager
+def _model_in_dtype(pruned, dtype_name: str) -> Iterator[None]:
+    """Run the backbone in the export dtype (routers stay fp32, as exported); restore fp32 even on error."""
+    import torch
+
+    from shiva_export.export import torch_dtype
+
+    dtype = torch_dtype(dtype_name)
+    if dtype == torch.float32:
+        yield
+        return
+    pruned.to_dtype(dtype)
+    try:
+        yield
+    finally:
+        pruned.to_dtype(torch.float32)
+
+
+def _scheduler(schedule):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=float(schedule.freeze_config.shift))
+    scheduler.set_timesteps(schedule.num_steps)
+    got = scheduler.timesteps.double().numpy()
+    want = np.asarray(schedule.timesteps, dtype=np.float64)
+    if got.shape != want.shape or not np.allclose(got, want, rtol=0, atol=TIMESTEP_ATOL):
+        raise ArtifactError(
+            f"the scheduler's timesteps {np.round(got, 3).tolist()} differ from the frozen ones "
+            f"{np.round(want, 3).tolist()}; the diffusers version changed since freeze. Re-run "
+            "`python -m shiva_export export --force`")
+    return scheduler
+
+
+def _seeded_inputs(cfg, model_config, seed: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Initial latents [images, C, H, W] and the batch's prompt embeddings ([uncond; cond] when the batch is even)."""
+    import torch
+
+    shapes = cfg.input_shapes(model_config)
+    batch = cfg.batch
+    images = batch // 2 if batch % 2 == 0 else batch
+    halves = 2 if batch % 2 == 0 else 1
+    gen = torch.Generator().manual_seed(int(seed))
+    latents = torch.randn((images, *shapes["hidden_states"][1:]), generator=gen)
+    text = torch.randn((halves, images, *shapes["encoder_hidden_states"][1:]), generator=gen)
+    pooled = torch.randn((halves, images, *shapes["pooled_projections"][1:]), generator=gen)
+    dtype = _numpy_dtype(cfg.dtype)
+    conditioning = {"encoder_hidden_states": _to_numpy(text.flatten(0, 1), dtype),
+                    "pooled_projections": _to_numpy(pooled.flatten(0, 1), dtype)}
+    return _to_numpy(latents, dtype), conditioning
+
+
+def denoise(step_fn: StepFn, schedule, cfg, latents: np.ndarray, conditioning: Mapping[str, np.ndarray],
+            guidance_scale: float, on_step: Callable[[int, dict, Mapping[str, np.ndarray]], None] | None = None
+            ) -> np.ndarray:
+    """The SD3 pipeline's denoising loop around any transformer; returns the final latents.
+
+    Mirrors ``StableDiffusion3Pipeline.__call__``: latents are duplicated for the [uncond; cond] batch, the
+    timestep is ``t.expand(batch)`` in fp32, guidance is ``uncond + g (cond - uncond)`` in the output dtype and the
+    Euler step is the scheduler's own (it upcasts to fp32 and casts back to the latents' dtype).
+
+    Args:
+        step_fn: (step index, feed) -> outputs with "sample"; the feed has the graphs' input names and dtypes.
+        latents: initial latents [images, C, H, W] in the export dtype.
+        conditioning: encoder_hidden_states / pooled_projections for the whole batch.
+        on_step: called as on_step(step, feed, outputs) after each transformer call.
+    """
+    import torch
+
+    scheduler = _scheduler(schedule)
+    cfg_halves = cfg.batch // latents.shape[0]
+    if cfg_halves not in (1, 2) or latents.shape[0] * cfg_halves != cfg.batch:
+        raise ConfigError(f"latents for {latents.shape[0]} image(s) do not fit the exported batch {cfg.batch}")
+    current = _to_torch(latents)
+    for step, t in enumerate(scheduler.timesteps):
+        model_input = torch.cat([current] * cfg_halves) if cfg_halves == 2 else current
+        feed = {"hidden_states": _to_numpy(model_input, latents.dtype),
+                "encoder_hidden_states": conditioning["encoder_hidden_states"],
+                "pooled_projections": conditioning["pooled_projections"],
+                "timestep": np.full((cfg.batch,), float(t), dtype=np.float32)}
+        outputs = step_fn(step, feed)
+        noise = _to_torch(np.asarray(outputs["sample"]))
+        if cfg_halves == 2:
+            uncond, cond = noise.chunk(2)
+            noise = uncond + guidance_scale * (cond - uncond)
+        current = scheduler.step(noise.to(current.dtype), t, current, return_dict=False)[0]
+        if on_step is not None:
+            on_step(step, feed, outputs)
+    return _to_numpy(current, latents.dtype)
+
+
+def capture_trajectory(ws, seed: int = 0, guidance_scale: float = DEFAULT_GUIDANCE_SCALE) -> Trajectory:
+    """Run the sampler with the PyTorch pruned model in static mode and record every step.
+
+    Each step calls ``StaticBucket(transformer, bucket.k, debug_indices=True)`` (the module the graphs were traced
+    from) pinned to its bucket's k vector, in the export dtype, so its outputs and kept indices are the reference
+    for the bucket graphs and their debug twins.
+    """
+    import torch
+
+    from shiva_export.export import StaticBucket, output_names
+
+    schedule = ws.schedule()
+    cfg = export_config(ws)
+    pruned = ws.pruned
+    state = pruned.state
+    names = output_names(state.num_layers, state.pruned_layers, debug_indices=True)
+    latents, conditioning = _seeded_inputs(cfg, pruned.config, seed)
+    modules = {b.index: StaticBucket(pruned.transformer, b.k, debug_indices=True).eval() for b in schedule.buckets}
+    records: list[StepRecord] = []
+
+    def step_fn(step: int, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        bucket = schedule.step_to_bucket[step]
+        with torch.inference_mode():
+            result = modules[bucket](**{name: _to_torch(value) for name, value in feed.items()})
+        result = result if isinstance(result, tuple) else (result,)
+        out_dtype = latents.dtype
+        return {name: (_to_numpy(value, out_dtype) if name == "sample" else value.cpu().numpy().astype(np.int64))
+                for name, value in zip(names, result)}
+
+    def on_step(step: int, feed: dict, outputs: Mapping[str, np.ndarray]) -> None:
+        records.append(StepRecord(step, schedule.step_to_bucket[step], float(feed["timestep"][0]),
+                                  dict(feed), dict(outputs)))
+
+    scale = float(guidance_scale) if cfg.batch % 2 == 0 else 1.0
+    with _model_in_dtype(pruned, cfg.dtype):
+        final = denoise(step_fn, schedule, cfg, latents, conditioning, scale, on_step)
+    logger.info("captured a %d-step trajectory (seed %d, guidance %.1f, %s)", len(records), seed, scale, cfg.dtype)
+    return Trajectory(seed=int(seed), guidance_scale=scale, dtype=cfg.dtype, steps=tuple(records),
+                      initial_latents=latents, final_latents=final, conditioning=dict(conditioning))
+
+
+def _blob_dir(root: Path, index: int) -> Path:
+    # polygraphy --save-input-blob layout: <dir>/<zero-padded iteration>/<input name>.bin
+    return root / f"{index:010d}"
+
+
+def save_bucket_data(trajectory: Trajectory, bucket: int, folder: Path) -> dict[str, Path]:
+    """Write one bucket's feeds and reference outputs in formats Polygraphy and trtexec read.
+
+    * ``inputs.json``: ``polygraphy.json.save_json`` of the list of feed dicts (``polygraphy run --load-inputs``,
+      ``polygraphy.comparator.StreamingDataLoader``), one per step of the bucket, in step order;
+    * ``reference.json``: a Polygraphy ``RunResults`` with one runner, ``torch-static``, and one iteration per step
+      (``polygraphy run --load-outputs``, ``RunResults.load``);
+    * ``inputs/<step index>/<name>.bin`` and ``reference/<step index>/<name>.bin``: raw ``ndarray.tofile`` blobs,
+      the layout of ``polygraphy run --save-input-blob``, for ``trtexec --loadInputs``.
+    """
+    from polygraphy.comparator import RunResults
+    from polygraphy.json import save_json
+
+    records = trajectory.bucket_steps(bucket)
+    if not records:
+        raise ConfigError(f"bucket {bucket} runs no step of the trajectory")
+    folder.mkdir(parents=True, exist_ok=True)
+    save_json([r.feed for r in records], str(folder / "inputs.json"), description="check inputs")
+    results = RunResults()
+    results.add([r.outputs for r in records], runner_name=REFERENCE_RUNNER)
+    results.save(str(folder / "reference.json"))
+    for index, record in enumerate(records):
+        for kind, tensors in (("inputs", record.feed), ("reference", record.outputs)):
+            target = _blob_dir(folder / kind, index)
+            target.mkdir(parents=True, exist_ok=True)
+            for name, array in tensors.items():
+                np.ascontiguousarray(array).tofile(target / f"{name}.bin")
+    return {"inputs": folder / "inputs.json", "reference": folder / "reference.json",
+            "blobs": folder / "inputs", "reference_blobs": folder / "reference"}
+
+
+def step_ranges(steps: Sequence[int]) -> str:
+    """"0-1" for contiguous steps, "0,2,5" otherwise."""
+    steps = list(steps)
+    if steps and steps == list(range(steps[0], steps[-1] + 1)):
+        return f"{steps[0]}-{steps[-1]}" if len(steps) > 1 else str(steps[0])
+    return ",".join(map(str, steps))

@@ -1,0 +1,396 @@
+"""GPU evidence for issue 7: per-step and 50-step-loop speed of the pruned static model, dense vs pruned.
+
+Runs on a CUDA machine (also on CPU with a tiny preset, to test the script itself):
+
+    python scripts/gpu_bench.py --phase torch --out docs/benchmarks/h100     # PyTorch eager + CUDA graph
+    python scripts/gpu_bench.py --phase ort   --out docs/benchmarks/h100     # ONNX Runtime CUDA on static graphs
+
+Every ratio is measured side by side in one process on one device: the same weights, inputs and backend for
+the dense and the pruned model. Weights are random (the preset's seed); speed does not depend on them.
+Configurations: dense; keep 1.0 (router + selection + scatter, all tokens kept: the overhead); uniform keep
+0.6 and 0.4 (block 0 dense, k rounded up to a multiple of 64); and a paper-shaped schedule (keep ~0.4 in the
+early high-noise steps rising to ~0.8, mean 0.6) frozen into buckets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from shiva_export.export import ExportConfig, StaticBucket, example_feed
+from shiva_export.flops import ModelDims
+from shiva_export.models import num_image_tokens
+from shiva_export.passes.freeze import FreezeConfig, StepFlops, freeze
+from shiva_export.patching import static_k
+from shiva_export.pruned import load_pruned_model
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--phase", choices=["torch", "ort"], required=True)
+    parser.add_argument("--model", default="sd35-medium-shape")
+    parser.add_argument("--height", type=int, default=1024)
+    parser.add_argument("--width", type=int, default=1024)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--context-tokens", type=int, default=333)
+    parser.add_argument("--steps", type=int, default=50, help="denoising steps of the loop")
+    parser.add_argument("--buckets", type=int, default=4, help="buckets of the paper-shaped schedule")
+    parser.add_argument("--align", type=int, default=64)
+    parser.add_argument("--keeps", default="1.0,0.6,0.4", help="uniform keep ratios to time per step")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--loop-runs", type=int, default=3)
+    parser.add_argument("--onnx-dir", default="/tmp/shiva_gpu_onnx")
+    parser.add_argument("--out", required=True, help="folder for <phase>.json and <phase>.md")
+    return parser.parse_args(argv)
+
+
+def device_facts() -> dict:
+    facts = {"python": platform.python_version(), "torch": torch.__version__}
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        facts.update(device=props.name, compute_capability=f"{props.major}.{props.minor}",
+                     memory_gib=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda)
+        with contextlib.suppress(Exception):
+            facts["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                             capture_output=True, text=True, timeout=20).stdout.strip()
+    else:
+        facts["device"] = f"CPU ({platform.processor() or platform.machine()})"
+    with contextlib.suppress(ImportError):
+        import onnxruntime
+
+        facts["onnxruntime"] = onnxruntime.__version__
+    with contextlib.suppress(ImportError):
+        import diffusers
+
+        facts["diffusers"] = diffusers.__version__
+    return facts
+
+
+def summarize(times_ms: list[float]) -> dict:
+    ordered = sorted(times_ms)
+
+    def pct(p):
+        return ordered[min(len(ordered) - 1, max(0, math.ceil(p / 100 * len(ordered)) - 1))]
+
+    return {"mean_ms": statistics.fmean(ordered), "p50_ms": pct(50), "p95_ms": pct(95), "p99_ms": pct(99),
+            "runs": len(ordered)}
+
+
+class Timer:
+    """CUDA events on a GPU (device time of the enqueued work), perf_counter on CPU."""
+
+    def __init__(self):
+        self.cuda = torch.cuda.is_available()
+
+    def time(self, fn, warmup: int, runs: int) -> list[float]:
+        for _ in range(warmup):
+            fn()
+        self.sync()
+        out = []
+        for _ in range(runs):
+            if self.cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                out.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                out.append((time.perf_counter() - t0) * 1e3)
+        return out
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+
+def uniform_k(num_layers: int, num_tokens: int, keep: float, align: int, dense_layers=(0,)) -> tuple[int, ...]:
+    k = min(num_tokens, max(align, math.ceil(num_tokens * keep / align) * align))
+    return tuple(num_tokens if layer in dense_layers else k for layer in range(num_layers))
+
+
+def paper_schedule(pruned, args, num_tokens: int):
+    """Keep ~0.4 in the early (high-noise) steps rising linearly to ~0.8 in the late steps: mean 0.6."""
+    cfg = FreezeConfig(num_steps=args.steps, shift=3.0, align=args.align, max_buckets=args.buckets,
+                       dense_layers=pruned.policy.dense_layers)
+    from shiva_export.passes.freeze import scheduler_timesteps
+
+    grid = scheduler_timesteps(args.steps, 3.0)
+    layers = pruned.config.num_layers
+
+    def ratio_fn(timesteps: torch.Tensor) -> torch.Tensor:
+        step = torch.argmin((timesteps.reshape(-1, 1) - grid.reshape(1, -1)).abs(), dim=1).float()
+        ramp = 0.4 + 0.4 * step / max(1, args.steps - 1)
+        ratios = ramp.reshape(-1, 1).repeat(1, layers)
+        ratios[:, list(cfg.dense_layers)] = 1.0
+        return ratios
+
+    return freeze(ratio_fn, pruned.config, args.height, args.width, args.batch, args.context_tokens, cfg)
+
+
+def configurations(pruned, args, num_tokens):
+    layers = pruned.config.num_layers
+    configs = {"dense": None}
+    for keep in [float(x) for x in args.keeps.split(",") if x]:
+        configs[f"keep{keep:g}"] = uniform_k(layers, num_tokens, keep, args.align, pruned.policy.dense_layers)
+    schedule = paper_schedule(pruned, args, num_tokens)
+    for bucket in schedule.buckets:
+        configs[f"sched_b{bucket.index}"] = bucket.k
+    return configs, schedule
+
+
+def flops_of(pruned, args, num_tokens, k):
+    step_flops = StepFlops(ModelDims.from_config(pruned.config), num_tokens, args.context_tokens, args.batch)
+    return step_flops.dense() if k is None else step_flops(k)
+
+
+def torch_module(pruned, k):
+    if k is None:
+        return lambda **feed: pruned.transformer(**feed, return_dict=False)[0]
+    bucket = StaticBucket(pruned.transformer, k)
+    return lambda **feed: bucket(**feed)
+
+
+def capture_graph(fn, feed):
+    """CUDA-graph capture of one static forward; returns a replay callable."""
+    static_in = {name: value.clone() for name, value in feed.items()}
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn(**static_in)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = fn(**static_in)
+    return graph.replay, static_out
+
+
+def run_torch_phase(pruned, args, num_tokens, configs, schedule, facts):
+    timer = Timer()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg = ExportConfig(args.height, args.width, args.batch, args.context_tokens, "fp16" if device == "cuda" else "fp32")
+    feed = {k: v.to(device) for k, v in example_feed(pruned.config, cfg, seed=0).items()}
+    rows, runners = {}, {}
+    with torch.inference_mode():
+        for name, k in configs.items():
+            fn = torch_module(pruned, k)
+            row = {"k": list(k) if k else None, "flops": flops_of(pruned, args, num_tokens, k)}
+            row["eager"] = summarize(timer.time(lambda: fn(**feed), args.warmup, args.runs))
+            if device == "cuda":
+                replay, _ = capture_graph(fn, feed)
+                runners[name] = replay
+                row["cudagraph"] = summarize(timer.time(replay, args.warmup, args.runs))
+            else:
+                runners[name] = lambda fn=fn: fn(**feed)
+            rows[name] = row
+            print(f"{name:>10}: eager {row['eager']['mean_ms']:.2f} ms"
+                  + (f", cudagraph {row['cudagraph']['mean_ms']:.2f} ms" if "cudagraph" in row else ""), flush=True)
+        loop = {}
+        for label, per_step in (("dense", ["dense"] * args.steps),
+                                ("schedule", [f"sched_b{b}" for b in schedule.step_to_bucket])):
+            def run_loop(per_step=per_step):
+                for name in per_step:
+                    runners[name]()
+            loop[label] = summarize(timer.time(run_loop, 1, args.loop_runs))
+        numerics = torch_numerics(pruned, configs, feed, device)
+    return {"per_step": rows, "loop": loop, "numerics": numerics}
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().flatten(), b.double().flatten()
+    return float((a @ b) / (a.norm() * b.norm()).clamp_min(1e-30))
+
+
+def torch_numerics(pruned, configs, feed, device):
+    """fp16 static model vs the fp32 static-mode reference: cosine, max abs, selection agreement per bucket."""
+    out = {}
+    half_dtype = pruned.transformer.dtype
+    for name, k in configs.items():
+        if k is None or not name.startswith("sched_"):
+            continue
+        with static_k(pruned.transformer, k, record=True) as state:
+            low = pruned.transformer(**feed, return_dict=False)[0].float()
+            low_idx = {l: v.clone() for l, v in state.indices.items()}
+        pruned.to_dtype(torch.float32)
+        feed32 = {n: (v.float() if n != "timestep" else v) for n, v in feed.items()}
+        with static_k(pruned.transformer, k, record=True) as state:
+            ref = pruned.transformer(**feed32, return_dict=False)[0]
+            ref_idx = {l: v.clone() for l, v in state.indices.items()}
+        pruned.to_dtype(half_dtype)
+        agreement = {l: selection_agreement(low_idx[l], ref_idx[l]) for l in ref_idx}
+        out[name] = {"cosine": cosine(low, ref), "max_abs": float((low - ref).abs().max()),
+                     "agreement_min": min(agreement.values()), "agreement_mean": statistics.fmean(agreement.values())}
+    return out
+
+
+def selection_agreement(a, b) -> float:
+    """Share of kept indices that agree as sets, per sample, averaged."""
+    a, b = torch.as_tensor(a).cpu(), torch.as_tensor(b).cpu()
+    shared = [len(set(x.tolist()) & set(y.tolist())) / max(1, len(y)) for x, y in zip(a, b)]
+    return statistics.fmean(shared)
+
+
+def run_ort_phase(pruned, args, num_tokens, configs, schedule, facts):
+    import numpy as np
+    import onnxruntime as ort
+
+    from shiva_export.export import export_buckets
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = "fp16" if device == "cuda" else "fp32"
+    cfg = ExportConfig(args.height, args.width, args.batch, args.context_tokens, dtype, debug_indices=True)
+    names = [n for n, k in configs.items() if k is not None]
+    onnx_dir = Path(args.onnx_dir)
+    t0 = time.perf_counter()
+    records = export_buckets(pruned.transformer, [configs[n] for n in names], cfg, onnx_dir)
+    export_s = time.perf_counter() - t0
+    files = {"dense": onnx_dir / "dense.onnx"}
+    debug_files = {}
+    for name, record in zip(names, records):
+        files[name] = onnx_dir / record["file"]
+        debug_files[name] = onnx_dir / record["debug_file"]
+    providers = ["CUDAExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+    feed = {k: v.numpy() for k, v in example_feed(pruned.config, cfg, seed=0).items()}
+    timer = Timer()
+    rows = {}
+    sessions = {}
+    for name in ["dense", *names]:
+        sess = ort.InferenceSession(str(files[name]), providers=providers)
+        if providers[0] not in sess.get_providers():
+            raise SystemExit(f"{providers[0]} unavailable: {sess.get_providers()}")
+        binding = sess.io_binding()
+        for input_name, value in feed.items():
+            binding.bind_ortvalue_input(input_name, ort.OrtValue.ortvalue_from_numpy(value, device, 0))
+        binding.bind_output("sample", device)
+        sessions[name] = (sess, binding)
+
+        def run(sess=sess, binding=binding):
+            sess.run_with_iobinding(binding)
+
+        # ORT synchronises its stream before returning, so wall time == device time here
+        rows[name] = {"k": list(configs.get(name) or []) or None,
+                      "flops": flops_of(pruned, args, num_tokens, configs.get(name)),
+                      "ort": summarize(perf_times(run, args.warmup, args.runs))}
+        print(f"{name:>10}: ort {rows[name]['ort']['mean_ms']:.2f} ms", flush=True)
+    loop = {}
+    for label, per_step in (("dense", ["dense"] * args.steps),
+                            ("schedule", [f"sched_b{b}" for b in schedule.step_to_bucket])):
+        def run_loop(per_step=per_step):
+            for name in per_step:
+                sessions[name][0].run_with_iobinding(sessions[name][1])
+        loop[label] = summarize(perf_times(run_loop, 1, args.loop_runs))
+    # numerics: fp16 ORT vs the fp32 PyTorch static-mode reference, per schedule bucket
+    numerics = {}
+    pruned.to_dtype(torch.float32)
+    feed32 = {n: torch.from_numpy(v).float().to(device) for n, v in feed.items()}
+    for name in names:
+        if not name.startswith("sched_"):
+            continue
+        sess = ort.InferenceSession(str(debug_files[name]), providers=providers)
+        outs = sess.run(None, feed)
+        out_names = [o.name for o in sess.get_outputs()]
+        with torch.inference_mode(), static_k(pruned.transformer, configs[name], record=True) as state:
+            ref = pruned.transformer(**feed32, return_dict=False)[0].float().cpu()
+            ref_idx = {l: v.cpu() for l, v in state.indices.items()}
+        got = torch.from_numpy(outs[0].astype(np.float32))
+        agreement = {l: selection_agreement(outs[out_names.index(f"indices_layer{l}")], ref_idx[l]) for l in ref_idx}
+        numerics[name] = {"cosine": cosine(got, ref), "max_abs": float((got - ref).abs().max()),
+                          "agreement_min": min(agreement.values()),
+                          "agreement_mean": statistics.fmean(agreement.values())}
+        print(f"{name}: cosine {numerics[name]['cosine']:.6f} agreement {numerics[name]['agreement_min']:.4f}")
+    return {"per_step": rows, "loop": loop, "numerics": numerics, "export_seconds": export_s}
+
+
+def perf_times(fn, warmup, runs):
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+def render_markdown(result: dict) -> str:
+    facts, phase = result["facts"], result["phase"]
+    lines = [f"# GPU benchmark ({phase}): {result['model']} at {result['height']}x{result['width']}, "
+             f"batch {result['batch']}, {result['context_tokens']} context tokens, {result['dtype']}", "",
+             "Device: " + ", ".join(f"{k} {v}" for k, v in facts.items()), "",
+             f"Command: `{result['command']}`", ""]
+    rows = result["per_step"]
+    backends = [b for b in ("eager", "cudagraph", "ort") if b in rows["dense"]]
+    header = "| config | mean keep | FLOP-bound speedup | " + " | ".join(
+        f"{b} mean ms | {b} P50 | {b} P95 | {b} speedup" for b in backends) + " |"
+    lines += ["## Per transformer step", "", header, "|" + "---|" * (3 + 4 * len(backends))]
+    dense = rows["dense"]
+    for name, row in rows.items():
+        keep = "1.0 (dense)" if row["k"] is None else f"{statistics.fmean(row['k'][1:]) / result['num_tokens']:.3f}"
+        cells = [name, keep, f"{dense['flops'] / row['flops']:.2f}x"]
+        for b in backends:
+            s = row[b]
+            cells += [f"{s['mean_ms']:.2f}", f"{s['p50_ms']:.2f}", f"{s['p95_ms']:.2f}",
+                      f"{dense[b]['mean_ms'] / s['mean_ms']:.2f}x"]
+        lines.append("| " + " | ".join(cells) + " |")
+    loop = result["loop"]
+    lines += ["", f"## {result['steps']}-step loop (transformer only), paper-shaped schedule in "
+                  f"{len(result['schedule']['buckets'])} buckets", "",
+              "| loop | mean ms | P50 | P95 | speedup |", "|---|---|---|---|---|"]
+    for label, s in loop.items():
+        lines.append(f"| {label} | {s['mean_ms']:.1f} | {s['p50_ms']:.1f} | {s['p95_ms']:.1f} | "
+                     f"{loop['dense']['mean_ms'] / s['mean_ms']:.2f}x |")
+    sched = result["schedule"]
+    lines += ["", f"Schedule: realised keep {sched['realised_keep_ratio']:.3f}, FLOP-bound loop speedup "
+                  f"{1 / sched['realised_flop_ratio']:.2f}x; buckets: "
+                  + "; ".join(f"b{b['index']} k={b['k'][1]} x{len(b['steps'])} steps" for b in sched["buckets"])]
+    if result.get("numerics"):
+        lines += ["", "## Numerics vs the fp32 PyTorch static-mode reference", "",
+                  "| bucket | cosine | max abs | selection agreement (min layer) | mean |", "|---|---|---|---|---|"]
+        for name, n in result["numerics"].items():
+            lines.append(f"| {name} | {n['cosine']:.6f} | {n['max_abs']:.3g} | {n['agreement_min']:.4f} | "
+                         f"{n['agreement_mean']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.backends.cuda.matmul.allow_tf32 = False
+    pruned = load_pruned_model(args.model, cfg_consistent=args.batch % 2 == 0, device=device)
+    if device == "cuda":
+        pruned.to_dtype(torch.float16)
+    num_tokens = num_image_tokens(pruned.config, args.height, args.width)
+    configs, schedule = configurations(pruned, args, num_tokens)
+    facts = device_facts()
+    print(json.dumps(facts), flush=True)
+    phase = run_torch_phase if args.phase == "torch" else run_ort_phase
+    result = phase(pruned, args, num_tokens, configs, schedule, facts)
+    result.update(phase=args.phase, facts=facts, model=args.model, height=args.height, width=args.width,
+                  batch=args.batch, context_tokens=args.context_tokens, num_tokens=num_tokens, steps=args.steps,
+                  dtype="fp16" if device == "cuda" else "fp32", command="python " + " ".join(sys.argv),
+                  schedule={"buckets": [b.to_json() for b in schedule.buckets],
+                            "step_to_bucket": list(schedule.step_to_bucket), **schedule.summary.to_json()})
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{args.phase}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{args.phase}.md").write_text(render_markdown(result))
+    print(render_markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

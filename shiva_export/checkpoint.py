@@ -1,0 +1,245 @@
+"""Training checkpoints: safetensors tensors + JSON, written as a whole directory or not at all (P12).
+
+Layout of a checkpoint folder (``train --out``):
+
+    config.json                  schema, model identity (hash, sizes), every training hyperparameter, adapters
+    router.safetensors           RouterBank state
+    policy.safetensors           AdaptiveRatioPolicy state
+    adapters.safetensors         DoRA adapter state (peft), once stage 3 has started
+    trainer_state.safetensors    optimizer moments, budget EMA, RNG states  (resume only)
+    trainer_state.json           step, stage, optimizer hyperparameters, evaluations so far  (resume only)
+    log.jsonl                    one JSON record per optimizer step
+    summary.json                 the final figures, when training has finished
+
+Only safetensors and json are ever read back: no pickle, so a checkpoint cannot run code when loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+
+from shiva_export.errors import ArtifactError, ConfigError
+from shiva_export.io import atomic_directory, sha256_file, sha256_json, write_json
+from shiva_export.policy import AdaptiveRatioPolicy
+from shiva_export.router import RouterBank
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_SCHEMA = 1
+CONFIG_FILE = "config.json"
+ROUTER_FILE = "router.safetensors"
+POLICY_FILE = "policy.safetensors"
+ADAPTER_FILE = "adapters.safetensors"
+STATE_FILE = "trainer_state.safetensors"
+STATE_JSON = "trainer_state.json"
+LOG_FILE = "log.jsonl"
+SUMMARY_FILE = "summary.json"
+WEIGHT_FILES = (ROUTER_FILE, POLICY_FILE, ADAPTER_FILE)
+
+def model_sizes(transformer) -> dict:
+    """Every size of the backbone that the router, the policy or the training data depend on."""
+    cfg = transformer.config
+    inner = cfg.num_attention_heads * cfg.attention_head_dim
+    return {
+        "num_layers": cfg.num_layers, "token_dim": inner, "temb_dim": inner,
+        "context_dim": cfg.caption_projection_dim, "joint_attention_dim": cfg.joint_attention_dim,
+        "pooled_projection_dim": cfg.pooled_projection_dim, "in_channels": cfg.in_channels,
+        "patch_size": cfg.patch_size,
+    }
+
+
+def model_identity(transformer, source) -> dict:
+    """What a checkpoint must match: the model's hash (from its ModelSource) and its sizes."""
+    return {"name": source.name, "kind": source.kind, "model_hash": source.model_hash, **model_sizes(transformer)}
+
+
+def check_model(stored: Mapping[str, Any], transformer, source=None, where: str = "checkpoint") -> None:
+    """Refuse a checkpoint made for another model; the message names both values.
+
+    Sizes are always compared; the model hash is compared when the ModelSource is given (load_transformer returns
+    it), since a loaded nn.Module does not carry the hash of the files it came from.
+    """
+    current = model_sizes(transformer)
+    for key, value in current.items():
+        if stored.get(key) != value:
+            raise ConfigError(
+                f"{where}: was trained for model {stored.get('name')!r} with {key}={stored.get(key)}, but the given "
+                f"model has {key}={value}; train a router for this model or pass the model it was trained on")
+    if source is not None and stored.get("model_hash") != source.model_hash:
+        raise ConfigError(
+            f"{where}: was trained for model {stored.get('name')!r} (hash {str(stored.get('model_hash'))[:12]}), but "
+            f"the given model {source.name!r} has hash {source.model_hash[:12]}; the weights differ, so the router's "
+            "ranking would not fit. Pass the model it was trained on")
+
+
+def write_checkpoint(dest: str | Path, config: Mapping[str, Any], tensors: Mapping[str, Mapping[str, torch.Tensor]],
+                     json_files: Mapping[str, Any] = (), jsonl_files: Mapping[str, Iterable[Mapping]] = ()) -> Path:
+    """Write a checkpoint folder atomically: the old one stays until the new one is complete, then is swapped.
+
+    Args:
+        config: the content of config.json (written last inside the temp folder).
+        tensors: file name -> {tensor name -> tensor}, each saved with safetensors.
+        json_files / jsonl_files: file name -> JSON value / sequence of JSON records.
+    """
+    from safetensors.torch import save_file
+
+    dest = Path(dest)
+    with atomic_directory(dest) as tmp:
+        for name, group in tensors.items():
+            save_file({key: value.detach().cpu().contiguous() for key, value in group.items()}, str(tmp / name))
+        for name, data in dict(json_files).items():
+            write_json(tmp / name, data)
+        for name, records in dict(jsonl_files).items():
+            (tmp / name).write_text("".join(json.dumps(record, sort_keys=True) + "\n" for record in records))
+        write_json(tmp / CONFIG_FILE, dict(config))
+    return dest
+
+
+def read_config(path: str | Path) -> dict:
+    """config.json of a checkpoint folder; ArtifactError if it is not one."""
+    path = Path(path)
+    config_path = path / CONFIG_FILE
+    if not config_path.is_file():
+        raise ArtifactError(f"{path}: not a training checkpoint (no {CONFIG_FILE}); expected a folder written by "
+                            "`python -m shiva_export train --out`")
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ArtifactError(f"{config_path}: unreadable ({err})") from err
+    if config.get("schema") != CHECKPOINT_SCHEMA:
+        raise ArtifactError(f"{config_path}: checkpoint schema {config.get('schema')!r}; expected {CHECKPOINT_SCHEMA}")
+    return config
+
+
+def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path}: missing from the checkpoint")
+    try:
+        return load_file(str(path))
+    except Exception as err:  # safetensors raises its own error types for truncated or corrupt files
+        raise ArtifactError(f"{path}: not a readable safetensors file ({err})") from err
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def load_state(module: torch.nn.Module, tensors: Mapping[str, torch.Tensor], where: str) -> None:
+    """load_state_dict(strict=True) with shape errors turned into a ConfigError naming the file."""
+    try:
+        module.load_state_dict(dict(tensors), strict=True)
+    except RuntimeError as err:
+        raise ConfigError(f"{where}: does not fit this model ({str(err).splitlines()[0]} ...)") from err
+
+
+def build_router(config: Mapping[str, Any]) -> RouterBank:
+    model, train = config["model"], config["train"]
+    return RouterBank(model["num_layers"], model["token_dim"], model["temb_dim"], model["context_dim"],
+                      train["router_hidden_dim"], train["router_group_size"])
+
+
+def build_policy(config: Mapping[str, Any]) -> AdaptiveRatioPolicy:
+    train = config["train"]
+    return AdaptiveRatioPolicy(config["model"]["num_layers"], train["target_keep"], train["r_min"],
+                               tuple(train["dense_layers"]), train["policy_hidden_dim"])
+
+
+def checkpoint_hash(path: str | Path) -> str:
+    """Hash of what a checkpoint contributes to a pruned model: its weights and its model identity."""
+    path = Path(path)
+    files = {name: sha256_file(path / name) for name in WEIGHT_FILES if (path / name).is_file()}
+    return sha256_json({"files": files, "model": read_config(path)["model"]})
+
+
+def load_router_checkpoint(path: str | Path, transformer, source=None
+                           ) -> tuple[RouterBank, AdaptiveRatioPolicy, dict]:
+    """RouterBank and AdaptiveRatioPolicy of a `train` checkpoint, checked against the model first.
+
+    Args:
+        path: the checkpoint folder (``train --out``).
+        transformer: the backbone the router will run on; its sizes must match the checkpoint's.
+        source: the ModelSource from load_transformer; when given, the model hash must match too.
+
+    Returns:
+        (routers, policy, config) with routers and policy in eval mode, fp32, on CPU. ``config`` is config.json plus
+        ``checkpoint_hash`` and ``has_adapters`` (stage-3 DoRA weights: apply them with load_adapters).
+
+    Raises:
+        ArtifactError: not a checkpoint, or a file is missing or unreadable.
+        ConfigError: the checkpoint was trained for another model.
+    """
+    path = Path(path)
+    config = read_config(path)
+    check_model(config["model"], transformer, source, where=str(path))
+    routers, policy = build_router(config), build_policy(config)
+    load_state(routers, read_tensors(path / ROUTER_FILE), str(path / ROUTER_FILE))
+    load_state(policy, read_tensors(path / POLICY_FILE), str(path / POLICY_FILE))
+    meta = dict(config, checkpoint_hash=checkpoint_hash(path), has_adapters=(path / ADAPTER_FILE).is_file())
+    return routers.eval(), policy.eval(), meta
+
+
+def lora_config(adapters: Mapping[str, Any]):
+    """peft LoraConfig from the ``adapters`` entry of config.json (DoRA, rank, alpha, target regex)."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=adapters["rank"], lora_alpha=adapters["alpha"], use_dora=adapters["use_dora"],
+                      target_modules=adapters["target_modules"], lora_dropout=0.0, init_lora_weights=True)
+
+
+def load_adapters(path: str | Path, transformer, source=None):
+    """Merge a checkpoint's stage-3 DoRA adapters into the transformer's weights (in place) and return it.
+
+    After merging the model has plain nn.Linear layers again (what export traces). A checkpoint without adapters
+    (training stopped before stage 3) leaves the model unchanged.
+    """
+    from peft import get_peft_model, set_peft_model_state_dict
+
+    path = Path(path)
+    config = read_config(path)
+    check_model(config["model"], transformer, source, where=str(path))
+    if not (path / ADAPTER_FILE).is_file():
+        return transformer
+    frozen = {name: p.requires_grad for name, p in transformer.named_parameters()}
+    peft_model = get_peft_model(transformer, lora_config(config["adapters"]))
+    result = set_peft_model_state_dict(peft_model, read_tensors(path / ADAPTER_FILE))
+    if result.unexpected_keys:
+        raise ConfigError(f"{path / ADAPTER_FILE}: adapter tensors {result.unexpected_keys[:3]} do not fit this model")
+    merged = peft_model.merge_and_unload()
+    for name, param in merged.named_parameters():
+        param.requires_grad_(frozen.get(name, False))
+    return merged
+
+
+def optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """Optimizer state as flat safetensors-able tensors plus JSON param groups (no pickle)."""
+    state = optimizer.state_dict()
+    tensors = {}
+    for index, entry in state["state"].items():
+        for name, value in entry.items():
+            tensor = value if torch.is_tensor(value) else torch.tensor(value)
+            tensors[f"optim.{index}.{name}"] = tensor
+    groups = [{key: list(value) if isinstance(value, tuple) else value for key, value in group.items()}
+              for group in state["param_groups"]]
+    return tensors, groups
+
+
+def optimizer_from_tensors(optimizer: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor],
+                           groups: list[dict]) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    groups = [{key: tuple(value) if key == "betas" else value for key, value in group.items()} for group in groups]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})

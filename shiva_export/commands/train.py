@@ -1,0 +1,119 @@
+"""`train`: learn the router, the ratio policy and DoRA adapters in three stages; write a checkpoint folder."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+# TrainConfig fields by concern (P11); every field is an option, with TrainConfig's default.
+GROUPS = {
+    "budget": ("target_keep", "r_min", "r_max", "dense_layers"),
+    "stages": ("warmup_steps", "policy_steps", "joint_steps", "lr_warmup_steps"),
+    "optimisation": ("lr_router", "lr_policy", "lr_adapter", "weight_decay", "global_batch", "micro_batch",
+                     "precision", "seed"),
+    "method": ("tau_rank_start", "tau_rank_end", "tau_sel_start", "tau_sel_end", "score_noise", "logit_noise",
+               "budget_beta", "lambda_budget", "lambda_distill", "lambda_diffusion", "distill_every",
+               "router_hidden_dim", "router_group_size", "policy_hidden_dim", "adapter_rank", "adapter_alpha"),
+    "data": ("data", "height", "width", "context_tokens", "timestep_shift", "cfg_dropout"),
+    "evaluation": ("eval_steps", "eval_samples"),
+}
+HELP = {
+    "target_keep": "long-run mean keep ratio R_target in (0, 1]",
+    "r_min": "smallest keep ratio (policy clamp; low end of the stage-1 range)",
+    "r_max": "high end of the stage-1 ratio range",
+    "dense_layers": "comma-separated blocks never pruned",
+    "warmup_steps": "stage 1 (router warm-up) optimizer steps",
+    "policy_steps": "stage 2 (policy learning) optimizer steps",
+    "joint_steps": "stage 3 (joint tuning with DoRA adapters) optimizer steps",
+    "lr_warmup_steps": "linear learning-rate warm-up at the start of each stage",
+    "global_batch": "samples per optimizer step over all processes",
+    "micro_batch": "samples per forward pass; accumulation = global / (micro * processes)",
+    "precision": "auto: bf16 autocast on GPU, fp32 on CPU",
+    "data": "folder of precomputed latents + text embeddings (docs/training-data.md); default: data-free",
+    "height": "data-free image height in pixels (default: the model's)",
+    "width": "data-free image width in pixels (default: the model's)",
+    "context_tokens": "data-free text tokens (default: the model's)",
+    "timestep_shift": "flow-matching scheduler shift (3.0 for SD3/SD3.5)",
+    "cfg_dropout": "caption dropout probability with --data",
+    "eval_steps": "sampler steps at whose timesteps the summary evaluates the policy",
+    "eval_samples": "samples in the summary's evaluation batch",
+}
+
+
+def _parse_layers(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated block indices, got {text!r}") from err
+
+
+def _option_type(field: dataclasses.Field):
+    annotation = str(field.type)
+    if annotation.startswith("tuple"):
+        return _parse_layers
+    for name, kind in (("float", float), ("int", int), ("str", str)):
+        if annotation.startswith(name):
+            return kind
+    return str
+
+
+def add_parser(subparsers) -> None:
+    from shiva_export.training import TrainConfig
+
+    parser = subparsers.add_parser(
+        "train", help="train the router, ratio policy and DoRA adapters (three stages)",
+        description="Stage 1 warms the router up on stratified keep ratios, stage 2 learns the ratio policy under "
+                    "the EMA budget loss with logit noise, stage 3 tunes router, policy and DoRA adapters together. "
+                    "Losses: normalised feature distillation from the frozen teacher, the flow-matching loss with "
+                    "--data, and the budget loss. Without --data it distils on random latents and context. Runs "
+                    "under `torchrun --nproc-per-node N -m shiva_export train ...` too. Writes a checkpoint folder "
+                    "(--out) with safetensors weights, config.json, log.jsonl and summary.json; prints the summary.")
+    parser.add_argument("--model", default=argparse.SUPPRESS,
+                        help="preset (tiny-sd3, tiny-sd35, sd35-medium-shape) or a local diffusers folder "
+                             "(required unless --resume)")
+    fields = {field.name: field for field in dataclasses.fields(TrainConfig)}
+    for title, names in GROUPS.items():
+        group = parser.add_argument_group(title)
+        for name in names:
+            field = fields[name]
+            default = field.default
+            shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+            kwargs = {"choices": ("auto", "fp32", "bf16")} if name == "precision" else {"type": _option_type(field)}
+            group.add_argument(f"--{name.replace('_', '-')}", dest=name, default=argparse.SUPPRESS,
+                               help=f"{HELP.get(name, name.replace('_', ' '))} (default: {shown})", **kwargs)
+    run = parser.add_argument_group("run", "where and how this invocation runs (not hyperparameters)")
+    run.add_argument("--out", required=True, help="checkpoint folder (replaced atomically at every save)")
+    run.add_argument("--resume", action="store_true", help="continue the checkpoint in --out where it stopped")
+    run.add_argument("--stop-after", type=int, default=None, help="stop with a checkpoint after this many steps")
+    run.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (and at stage ends)")
+    run.add_argument("--device", default=None, help="cpu or cuda (default: the local GPU if any)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=cmd_train)
+    missing = set(fields) - {name for names in GROUPS.values() for name in names}
+    assert not missing, f"TrainConfig fields without an option: {missing}"
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from shiva_export.errors import ConfigError
+    from shiva_export.training import RunOptions, TrainConfig, resume_config, train
+
+    given = {field.name: getattr(args, field.name) for field in dataclasses.fields(TrainConfig)
+             if hasattr(args, field.name)}
+    model = getattr(args, "model", None)
+    if args.resume:
+        stored_model, config = resume_config(args.out, given)
+        if model is not None and model != stored_model:
+            raise ConfigError(f"{args.out}: the checkpoint was trained on --model {stored_model!r}, not {model!r}; "
+                              "drop --model to resume it")
+        model = stored_model
+    else:
+        if model is None:
+            raise ConfigError("--model is required (a preset such as tiny-sd35, or a local diffusers folder)")
+        config = TrainConfig(**given)
+    options = RunOptions(out=args.out, resume=args.resume, stop_after=args.stop_after, save_every=args.save_every,
+                         progress=not args.no_progress, device=args.device)
+    summary = train(model, config, options)
+    if summary is not None:
+        print(json.dumps(summary, indent=2))
+    return 0

@@ -1,0 +1,427 @@
+"""Deployment runtime: an artifact folder's bucket engines behind the transformer interface of diffusers' SD3 pipeline.
+
+`ShivaEngineTransformer.from_artifacts(folder)` replaces `pipe.transformer` of a `StableDiffusion3Pipeline`. Each
+call is one sampler step: the step's timestep picks the frozen bucket (`Schedule.bucket_for_timestep`), the inputs
+are checked against the static export shapes, and the bucket's engine runs. `load_pruned_reference(folder)` is the
+PyTorch pruned model behind the same interface and the same schedule (`static_k` per step), so an engine pipeline
+and a PyTorch pipeline can be compared image for image.
+
+What `StableDiffusion3Pipeline` (diffusers 0.3x) needs from its transformer, and where it is provided here:
+- `config.sample_size`, `config.patch_size` (default height/width, `check_inputs`), `config.in_channels` (latent
+  shape), `config.joint_attention_dim` (zero T5 embeddings when `text_encoder_3` is None): `config`, a `FrozenDict`
+  of the exported backbone's diffusers config, recorded by the export stage;
+- being a `torch.nn.Module` with `.device` and `.dtype`: `pipe.device`, `pipe.dtype`, `pipe._execution_device` and
+  `pipe.to()` only look at components that are modules;
+- `forward(hidden_states, timestep, encoder_hidden_states, pooled_projections, joint_attention_kwargs,
+  return_dict=False)` returning `(sample,)`, and `skip_layers=` for skip-layer guidance (refused: a static graph
+  cannot skip blocks).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BACKEND_ALIASES",
+    "PrunedReferenceTransformer",
+    "ShivaEngineTransformer",
+    "StaticInputs",
+    "load_pruned_reference",
+]
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from diffusers.configuration_utils import FrozenDict
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+from shiva_export.errors import ArtifactError, ConfigError, InputError, StaleArtifactError
+from shiva_export.export import INPUT_NAMES, OUTPUT_NAME, ExportConfig, torch_dtype
+from shiva_export.models import VAE_SCALE_FACTOR
+from shiva_export.pipeline import Workspace, recorded_transformer_config
+
+logger = logging.getLogger(__name__)
+
+# User-facing backend names -> the engine backend registry names (`engines.backends.base.BACKEND_NAMES`).
+BACKEND_ALIASES = {
+    "onnxruntime": "ort",
+    "ort": "ort",
+    "tensorrt": "trt",
+    "trt": "trt",
+    "tensorrt-rtx": "trt-rtx",
+    "trt-rtx": "trt-rtx",
+}
+_ORT_PROVIDERS = {"cpu": "cpu", "cpuexecutionprovider": "cpu", "cuda": "cuda", "cudaexecutionprovider": "cuda"}
+
+RunnerFactory = Callable[[int], Any]
+"""bucket index -> an inactive Polygraphy `BaseRunner` whose `infer()` takes torch tensors named `INPUT_NAMES`."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StaticInputs:
+    """The one input signature every bucket graph of an artifact accepts: static shapes, fixed precision."""
+
+    height: int  # image pixels
+    width: int
+    batch: int
+    context_tokens: int
+    precision: str  # "fp32" | "fp16" | "bf16"
+    shapes: dict[str, tuple[int, ...]]
+
+    @classmethod
+    def from_export(cls, cfg: ExportConfig, transformer_config) -> "StaticInputs":
+        shapes = {name: tuple(int(d) for d in shape) for name, shape in cfg.input_shapes(transformer_config).items()}
+        return cls(cfg.height, cfg.width, cfg.batch, cfg.context_tokens, cfg.dtype, shapes)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch_dtype(self.precision)
+
+    def describe(self) -> str:
+        lat_h, lat_w = self.shapes["hidden_states"][2:]
+        return (f"batch {self.batch}{_batch_hint(self.batch)}, {self.height}x{self.width} px (latents {lat_h}x{lat_w}), "
+                f"{self.context_tokens} context tokens, {self.precision}")
+
+    def check(self, feed: dict[str, Any], subject: str) -> None:
+        """Raise one `InputError` listing every input whose shape or dtype differs, in pipeline terms."""
+        problems = []
+        for name in INPUT_NAMES:
+            value, expected = feed.get(name), self.shapes[name]
+            if not isinstance(value, torch.Tensor):
+                problems.append(f"{name} is {type(value).__name__}; expected a tensor of shape {expected}")
+                continue
+            shape = tuple(value.shape)
+            if shape != expected:
+                problems.append(self._shape_problem(name, shape, expected))
+            wanted = torch.float32 if name == "timestep" else self.dtype
+            if name != "timestep" and value.dtype != wanted:
+                problems.append(f"{name} is {value.dtype}; expected {wanted} (precision is fixed at export): pass "
+                                f"prompt embeddings in {wanted}, the pipeline makes the latents in their dtype")
+            if name == "timestep" and (value.is_complex() or value.dtype == torch.bool):
+                problems.append(f"timestep is {value.dtype}; expected a real number per sample")
+        if problems:
+            raise InputError(f"{subject}: " + "; ".join(problems) + f". The engine was exported for {self.describe()}; "
+                             "re-export (`python -m shiva_export export --height/--width/--batch/--context-tokens`) "
+                             "for other shapes.")
+
+    def _shape_problem(self, name: str, shape: tuple[int, ...], expected: tuple[int, ...]) -> str:
+        problem = f"{name} has shape {shape}; expected {expected}"
+        if len(shape) != len(expected):
+            return problem
+        if shape[0] != expected[0]:
+            problem += f" (batch {shape[0]}, the engine runs batch {expected[0]}{_batch_hint(expected[0])})"
+        if name == "hidden_states" and shape[2:] != expected[2:]:
+            pixels = f"{shape[2] * VAE_SCALE_FACTOR}x{shape[3] * VAE_SCALE_FACTOR}"
+            problem += (f" (a {pixels} px image; call the pipeline with height={self.height}, width={self.width})")
+        if name == "encoder_hidden_states" and shape[1] != expected[1]:
+            problem += (f" ({shape[1]} text tokens; pass prompt embeddings of {expected[1]} tokens: SD3's encoders give "
+                        "77 CLIP + max_sequence_length T5 tokens)")
+        return problem
+
+
+def _batch_hint(batch: int) -> str:
+    if batch % 2:
+        return f" = {batch} image(s) without guidance"
+    return f" = {batch // 2} image(s) with classifier-free guidance (guidance_scale > 1)"
+
+
+def _pipeline_config(transformer_config: dict, inputs: StaticInputs) -> FrozenDict:
+    """The backbone's config, with `sample_size` set to the exported latent size when the export is square.
+
+    StableDiffusion3Pipeline's default height/width is `sample_size * vae_scale_factor`: that way the default call
+    asks for the only resolution a static engine runs.
+    """
+    config = dict(transformer_config)
+    if inputs.height == inputs.width:
+        config["sample_size"] = inputs.height // VAE_SCALE_FACTOR
+    return FrozenDict(config)
+
+
+class _BucketedTransformer(torch.nn.Module):
+    """What StableDiffusion3Pipeline calls on `pipe.transformer`, with the bucket picked per call from the timestep.
+
+    Subclasses say how one bucket runs (`_run_bucket`) and where it runs (`device`).
+    """
+
+    def __init__(self, root: Path, schedule, inputs: StaticInputs, transformer_config: dict):
+        super().__init__()
+        self.root = Path(root)
+        self.schedule = schedule
+        self.static_inputs = inputs
+        self.config = _pipeline_config(transformer_config, inputs)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Precision of hidden_states / encoder_hidden_states / pooled_projections (fixed at export)."""
+        return self.static_inputs.dtype
+
+    @property
+    def num_inference_steps(self) -> int:
+        """The sampler step count the schedule was frozen for; the pipeline must be called with it."""
+        return self.schedule.num_steps
+
+    def bucket_for(self, timestep: torch.Tensor) -> int:
+        """The bucket of this step; ConfigError if the timestep is not on the frozen grid."""
+        values = sorted({float(t) for t in timestep.detach().float().cpu().reshape(-1).tolist()})
+        try:
+            buckets = {self.schedule.bucket_for_timestep(t) for t in values}
+        except ConfigError as err:
+            cfg = self.schedule.freeze_config
+            raise ConfigError(f"{self.root}: {err}. With StableDiffusion3Pipeline: num_inference_steps={cfg.num_steps} "
+                              f"and FlowMatchEulerDiscreteScheduler(shift={cfg.shift:g})") from err
+        if len(buckets) != 1:
+            raise InputError(f"{self.root}: the batch's timesteps {values} fall in buckets {sorted(buckets)}; expected "
+                             "one sampler step per call (every sample at the same timestep)")
+        return buckets.pop()
+
+    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                pooled_projections: torch.Tensor | None = None, timestep: torch.Tensor | None = None,
+                block_controlnet_hidden_states: list | None = None, joint_attention_kwargs: dict | None = None,
+                return_dict: bool = True, skip_layers: list[int] | None = None):
+        """`SD3Transformer2DModel.forward`'s signature; one sampler step on the bucket of `timestep`."""
+        unsupported = {name: value for name, value in (("block_controlnet_hidden_states", block_controlnet_hidden_states),
+                                                       ("skip_layers", skip_layers),
+                                                       ("joint_attention_kwargs", joint_attention_kwargs or None))
+                       if value is not None}
+        if unsupported:
+            raise ConfigError(f"{self.root}: {sorted(unsupported)} cannot be applied to static bucket graphs; "
+                              "expected None (no ControlNet, skip-layer guidance, LoRA scale or IP-Adapter). Call the "
+                              "pipeline without skip_guidance_layers / joint_attention_kwargs")
+        feed = {"hidden_states": hidden_states, "encoder_hidden_states": encoder_hidden_states,
+                "pooled_projections": pooled_projections, "timestep": timestep}
+        self.static_inputs.check(feed, subject=f"{self.root} ({type(self).__name__})")
+        bucket = self.bucket_for(timestep)
+        feed["timestep"] = timestep.to(torch.float32)  # the graphs take fp32 timesteps, as SD3's own embedding does
+        sample = self._run_bucket(bucket, feed).to(hidden_states.device)
+        return Transformer2DModelOutput(sample=sample) if return_dict else (sample,)
+
+    def _run_bucket(self, bucket: int, feed: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class ShivaEngineTransformer(_BucketedTransformer):
+    """Drop-in `pipe.transformer` that runs an artifact folder's static bucket engines (ONNX Runtime or TensorRT).
+
+    One Polygraphy runner per bucket, created and activated on the first step that needs it; `close()` (or the
+    context manager) deactivates them. The engines' device and precision are fixed: `to(device)` does not move
+    them (inputs are copied to the engine's device and results back to the inputs' device) and `to(dtype)` with
+    another precision raises.
+
+    Example:
+        pipe.transformer = ShivaEngineTransformer.from_artifacts("shiva_artifacts")
+        image = pipe(prompt, num_inference_steps=pipe.transformer.num_inference_steps).images[0]
+    """
+
+    def __init__(self, root: Path, schedule, inputs: StaticInputs, transformer_config: dict,
+                 make_runner: RunnerFactory, device: torch.device, backend: str):
+        super().__init__(root, schedule, inputs, transformer_config)
+        self._make_runner = make_runner
+        self._device = torch.device(device)
+        self.backend = backend
+        self._runners: dict[int, Any] = {}
+
+    @classmethod
+    def from_artifacts(cls, folder: str | Path, backend: str = "onnxruntime", providers: Sequence[str] | None = None,
+                       engine_dir: str | Path | None = None) -> "ShivaEngineTransformer":
+        """Verify an artifact folder and prepare (not load) one engine per bucket.
+
+        Args:
+            folder: the folder `python -m shiva_export export --out` wrote (manifest.json, schedule.json, onnx/).
+            backend: "onnxruntime" (the exported ONNX graphs), "tensorrt" or "tensorrt-rtx" (built plans).
+            providers: ONNX Runtime only: ["CPUExecutionProvider"] (default) or ["CUDAExecutionProvider", ...];
+                short names "cpu"/"cuda" work too. Only CPU may follow the first provider.
+            engine_dir: TensorRT only: folder of the plans `b{i}.plan`; defaults to `<folder>/engines/<backend>`.
+
+        Raises:
+            ArtifactError: no manifest, a stage missing, or a listed file missing.
+            StaleArtifactError: a file's sha256 differs from the manifest, graphs from another schedule, or an
+                engine built from other graphs.
+            ConfigError / BackendUnavailableError: unknown backend or provider, runtime not installed.
+        """
+        name = BACKEND_ALIASES.get(str(backend).lower())
+        if name is None:
+            raise ConfigError(f"backend {backend!r} is unknown; expected one of {sorted(BACKEND_ALIASES)}")
+        ws = Workspace(folder)
+        schedule = ws.schedule()            # verifies schedule.json against the manifest
+        graphs = ws.bucket_graphs()         # verifies every exported file (graphs, weights.bin) against the manifest
+        record = ws.manifest.require("export")
+        _check_export_matches_schedule(ws.root, record, graphs, schedule)
+        if "transformer_config" not in record:
+            raise ArtifactError(f"{ws.root}: the export record has no transformer_config (written by an older "
+                                f"shiva_export); re-run `python -m shiva_export export --force --out {ws.root}`")
+        inputs = StaticInputs.from_export(ExportConfig(**record["config"]), record["transformer_config"])
+        if name == "ort":
+            make_runner, device = _ort_runners(ws, graphs, providers)
+        else:
+            if providers is not None:
+                raise ConfigError(f"providers={providers!r} applies to ONNX Runtime only; backend is {backend!r}")
+            make_runner, device = _tensorrt_runners(ws, name, graphs, schedule, engine_dir)
+        logger.info("%s: %d bucket engine(s) on %s (%s); %s", ws.root, len(graphs), name, device, inputs.describe())
+        return cls(ws.root, schedule, inputs, record["transformer_config"], make_runner, device, name)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the engines run; StableDiffusion3Pipeline creates its latents on `pipe.device`."""
+        return self._device
+
+    @property
+    def active_buckets(self) -> tuple[int, ...]:
+        """Buckets whose engine has been loaded (engines load on first use)."""
+        return tuple(sorted(self._runners))
+
+    def activate(self, buckets: Sequence[int] | None = None) -> "ShivaEngineTransformer":
+        """Load engines now instead of on their first step (all buckets by default), e.g. before timing."""
+        for bucket in range(len(self.schedule.buckets)) if buckets is None else buckets:
+            self._runner(bucket)
+        return self
+
+    def close(self) -> None:
+        """Deactivate every loaded engine; a later step loads its engine again."""
+        while self._runners:
+            _, runner = self._runners.popitem()
+            runner.deactivate()
+
+    def __enter__(self) -> "ShivaEngineTransformer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if self.__dict__.get("_runners"):  # Polygraphy warns about runners collected while active
+            self.close()
+
+    def to(self, *args, **kwargs) -> "ShivaEngineTransformer":
+        """Accept `pipe.to(device)`; refuse a precision the engines were not exported in."""
+        _, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+        if dtype is not None and dtype != self.dtype:
+            raise ConfigError(f"{self.root}: the engines run {self.dtype} (fixed at export); expected to({self.dtype}) "
+                              f"or no dtype, got {dtype}. Re-export with --dtype for another precision")
+        return self
+
+    def _runner(self, bucket: int):
+        runner = self._runners.get(bucket)
+        if runner is None:
+            start = time.perf_counter()
+            runner = self._make_runner(bucket)
+            runner.activate()
+            self._runners[bucket] = runner
+            logger.info("%s: bucket %d engine loaded in %.2f s", self.root, bucket, time.perf_counter() - start)
+        return runner
+
+    def _run_bucket(self, bucket: int, feed: dict[str, torch.Tensor]) -> torch.Tensor:
+        runner = self._runner(bucket)
+        outputs = runner.infer({name: value.detach().to(self._device).contiguous() for name, value in feed.items()})
+        return outputs[OUTPUT_NAME].clone()  # TensorRT runners reuse their output buffers across calls
+
+
+def _check_export_matches_schedule(root: Path, record: dict, graphs: list[dict], schedule) -> None:
+    if record.get("schedule_hash") != schedule.schedule_hash:
+        raise StaleArtifactError(f"{root}: the ONNX graphs were exported from schedule {record.get('schedule_hash')}, "
+                                 f"but schedule.json is {schedule.schedule_hash}; re-run `python -m shiva_export export "
+                                 f"--out {root}`")
+    exported = [(g["bucket"], tuple(g["k"])) for g in graphs]
+    frozen = [(b.index, b.k) for b in schedule.buckets]
+    if exported != frozen:
+        raise StaleArtifactError(f"{root}: exported buckets {exported} differ from the schedule's {frozen}; re-run "
+                                 f"`python -m shiva_export export --out {root}`")
+    shape = {key: record["config"][key] for key in ("height", "width", "batch", "context_tokens")}
+    frozen_shape = {key: getattr(schedule, key) for key in shape}
+    if shape != frozen_shape:
+        raise StaleArtifactError(f"{root}: graphs exported for {shape} but the schedule was frozen for "
+                                 f"{frozen_shape}; re-run `python -m shiva_export export --out {root}`")
+
+
+def _ort_provider(providers: Sequence[str] | str | None) -> str:
+    names = ["cpu"] if providers is None else [providers] if isinstance(providers, str) else list(providers)
+    short = []
+    for provider in names:
+        key = _ORT_PROVIDERS.get(str(provider).lower()) if isinstance(provider, str) else None
+        if key is None:
+            raise ConfigError(f"ONNX Runtime provider {provider!r} is not supported; expected CPUExecutionProvider "
+                              "or CUDAExecutionProvider ('cpu'/'cuda')")
+        short.append(key)
+    if not short or any(p != "cpu" for p in short[1:]):
+        raise ConfigError(f"providers={list(names)}: expected one provider, optionally followed by "
+                          "CPUExecutionProvider")
+    return short[0]
+
+
+def _ort_runners(ws: Workspace, graphs: list[dict], providers) -> tuple[RunnerFactory, torch.device]:
+    from shiva_export.engines.backends.ort import OrtRunner, SessionFromOnnxPath, SharedWeights
+
+    provider = _ort_provider(providers)
+    weights = SharedWeights()  # every bucket session reads one memory-mapped copy of weights.bin
+    paths = {g["bucket"]: ws.path(f"onnx/{g['file']}") for g in graphs}
+
+    def make_runner(bucket: int) -> OrtRunner:
+        return OrtRunner(SessionFromOnnxPath(paths[bucket], provider, weights), name=f"ort-{provider}:b{bucket}")
+
+    return make_runner, torch.device(provider)
+
+
+def _tensorrt_runners(ws: Workspace, name: str, graphs: list[dict], schedule,
+                      engine_dir: str | Path | None) -> tuple[RunnerFactory, torch.device]:
+    from shiva_export.engines.backends.base import get_backend
+    from shiva_export.engines.metadata import verify_metadata
+
+    backend = get_backend(name)
+    backend.require_available()
+    folder = Path(engine_dir) if engine_dir is not None else ws.root / "engines" / name
+    plans = {}
+    for graph in graphs:
+        plan = folder / f"b{graph['bucket']}{backend.engine_suffix}"
+        # Refuses a plan built from another ONNX or schedule (StaleArtifactError) or one without a sidecar.
+        verify_metadata(plan, {"onnx_sha256": graph["sha256"], "schedule_hash": schedule.schedule_hash,
+                               "backend": name})
+        plans[graph["bucket"]] = plan
+
+    def make_runner(bucket: int):
+        return backend.make_runner(plans[bucket], name=f"{name}:b{bucket}")
+
+    return make_runner, torch.device("cuda")
+
+
+class PrunedReferenceTransformer(_BucketedTransformer):
+    """The PyTorch pruned model behind the engines' interface: each step runs `static_k(bucket k)` of its timestep.
+
+    Same schedule, same static-input checks and same refusals as `ShivaEngineTransformer`, so a pipeline with
+    either transformer computes the same thing; the difference between their images is the engines' numerics.
+    """
+
+    def __init__(self, root: Path, schedule, inputs: StaticInputs, pruned):
+        super().__init__(root, schedule, inputs, recorded_transformer_config(pruned.config))
+        self.model = pruned.transformer  # registered: .to() moves backbone and routers
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _run_bucket(self, bucket: int, feed: dict[str, torch.Tensor]) -> torch.Tensor:
+        from shiva_export.patching import static_k
+
+        with torch.no_grad(), static_k(self.model, self.schedule.buckets[bucket].k):
+            return self.model(**feed, return_dict=False)[0]
+
+
+def load_pruned_reference(folder: str | Path) -> PrunedReferenceTransformer:
+    """The artifact's PyTorch pruned model (backbone + routers as exported), driven by its frozen schedule.
+
+    Raises StaleArtifactError if schedule.json changed since freeze, or the model or router checkpoint no longer
+    hashes to what the schedule was frozen from.
+    """
+    ws = Workspace(folder)
+    schedule = ws.schedule()
+    identity = {"model_hash": ws.pruned.source.model_hash, "checkpoint_hash": ws.pruned.checkpoint_hash}
+    frozen = {"model_hash": schedule.model_hash, "checkpoint_hash": schedule.checkpoint_hash}
+    if identity != frozen:
+        changed = sorted(key for key in identity if identity[key] != frozen[key])
+        raise StaleArtifactError(f"{ws.root}: {', '.join(changed)} of {ws.config.model!r} differ from the ones "
+                                 f"schedule.json was frozen from; re-run `python -m shiva_export export --out {ws.root}`")
+    cfg = ws.config
+    inputs = StaticInputs.from_export(ExportConfig(cfg.height, cfg.width, cfg.batch, cfg.context_tokens, cfg.dtype),
+                                      ws.pruned.config)
+    pruned = ws.pruned if inputs.dtype == torch.float32 else ws.pruned.to_dtype(inputs.dtype)
+    return PrunedReferenceTransformer(ws.root, schedule, inputs, pruned)

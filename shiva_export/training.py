@@ -1,0 +1,891 @@
+"""Three-stage training of the Shiva-DiT router, ratio policy and DoRA adapters (paper App. B.2; D10-D12).
+
+Stage 1 (router warm-up): the policy is bypassed; every micro-batch gets a keep ratio from its own sub-interval of
+[r_min, r_max]. Stage 2 (policy learning): the policy's ratios, with N(0, 1) logit noise, under the EMA budget loss;
+the router keeps training. Stage 3 (joint tuning): no logit noise; DoRA adapters (peft) on every attention/FFN
+linear of the blocks train with the router and the policy; the base weights stay frozen.
+
+Losses: normalised feature distillation (Eq. 31) from the frozen teacher every ``distill_every`` blocks plus the
+output, the flow-matching loss when real data is given, and the budget loss (Eq. 13). The teacher is the same
+backbone with the pruning hooks in dense mode and, in stage 3, the adapters switched off through peft's
+``disable_adapter()``: no second copy of the weights (a 2.5B backbone would double its memory per GPU), and since
+the base weights are frozen it is exactly the original model.
+
+Determinism: every random draw comes from a generator keyed by (seed, step, global micro-batch index), so results do
+not depend on how micro-batches are spread over processes and accumulation steps (up to float summation order),
+and a resumed run repeats an uninterrupted one bit for bit on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from shiva_export import checkpoint as ckpt
+from shiva_export.errors import ArtifactError, ConfigError
+from shiva_export.patching import (PruningConfig, apply_token_pruning, keep_ratios_to_k, scored_by, static_k,
+                                   training_ratios)
+from shiva_export.policy import AdaptiveRatioPolicy, BudgetLoss, stratified_ratios
+from shiva_export.router import RouterBank
+from shiva_export.training_data import VAE_SCALE_FACTOR, DataFreeSource, LatentDataset
+
+logger = logging.getLogger(__name__)
+
+Precision = Literal["auto", "fp32", "bf16"]
+# peft target: every linear projection of attention (joint attn and SD3.5's attn2) and FFN (image and context
+# streams) in the transformer blocks; not the AdaLN modulation, the embedders or the routers.
+ADAPTER_TARGETS = (r".*transformer_blocks\.\d+\.(attn2?\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj"
+                   r"|to_add_out)|ff(_context)?\.net\.(0\.proj|2))")
+# Thresholds of the summary's checks (the issue's claims on the tiny model).
+BUDGET_TOLERANCE = 0.03
+STAGE3_MIN_REDUCTION = 0.30
+SCHEDULE_MIN_RANGE = 0.05
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Every hyperparameter of a run; written into each checkpoint (P2). Defaults: the paper's, else D12's.
+
+    Stage lengths are not given by the paper (its Fig. 4a spans about 5k steps); ours are a choice.
+    """
+
+    target_keep: float = 0.6
+    # stages, in optimizer steps
+    warmup_steps: int = 1000          # stage 1: router warm-up, stratified ratios
+    policy_steps: int = 1000          # stage 2: policy learning, logit noise
+    joint_steps: int = 3000           # stage 3: joint tuning with DoRA adapters
+    lr_warmup_steps: int = 200        # linear LR warm-up at the start of each stage (paper: 200)
+    # optimisation (AdamW)
+    lr_router: float = 3e-4
+    lr_policy: float = 1e-4
+    lr_adapter: float = 1e-4          # paper: unspecified
+    weight_decay: float = 0.0
+    global_batch: int = 16            # samples per optimizer step over all processes (paper: 16)
+    micro_batch: int = 1              # samples per forward; one timestep stratum per micro-batch (D11)
+    # method
+    r_min: float = 0.1                # policy clamp and lower end of the stage-1 ratio range
+    r_max: float = 1.0
+    dense_layers: tuple[int, ...] = (0,)
+    tau_rank_start: float = 0.2       # cosine-annealed over the whole run (D12)
+    tau_rank_end: float = 0.05
+    tau_sel_start: float = 0.1
+    tau_sel_end: float = 0.02
+    score_noise: float = 0.1          # sigma in units of the batch's score std (D12)
+    logit_noise: float = 1.0          # stage 2: r = sigmoid(logit + N(0, sigma^2)) (Eq. 29)
+    budget_beta: float = 0.2          # EMA weight of the new batch mean (Eq. 12)
+    lambda_budget: float = 1.0
+    lambda_distill: float = 1.0
+    lambda_diffusion: float = 1.0     # only with --data
+    distill_every: int = 4            # feature distillation after every 4th block, plus the output (Eq. 31)
+    router_hidden_dim: int = 64
+    router_group_size: int = 2
+    policy_hidden_dim: int = 256
+    adapter_rank: int = 32
+    adapter_alpha: float = 32.0
+    # data
+    data: str | None = None           # folder of precomputed latents (docs/training-data.md); None: data-free
+    height: int | None = None         # data-free image size in pixels; None: the model's default
+    width: int | None = None
+    context_tokens: int | None = None
+    timestep_shift: float = 3.0       # flow-matching scheduler shift (SD3/SD3.5): sigma = s u / (1 + (s - 1) u)
+    cfg_dropout: float = 0.1          # caption dropout with --data (paper: 0.1)
+    # evaluation (the summary's figures)
+    eval_steps: int = 28              # sampler steps whose timesteps the policy is evaluated at
+    eval_samples: int = 4
+    precision: Precision = "auto"     # auto: bf16 autocast on GPU, fp32 on CPU
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dense_layers", tuple(int(layer) for layer in self.dense_layers))
+        if not 0 < self.target_keep <= 1:
+            raise ConfigError(f"target keep ratio {self.target_keep:g} is outside (0, 1]; expected e.g. 0.6")
+        if not 0 < self.r_min <= self.target_keep:
+            raise ConfigError(f"r_min {self.r_min:g} must be in (0, target_keep={self.target_keep:g}]")
+        if not self.r_min <= self.r_max <= 1:
+            raise ConfigError(f"r_max {self.r_max:g} must be in [r_min={self.r_min:g}, 1]")
+        steps = (self.warmup_steps, self.policy_steps, self.joint_steps, self.lr_warmup_steps)
+        if min(steps) < 0 or self.total_steps < 1:
+            raise ConfigError(f"stage lengths {steps[:3]} and lr_warmup_steps must be >= 0, with at least one step")
+        if self.micro_batch < 1 or self.global_batch < 1 or self.global_batch % self.micro_batch:
+            raise ConfigError(f"global_batch {self.global_batch} must be a positive multiple of micro_batch "
+                              f"{self.micro_batch}")
+        if min(self.lr_router, self.lr_policy, self.lr_adapter, self.weight_decay) < 0:
+            raise ConfigError("learning rates and weight decay must be >= 0")
+        temps = (self.tau_rank_start, self.tau_rank_end, self.tau_sel_start, self.tau_sel_end)
+        if min(temps) <= 0:
+            raise ConfigError(f"temperatures {temps} must be > 0")
+        if min(self.score_noise, self.logit_noise, self.lambda_budget, self.lambda_distill,
+               self.lambda_diffusion) < 0:
+            raise ConfigError("noise scales and loss weights must be >= 0")
+        if not 0 < self.budget_beta <= 1:
+            raise ConfigError(f"budget_beta {self.budget_beta:g} must be in (0, 1]")
+        if self.distill_every < 1 or self.router_group_size < 1 or self.router_hidden_dim < 1 \
+                or self.policy_hidden_dim < 2 or self.adapter_rank < 1:
+            raise ConfigError("distill_every, router sizes, policy_hidden_dim and adapter_rank must be >= 1")
+        if not 0 <= self.cfg_dropout < 1:
+            raise ConfigError(f"cfg_dropout {self.cfg_dropout:g} must be in [0, 1)")
+        if self.eval_steps < 1 or self.eval_samples < 1:
+            raise ConfigError("eval_steps and eval_samples must be >= 1")
+        if self.timestep_shift <= 0:
+            raise ConfigError(f"timestep_shift {self.timestep_shift:g} must be > 0")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"precision {self.precision!r}; expected auto, fp32 or bf16")
+
+    @property
+    def total_steps(self) -> int:
+        return self.warmup_steps + self.policy_steps + self.joint_steps
+
+    @property
+    def micro_batches(self) -> int:
+        """Micro-batches per optimizer step over all processes: the number of timestep strata."""
+        return self.global_batch // self.micro_batch
+
+    def stage(self, step: int) -> int:
+        """Stage (1, 2, 3) of the optimizer step with 0-based index ``step``."""
+        if step < self.warmup_steps:
+            return 1
+        return 2 if step < self.warmup_steps + self.policy_steps else 3
+
+    def stage_start(self, stage: int) -> int:
+        return (0, self.warmup_steps, self.warmup_steps + self.policy_steps)[stage - 1]
+
+    def temperatures(self, step: int) -> tuple[float, float]:
+        """(tau_rank, tau_sel) at ``step``: cosine from the start to the end value over the whole run (D12)."""
+        progress = step / max(1, self.total_steps - 1)
+        weight = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return (self.tau_rank_end + (self.tau_rank_start - self.tau_rank_end) * weight,
+                self.tau_sel_end + (self.tau_sel_start - self.tau_sel_end) * weight)
+
+    def lr_scale(self, step: int) -> float:
+        """Linear warm-up from the first step of each stage."""
+        if not self.lr_warmup_steps:
+            return 1.0
+        return min(1.0, (step - self.stage_start(self.stage(step)) + 1) / self.lr_warmup_steps)
+
+    def to_json(self) -> dict:
+        return {"schema": 1, **dataclasses.asdict(self), "dense_layers": list(self.dense_layers)}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "TrainConfig":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - fields - {"schema"})
+        if unknown:
+            raise ConfigError(f"training config has unknown keys {unknown}; expected {sorted(fields)}")
+        return cls(**{key: value for key, value in data.items() if key != "schema"})
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    """How this invocation runs; none of it changes the result, so none of it is compared on resume."""
+
+    out: Path
+    resume: bool = False
+    stop_after: int | None = None     # stop (with a checkpoint) once this many optimizer steps are done
+    save_every: int = 500
+    progress: bool = True
+    device: str | None = None         # None: cuda (this process's local GPU) if available, else cpu
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "out", Path(self.out))
+        if self.save_every < 1:
+            raise ConfigError(f"save_every {self.save_every} must be >= 1")
+        if self.stop_after is not None and self.stop_after < 1:
+            raise ConfigError(f"stop_after {self.stop_after} must be >= 1")
+
+
+# ----------------------------------------------------------------------------------------------- distributed
+
+
+@dataclasses.dataclass(frozen=True)
+class DistContext:
+    """This process's place in a torchrun job (rank 0 of 1 when not launched by torchrun)."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    owns_group: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str | None = None) -> DistContext:
+    """Join the torchrun job if there is one: NCCL on GPUs, gloo on CPU; pick this process's device."""
+    import torch.distributed as dist
+
+    use_cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
+    if use_cuda and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+    if not dist.is_torchelastic_launched():
+        chosen = torch.device(device) if device else torch.device("cuda" if use_cuda else "cpu")
+        return DistContext(device=chosen)
+    local_rank = dist.get_node_local_rank(fallback_rank=0)
+    if use_cuda:
+        chosen = torch.device("cuda", local_rank)
+        torch.cuda.set_device(chosen)
+    else:
+        chosen = torch.device("cpu")
+    owns = not dist.is_initialized()
+    if owns:
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return DistContext(dist.get_rank(), dist.get_world_size(), chosen, owns)
+
+
+def all_reduce_sum(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """Sum over processes, in place (a no-op for one process)."""
+    if ctx.world_size > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def barrier(ctx: DistContext) -> None:
+    if ctx.world_size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def sum_gradients(params: Sequence[torch.nn.Parameter], ctx: DistContext) -> None:
+    """Sum gradients over processes in one flat all-reduce (each process already divided by the global count)."""
+    if ctx.world_size == 1 or not params:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = all_reduce_sum(torch.cat([g.reshape(-1) for g in grads]), ctx)
+    offset = 0
+    for param, grad in zip(params, grads):
+        param.grad = flat[offset:offset + grad.numel()].view_as(grad).clone()
+        offset += grad.numel()
+
+
+# ----------------------------------------------------------------------------------------------- pieces
+
+
+def keyed_generator(seed: int, *keys: Any) -> torch.Generator:
+    """A CPU generator whose stream depends only on (seed, keys): counter-based, order-free randomness."""
+    digest = hashlib.sha256(json.dumps([seed, *keys]).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def shifted_timesteps(u: torch.Tensor, shift: float) -> torch.Tensor:
+    """u in [0, 1] -> the flow-matching scheduler's timesteps (0..1000): sigma = s u / (1 + (s - 1) u)."""
+    return 1000.0 * shift * u / (1 + (shift - 1) * u)
+
+
+def scheduler_timesteps(num_steps: int, shift: float) -> torch.Tensor:
+    """The timesteps diffusers' FlowMatchEulerDiscreteScheduler(shift) visits in num_steps steps (what freeze uses)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=float(shift))
+    scheduler.set_timesteps(int(num_steps))
+    return scheduler.timesteps.detach().float().clone()
+
+
+def normalized_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """mean ||LN(h_s) - LN(h_t)||^2 over tokens (Eq. 31): LayerNorm first, so feature scale does not dominate."""
+    width = student.shape[-1:]
+    return (F.layer_norm(student.float(), width) - F.layer_norm(teacher.float(), width)).pow(2).mean()
+
+
+def output_tokens(sample: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] model output -> [B, H*W, C], so Eq. 31's LayerNorm runs over channels per position."""
+    return sample.flatten(2).transpose(1, 2)
+
+
+@contextlib.contextmanager
+def captured_block_outputs(transformer, layers: Sequence[int]) -> Iterator[dict[int, torch.Tensor]]:
+    """Collect the image-stream output of the given blocks during a forward pass; hooks removed on exit (P10)."""
+    store: dict[int, torch.Tensor] = {}
+    handles = []
+
+    def keep(layer: int) -> Callable:
+        def hook(module, args, output):
+            store[layer] = output[1] if isinstance(output, tuple) else output
+        return hook
+
+    try:
+        for layer in layers:
+            handles.append(transformer.transformer_blocks[layer].register_forward_hook(keep(layer)))
+        yield store
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def distill_layers(num_layers: int, every: int) -> list[int]:
+    """Blocks whose output is distilled: after every ``every``-th block (0-based every-1, 2*every-1, ...)."""
+    return [layer for layer in range(num_layers) if (layer + 1) % every == 0]
+
+
+class RandomScorer(torch.nn.Module):
+    """Baseline: uniformly random token scores (fresh, seeded generator per evaluation)."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def forward(self, layer, tokens, temb, pooled_context) -> torch.Tensor:
+        return torch.rand(tokens.shape[:2], generator=self.generator).to(tokens.device)
+
+
+def bayer_matrix(size: int) -> torch.Tensor:
+    """Ordered-dither matrix (values 0 .. size^2 - 1, size a power of 2): its k lowest entries are spread evenly."""
+    matrix = torch.zeros(1, 1, dtype=torch.int64)
+    while matrix.shape[0] < size:
+        matrix = torch.cat([torch.cat([4 * matrix, 4 * matrix + 2], 1), torch.cat([4 * matrix + 3, 4 * matrix + 1], 1)])
+    return matrix
+
+
+class GridScorer(torch.nn.Module):
+    """Baseline: a uniform-stride spatial grid, whatever k (k = N/4 selects exactly every 2nd row and column).
+
+    Scores are the negated ordered-dither thresholds of the token grid, so the top-k tokens always form the most
+    even 2-D lattice available at that budget.
+    """
+
+    def __init__(self, grid_height: int, grid_width: int):
+        super().__init__()
+        size = 1 << max(0, math.ceil(math.log2(max(grid_height, grid_width))))
+        self.register_buffer("scores", -bayer_matrix(size)[:grid_height, :grid_width].reshape(-1).float(),
+                             persistent=False)
+
+    def forward(self, layer, tokens, temb, pooled_context) -> torch.Tensor:
+        return self.scores.to(tokens.device).expand(tokens.shape[0], -1)
+
+
+@dataclasses.dataclass
+class MicroBatch:
+    """One micro-batch's draws: its generator (still in use by the hooks' score noise) and inputs."""
+
+    index: int
+    generator: torch.Generator
+    timesteps: torch.Tensor
+    ratios: torch.Tensor
+
+
+# ----------------------------------------------------------------------------------------------- trainer
+
+
+class Trainer:
+    """Holds the backbone, router, policy, adapters and optimizer of one run; ``run()`` trains to the end."""
+
+    def __init__(self, model: str, config: TrainConfig, options: RunOptions, dist: DistContext):
+        from shiva_export.models import load_transformer
+
+        self.options, self.dist, self.device = options, dist, dist.device
+        bf16 = config.precision == "bf16" or (config.precision == "auto" and self.device.type == "cuda")
+        if bf16 and self.device.type != "cuda":
+            raise ConfigError("precision bf16 needs a GPU; use --precision fp32 (or auto) on CPU")
+        self.bf16 = bf16
+        self.transformer, self.source = load_transformer(model, dtype=torch.bfloat16 if bf16 else torch.float32)
+        mcfg = self.transformer.config
+        self.data = self._open_data(config, mcfg)
+        self.config = config = self._resolve_sizes(config, mcfg)
+        self.num_layers = mcfg.num_layers
+        bad = [layer for layer in config.dense_layers if not 0 <= layer < self.num_layers]
+        if bad:
+            raise ConfigError(f"dense layers {bad} are out of range for a {self.num_layers}-layer model")
+        self.pruned_layers = [layer for layer in range(self.num_layers) if layer not in config.dense_layers]
+        if not self.pruned_layers:
+            raise ConfigError(f"dense_layers {list(config.dense_layers)} leaves no layer to prune")
+        height, width = self.data.latent_hw
+        patch = mcfg.patch_size
+        self.grid = (height // patch, width // patch)
+        self.num_tokens = self.grid[0] * self.grid[1]
+        if config.micro_batches % dist.world_size:
+            raise ConfigError(f"global_batch / micro_batch = {config.micro_batches} micro-batches per step cannot be "
+                              f"split over {dist.world_size} processes; choose a multiple of the process count")
+        self.accumulation = config.micro_batches // dist.world_size
+
+        self.routers = self._initial_routers().to(self.device)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            self.policy = AdaptiveRatioPolicy(self.num_layers, config.target_keep, config.r_min, config.dense_layers,
+                                              config.policy_hidden_dim).to(self.device)
+        self.budget = BudgetLoss(config.target_keep, config.budget_beta, config.lambda_budget).to(self.device)
+        self.state = apply_token_pruning(self.transformer, self.routers, PruningConfig(
+            dense_layers=config.dense_layers, tau_rank=config.tau_rank_start, tau_sel=config.tau_sel_start,
+            score_noise=config.score_noise))
+        self.transformer.to(self.device)
+        self.routers.float()
+        self.peft = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.optimizer_stage = 0
+        self.step = 0
+        self.evals: dict[str, dict[str, float]] = {}
+        self.log: list[dict] = []
+        self.wall_time = 0.0
+        self.distilled = distill_layers(self.num_layers, config.distill_every)
+
+    # -- setup -----------------------------------------------------------------------------------------------
+
+    def _open_data(self, config: TrainConfig, mcfg):
+        if config.data is None:
+            defaults = self.source.defaults
+            return DataFreeSource(mcfg, config.height or defaults["height"], config.width or defaults["width"],
+                                  config.context_tokens or defaults["context_tokens"])
+        return LatentDataset(config.data, mcfg, seed=config.seed)
+
+    def _resolve_sizes(self, config: TrainConfig, mcfg) -> TrainConfig:
+        """Fill height/width/context_tokens from the data (or the model's defaults) and refuse conflicts."""
+        actual = {"height": self.data.latent_hw[0] * VAE_SCALE_FACTOR, "width": self.data.latent_hw[1] * VAE_SCALE_FACTOR,
+                  "context_tokens": self.data.context_tokens}
+        for name, value in actual.items():
+            given = getattr(config, name)
+            if given is not None and given != value:
+                raise ConfigError(f"--{name.replace('_', '-')} {given} conflicts with the training data ({value}); "
+                                  "omit it when --data is given")
+        return dataclasses.replace(config, **actual)
+
+    def _initial_routers(self) -> RouterBank:
+        """The router bank at initialisation; recreated for the summary's untrained-router baseline."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.config.seed)
+            return RouterBank.for_transformer(self.transformer, self.config.router_hidden_dim,
+                                              self.config.router_group_size)
+
+    def adapter_json(self) -> dict:
+        return {"rank": self.config.adapter_rank, "alpha": self.config.adapter_alpha, "use_dora": True,
+                "target_modules": ADAPTER_TARGETS}
+
+    def _attach_adapters(self) -> None:
+        """Stage 3: wrap the backbone with DoRA adapters (B = 0, so the output is unchanged at first)."""
+        from peft import get_peft_model
+
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(self.config.seed + 3)
+            self.peft = get_peft_model(self.transformer, ckpt.lora_config(self.adapter_json()))
+        self.peft.to(self.device)
+        self.routers.requires_grad_(True)  # peft marks everything but the adapters frozen
+
+    def adapter_parameters(self) -> list[torch.nn.Parameter]:
+        if self.peft is None:
+            return []
+        return [p for name, p in self.transformer.named_parameters() if "lora_" in name]
+
+    def _param_groups(self, stage: int) -> list[dict]:
+        cfg = self.config
+        groups = [{"name": "router", "params": list(self.routers.parameters()), "lr": cfg.lr_router}]
+        if stage >= 2:
+            groups.append({"name": "policy", "params": list(self.policy.parameters()), "lr": cfg.lr_policy})
+        if stage >= 3:
+            groups.append({"name": "adapters", "params": self.adapter_parameters(), "lr": cfg.lr_adapter})
+        return groups
+
+    def _enter_stage(self, stage: int) -> None:
+        """A fresh AdamW per stage (each stage re-warms its learning rate); adapters appear at stage 3."""
+        if stage == 3 and self.peft is None:
+            self._attach_adapters()
+        self.policy.requires_grad_(stage >= 2)
+        self.optimizer = torch.optim.AdamW(self._param_groups(stage), weight_decay=self.config.weight_decay)
+        self.optimizer_stage = stage
+
+    @property
+    def trainable(self) -> list[torch.nn.Parameter]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    def _teacher(self):
+        """The frozen teacher: dense mode (no hooks active) and, in stage 3, adapters off."""
+        return self.peft.disable_adapter() if self.peft is not None else contextlib.nullcontext()
+
+    # -- one optimizer step ----------------------------------------------------------------------------------
+
+    def _micro_batches(self, step: int, stage: int) -> list[MicroBatch]:
+        """This process's micro-batches: global index g = a * world + rank, stratum g of G (D11)."""
+        cfg = self.config
+        total = cfg.micro_batches
+        ratio_order = torch.randperm(total, generator=keyed_generator(cfg.seed, step, "ratio-strata"))
+        out = []
+        for a in range(self.accumulation):
+            g = a * self.dist.world_size + self.dist.rank
+            generator = keyed_generator(cfg.seed, step, g)
+            u = (g + torch.rand(cfg.micro_batch, generator=generator)) / total
+            timesteps = shifted_timesteps(u, cfg.timestep_shift)
+            if stage == 1:
+                ratio = stratified_ratios(1, cfg.r_min, cfg.r_max, generator, offset=int(ratio_order[g]),
+                                          total_strata=total)
+                ratios = torch.ones(cfg.micro_batch, self.num_layers)
+                ratios[:, self.pruned_layers] = ratio.clamp(max=1.0)
+                ratios = ratios.to(self.device)
+            else:
+                noise = cfg.logit_noise if stage == 2 else 0.0
+                ratios = self.policy(timesteps.to(self.device), logit_noise=noise, generator=generator)
+            out.append(MicroBatch(g, generator, timesteps, ratios))
+        return out
+
+    def _inputs(self, step: int, micro: MicroBatch) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """Transformer inputs at the micro-batch's timesteps, and the flow-matching target (data only)."""
+        cfg = self.config
+        generator = micro.generator
+        positions = [(step * cfg.micro_batches + micro.index) * cfg.micro_batch + i for i in range(cfg.micro_batch)]
+        batch = self.data.batch(positions, generator)
+        x0 = batch.latents
+        noise = torch.randn(x0.shape, generator=generator)
+        sigma = (micro.timesteps / 1000.0).reshape(-1, 1, 1, 1)
+        noisy = (1 - sigma) * x0 + sigma * noise
+        context, pooled = batch.encoder_hidden_states, batch.pooled_projections
+        target = None
+        if self.data.has_targets:
+            target = (noise - x0).to(self.device)
+            drop = torch.rand(cfg.micro_batch, generator=generator) < cfg.cfg_dropout
+            null = self.data.null_embeddings()
+            null_context, null_pooled = null if null is not None else (torch.zeros_like(context[0]),
+                                                                       torch.zeros_like(pooled[0]))
+            context = torch.where(drop.reshape(-1, 1, 1), null_context, context)
+            pooled = torch.where(drop.reshape(-1, 1), null_pooled, pooled)
+        dtype = self.transformer.dtype
+        inputs = {"hidden_states": noisy.to(self.device, dtype), "encoder_hidden_states": context.to(self.device, dtype),
+                  "pooled_projections": pooled.to(self.device, dtype), "timestep": micro.timesteps.to(self.device)}
+        return inputs, target
+
+    def _losses(self, step: int, micro: MicroBatch, tau_rank: float, tau_sel: float) -> dict[str, torch.Tensor]:
+        inputs, target = self._inputs(step, micro)
+        with torch.no_grad(), self._teacher(), self._autocast(), \
+                captured_block_outputs(self.transformer, self.distilled) as teacher:
+            teacher_out = self.transformer(**inputs).sample
+        with training_ratios(self.transformer, micro.ratios, tau_rank=tau_rank, tau_sel=tau_sel,
+                             score_noise=self.config.score_noise, generator=micro.generator), \
+                self._autocast(), captured_block_outputs(self.transformer, self.distilled) as student:
+            student_out = self.transformer(**inputs).sample
+        distill = normalized_mse(output_tokens(student_out), output_tokens(teacher_out))
+        for layer in self.distilled:
+            distill = distill + normalized_mse(student[layer], teacher[layer])
+        diffusion = F.mse_loss(student_out.float(), target.float()) if target is not None else torch.zeros((),
+                                                                                                    device=self.device)
+        return {"distill": distill, "diffusion": diffusion}
+
+    def _mean_pruned(self, ratios: torch.Tensor) -> torch.Tensor:
+        return ratios[:, self.pruned_layers].mean()
+
+    def train_step(self) -> dict:
+        cfg, step = self.config, self.step
+        stage = cfg.stage(step)
+        if self.optimizer_stage != stage:
+            self._enter_stage(stage)
+        tau_rank, tau_sel = cfg.temperatures(step)
+        scale = cfg.lr_scale(step)
+        base_lr = {"router": cfg.lr_router, "policy": cfg.lr_policy, "adapters": cfg.lr_adapter}
+        for group in self.optimizer.param_groups:
+            group["lr"] = base_lr[group["name"]] * scale
+        total = cfg.micro_batches
+
+        micros = self._micro_batches(step, stage)
+        local_keep = sum(self._mean_pruned(m.ratios) for m in micros)
+        global_keep = all_reduce_sum(local_keep.detach().clone().reshape(1), self.dist)[0] / total
+        budget_value = 0.0
+        if stage >= 2:
+            # Value: the global batch mean (synchronised for the EMA); gradient: only through this process's part,
+            # so summing gradients over processes gives the gradient of the global mean.
+            batch_mean = local_keep / total + (global_keep - local_keep.detach() / total)
+            budget = self.budget(batch_mean)
+            budget.backward(retain_graph=True)
+            budget_value = float(budget.detach())
+
+        sums = torch.zeros(2, device=self.device)
+        for micro in micros:
+            losses = self._losses(step, micro, tau_rank, tau_sel)
+            loss = cfg.lambda_distill * losses["distill"] + cfg.lambda_diffusion * losses["diffusion"]
+            (loss / total).backward()
+            sums += torch.stack([losses["distill"].detach(), losses["diffusion"].detach()]).float()
+        sums = all_reduce_sum(sums, self.dist) / total
+        sum_gradients(self.trainable, self.dist)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        distill, diffusion = float(sums[0]), float(sums[1])
+        record = {
+            "step": self.step, "stage": stage,
+            "loss": cfg.lambda_distill * distill + cfg.lambda_diffusion * diffusion + budget_value,
+            "distill": distill, "diffusion": diffusion, "budget": budget_value,
+            "batch_keep": float(global_keep), "ema_keep": float(self.budget.ema),
+            "tau_rank": tau_rank, "tau_sel": tau_sel,
+            "lr": {group["name"]: group["lr"] for group in self.optimizer.param_groups},
+        }
+        self.log.append(record)
+        return record
+
+    # -- evaluation ------------------------------------------------------------------------------------------
+
+    def eval_timesteps(self) -> torch.Tensor:
+        return scheduler_timesteps(self.config.eval_steps, self.config.timestep_shift)
+
+    @torch.no_grad()
+    def schedule(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """Policy keep ratios [T, L] (no noise) at the given timesteps, on CPU."""
+        return self.policy.ratios(timesteps.to(self.device)).float().cpu()
+
+    def _eval_batch(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        cfg = self.config
+        generator = keyed_generator(cfg.seed, "eval")
+        positions = list(range(cfg.eval_samples))
+        batch = self.data.batch(positions, generator)
+        noise = torch.randn(batch.latents.shape, generator=generator)
+        return {"latents": batch.latents, "context": batch.encoder_hidden_states,
+                "pooled": batch.pooled_projections}, noise
+
+    @torch.no_grad()
+    def output_errors(self, conditions: Mapping[str, tuple[torch.nn.Module | None, bool]]) -> dict[str, float]:
+        """Relative output error vs the teacher, ||y - y_T||^2 / ||y_T||^2 averaged over the sampler's timesteps.
+
+        Every condition runs at the same per-layer k: the policy's (floor(N r), as in training) at each timestep.
+        ``conditions``: name -> (scorer replacing the router or None for the learned router, adapters on).
+        """
+        cfg = self.config
+        batch, noise = self._eval_batch()
+        timesteps = self.eval_timesteps()
+        ratios = self.schedule(timesteps)
+        errors = {name: 0.0 for name in conditions}
+        dtype = self.transformer.dtype
+        for index, t in enumerate(timesteps):
+            sigma = float(t) / 1000.0
+            inputs = {"hidden_states": ((1 - sigma) * batch["latents"] + sigma * noise).to(self.device, dtype),
+                      "encoder_hidden_states": batch["context"].to(self.device, dtype),
+                      "pooled_projections": batch["pooled"].to(self.device, dtype),
+                      "timestep": torch.full((cfg.eval_samples,), float(t), device=self.device)}
+            with self._teacher(), self._autocast():
+                reference = self.transformer(**inputs).sample.float()
+            k = keep_ratios_to_k(ratios[index].tolist(), self.num_tokens, cfg.dense_layers)
+            for name, (scorer, adapters) in conditions.items():
+                adapter_ctx = contextlib.nullcontext() if adapters else self._teacher()
+                scorer_ctx = scored_by(self.transformer, scorer) if scorer is not None else contextlib.nullcontext()
+                with static_k(self.transformer, k), scorer_ctx, adapter_ctx, self._autocast():
+                    output = self.transformer(**inputs).sample.float()
+                errors[name] += float((output - reference).pow(2).sum() / reference.pow(2).sum())
+        return {name: value / len(timesteps) for name, value in errors.items()}
+
+    def evaluate_stage2(self) -> dict[str, float]:
+        """Router + policy only: learned router vs random, grid and the untrained router at the same budget."""
+        untrained = self._initial_routers().to(self.device)
+        return self.output_errors({
+            "learned": (None, False),
+            "random": (RandomScorer(self.config.seed), False),
+            "grid": (GridScorer(*self.grid), False),
+            "untrained_router": (untrained, False),
+        })
+
+    def evaluate_final(self) -> dict[str, float]:
+        """After stage 3: learned router + adapters vs the untrained router on the base model."""
+        untrained = self._initial_routers().to(self.device)
+        conditions = {"learned": (None, True), "untrained_router": (untrained, False)}
+        if self.peft is not None:
+            conditions["learned_no_adapters"] = (None, False)
+        errors = self.output_errors(conditions)
+        errors["reduction_vs_untrained"] = 1.0 - errors["learned"] / errors["untrained_router"]
+        return errors
+
+    def _maybe_evaluate(self) -> None:
+        cfg = self.config
+        if self.step == cfg.warmup_steps + cfg.policy_steps and "after_stage2" not in self.evals:
+            if self.dist.is_main:
+                self.evals["after_stage2"] = self.evaluate_stage2()
+            barrier(self.dist)
+        if self.step == cfg.total_steps and cfg.joint_steps and "after_stage3" not in self.evals:
+            if self.dist.is_main:
+                self.evals["after_stage3"] = self.evaluate_final()
+            barrier(self.dist)
+
+    def summary(self) -> dict:
+        """The run's figures: budget, schedule, FLOPs and the output errors vs the teacher."""
+        from shiva_export.flops import dense_model_flops, model_flops
+
+        cfg = self.config
+        # Long-run mean: the policy's expectation over the training timestep distribution (a fine grid of u).
+        grid = shifted_timesteps((torch.arange(1000, dtype=torch.float32) + 0.5) / 1000, cfg.timestep_shift)
+        mean_keep = float(self.schedule(grid)[:, self.pruned_layers].mean())
+        timesteps = self.eval_timesteps()
+        table = self.schedule(timesteps)
+        per_step = table[:, self.pruned_layers].mean(dim=1)
+        mcfg = self.transformer.config
+        dense = dense_model_flops(mcfg, self.num_tokens, cfg.context_tokens, 1)
+        flop_ratio = sum(model_flops(mcfg, keep_ratios_to_k(row.tolist(), self.num_tokens, cfg.dense_layers),
+                                     cfg.context_tokens, 1, num_tokens=self.num_tokens) for row in table) \
+            / (dense * len(table))
+        schedule_range = float(per_step.max() - per_step.min())
+        checks = {"mean_keep_within_0.03": abs(mean_keep - cfg.target_keep) <= BUDGET_TOLERANCE,
+                  "schedule_not_flat": schedule_range >= SCHEDULE_MIN_RANGE}
+        stage2, stage3 = self.evals.get("after_stage2"), self.evals.get("after_stage3")
+        if stage2:
+            checks["stage2_beats_random"] = stage2["learned"] < stage2["random"]
+            checks["stage2_beats_grid"] = stage2["learned"] < stage2["grid"]
+        if stage3:
+            checks["stage3_30pct_below_untrained"] = stage3["reduction_vs_untrained"] >= STAGE3_MIN_REDUCTION
+        return {
+            "model": self.source.name, "model_hash": self.source.model_hash, "target_keep": cfg.target_keep,
+            "steps": {"stage1": cfg.warmup_steps, "stage2": cfg.policy_steps, "stage3": cfg.joint_steps,
+                      "done": self.step},
+            "global_batch": cfg.global_batch, "micro_batch": cfg.micro_batch, "world_size": self.dist.world_size,
+            "num_image_tokens": self.num_tokens, "wall_time_s": round(self.wall_time, 2),
+            "mean_keep": mean_keep, "mean_keep_ema": float(self.budget.ema),
+            "mean_keep_at_sampler": float(per_step.mean()), "flop_ratio_at_sampler": flop_ratio,
+            "schedule": {"timesteps": [round(float(t), 3) for t in timesteps],
+                         "mean_keep": [round(float(r), 4) for r in per_step],
+                         "per_layer": [[round(float(r), 4) for r in row] for row in table],
+                         "range": schedule_range},
+            "error_metric": "mean over the sampler's timesteps of ||y - y_teacher||^2 / ||y_teacher||^2 (final output)",
+            "after_stage2": stage2, "after_stage3": stage3, "checks": checks,
+            "final_loss": self.log[-1] if self.log else None,
+        }
+
+    # -- checkpoints -----------------------------------------------------------------------------------------
+
+    def config_json(self) -> dict:
+        import diffusers
+        import peft
+
+        import shiva_export
+        return {"schema": ckpt.CHECKPOINT_SCHEMA, "model": ckpt.model_identity(self.transformer, self.source),
+                "train": self.config.to_json(), "adapters": self.adapter_json(),
+                "num_image_tokens": self.num_tokens,
+                "versions": {"shiva_export": shiva_export.__version__, "torch": torch.__version__,
+                             "diffusers": diffusers.__version__, "peft": peft.__version__}}
+
+    def save(self, summary: dict | None = None) -> None:
+        """Rank 0 writes the whole checkpoint atomically; the others wait."""
+        if self.dist.is_main:
+            from peft import get_peft_model_state_dict
+
+            state = {"ema": self.budget.ema.detach().clone(), "rng.cpu": torch.get_rng_state()}
+            if self.device.type == "cuda":
+                state["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+            groups: list[dict] = []
+            if self.optimizer is not None:
+                tensors, groups = ckpt.optimizer_to_tensors(self.optimizer)
+                state.update(tensors)
+            tensors = {ckpt.ROUTER_FILE: self.routers.state_dict(), ckpt.POLICY_FILE: self.policy.state_dict(),
+                       ckpt.STATE_FILE: state}
+            if self.peft is not None:
+                tensors[ckpt.ADAPTER_FILE] = get_peft_model_state_dict(self.peft)
+            trainer = {"step": self.step, "optimizer_stage": self.optimizer_stage, "param_groups": groups,
+                       "evals": self.evals, "wall_time_s": self.wall_time, "total_steps": self.config.total_steps,
+                       "finished": self.step == self.config.total_steps}
+            json_files = {ckpt.STATE_JSON: trainer}
+            if summary is not None:
+                json_files[ckpt.SUMMARY_FILE] = summary
+            ckpt.write_checkpoint(self.options.out, self.config_json(), tensors, json_files,
+                                  {ckpt.LOG_FILE: self.log})
+        barrier(self.dist)
+
+    def restore(self, path: Path) -> None:
+        """Load everything ``save`` wrote; the run then continues exactly where it stopped."""
+        from peft import set_peft_model_state_dict
+
+        config = ckpt.read_config(path)
+        ckpt.check_model(config["model"], self.transformer, self.source, where=str(path))
+        ckpt.load_state(self.routers, ckpt.read_tensors(path / ckpt.ROUTER_FILE), str(path / ckpt.ROUTER_FILE))
+        ckpt.load_state(self.policy, ckpt.read_tensors(path / ckpt.POLICY_FILE), str(path / ckpt.POLICY_FILE))
+        trainer = json.loads((path / ckpt.STATE_JSON).read_text())
+        state = ckpt.read_tensors(path / ckpt.STATE_FILE)
+        if (path / ckpt.ADAPTER_FILE).is_file():
+            self._attach_adapters()
+            result = set_peft_model_state_dict(self.peft, ckpt.read_tensors(path / ckpt.ADAPTER_FILE))
+            if result.unexpected_keys:
+                raise ConfigError(f"{path / ckpt.ADAPTER_FILE}: unexpected adapter tensors {result.unexpected_keys[:3]}")
+        self.budget.ema.copy_(state["ema"])
+        torch.set_rng_state(state["rng.cpu"])
+        if "rng.cuda" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng.cuda"], self.device)
+        self.step = int(trainer["step"])
+        self.evals = trainer["evals"]
+        self.wall_time = float(trainer["wall_time_s"])
+        self.log = ckpt.read_jsonl(path / ckpt.LOG_FILE)[:self.step]
+        if trainer["optimizer_stage"]:
+            self._enter_stage(int(trainer["optimizer_stage"]))
+            ckpt.optimizer_from_tensors(self.optimizer, state, trainer["param_groups"])
+
+    # -- the loop --------------------------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        """Train to the end (or to ``stop_after``); returns the summary (or a stop record)."""
+        from tqdm import tqdm
+
+        cfg, options = self.config, self.options
+        stage_ends = {cfg.warmup_steps, cfg.warmup_steps + cfg.policy_steps, cfg.total_steps}
+        bar = tqdm(total=cfg.total_steps, initial=self.step, desc="train", unit="step",
+                   disable=not (options.progress and self.dist.is_main))
+        try:
+            while self.step < cfg.total_steps:
+                start = time.perf_counter()
+                record = self.train_step()
+                self.wall_time += time.perf_counter() - start
+                bar.update(1)
+                bar.set_postfix(stage=record["stage"], loss=f"{record['loss']:.4f}", keep=f"{record['batch_keep']:.3f}")
+                self._maybe_evaluate()
+                stopping = options.stop_after is not None and self.step >= options.stop_after
+                if self.step == cfg.total_steps:
+                    break
+                if stopping or self.step % options.save_every == 0 or self.step in stage_ends:
+                    self.save()
+                if stopping:
+                    logger.info("stopped after step %d of %d; resume with --resume", self.step, cfg.total_steps)
+                    return {"stopped_at": self.step, "total_steps": cfg.total_steps, "checkpoint": str(options.out)}
+        finally:
+            bar.close()
+        self._maybe_evaluate()
+        summary = self.summary()
+        self.save(summary)
+        return summary
+
+
+def _checkpoint_exists(path: Path) -> bool:
+    return (path / ckpt.CONFIG_FILE).is_file()
+
+
+def resume_config(path: str | Path, overrides: Mapping[str, Any] = ()) -> tuple[str, TrainConfig]:
+    """(model, config) of a checkpoint to resume; options given again must equal the stored ones."""
+    stored = ckpt.read_config(path)
+    config = TrainConfig.from_json(stored["train"])
+    conflicts = {name: (value, getattr(config, name)) for name, value in dict(overrides).items()
+                 if (tuple(value) if isinstance(value, list) else value) != getattr(config, name)}
+    if conflicts:
+        listed = ", ".join(f"{name}={given!r} (checkpoint: {saved!r})" for name, (given, saved) in conflicts.items())
+        raise ConfigError(f"{path}: cannot resume with different hyperparameters: {listed}; drop these options or "
+                          "start a new run in another --out")
+    return stored["model"]["name"], config
+
+
+def train(model: str, config: TrainConfig, options: RunOptions) -> dict | None:
+    """Run (or resume) a training job in this process; joins the torchrun group when launched by torchrun.
+
+    Returns the summary on rank 0 (None on other ranks); a stop record when ``options.stop_after`` cut it short.
+    """
+    import torch.distributed as dist
+
+    ctx = init_distributed(options.device)
+    try:
+        out = options.out
+        if options.resume and not _checkpoint_exists(out):
+            raise ArtifactError(f"{out}: no checkpoint to resume (no {ckpt.CONFIG_FILE}); run without --resume first")
+        if not options.resume and _checkpoint_exists(out):
+            raise ConfigError(f"{out} already holds a checkpoint; pass --resume to continue it or choose another --out")
+        if not options.resume and out.exists() and not out.is_dir():
+            raise ConfigError(f"--out {out} exists and is not a folder")
+        trainer = Trainer(model, config, options, ctx)
+        if options.resume:
+            stored = TrainConfig.from_json(ckpt.read_config(out)["train"])
+            if stored != trainer.config:
+                diff = {f.name: (getattr(trainer.config, f.name), getattr(stored, f.name))
+                        for f in dataclasses.fields(TrainConfig)
+                        if getattr(trainer.config, f.name) != getattr(stored, f.name)}
+                raise ConfigError(f"{out}: cannot resume with different hyperparameters (given, checkpoint): {diff}")
+            trainer.restore(out)
+            logger.info("resuming %s at step %d of %d", out, trainer.step, trainer.config.total_steps)
+        summary = trainer.run()
+        return summary if ctx.is_main else None
+    finally:
+        if ctx.owns_group and dist.is_initialized():
+            dist.destroy_process_group()

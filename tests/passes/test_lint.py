@@ -1,0 +1,204 @@
+"""Static-graph lint: each purpose-made bad graph fails with its rule; legal graphs pass."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from shiva_export.errors import ArtifactError
+from shiva_export.passes.lint import Rule, Severity, format_report, lint_model
+from shiva_export.passes.topk import split_large_topk
+from tests.passes.graphs import (
+    attention_model,
+    const,
+    model,
+    row_prune_model,
+    tensor,
+    topk_model,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def error_rules(report) -> set[Rule]:
+    return {f.rule for f in report.errors}
+
+
+def symbolic_batch_model() -> onnx.ModelProto:
+    return model([helper.make_node("Relu", ["x"], ["y"], name="relu")],
+                 [tensor("x", TensorProto.FLOAT, ["batch", 16])],
+                 [tensor("y", TensorProto.FLOAT, ["batch", 16])])
+
+
+def nonzero_model() -> onnx.ModelProto:
+    return model([helper.make_node("NonZero", ["x"], ["where"], name="mask_to_index")],
+                 [tensor("x", TensorProto.FLOAT, [2, 3])],
+                 [tensor("where", TensorProto.INT64, None)])
+
+
+def expanded_gather_model(batch=2, n=16, dim=4, k=6) -> onnx.ModelProto:
+    """torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, D)): the index D15 forbids."""
+    nodes = [
+        helper.make_node("TopK", ["scores", "k"], ["v", "top"], name="select", axis=-1),
+        helper.make_node("Unsqueeze", ["top", "last"], ["top3"], name="top3"),
+        helper.make_node("Expand", ["top3", "index_shape"], ["index"], name="expand_index"),
+        helper.make_node("GatherElements", ["x", "index"], ["kept"], name="gather_kept", axis=1),
+    ]
+    return model(nodes, [tensor("x", TensorProto.FLOAT, [batch, n, dim]),
+                         tensor("scores", TensorProto.FLOAT, [batch, n])],
+                 [tensor("kept", TensorProto.FLOAT, [batch, k, dim])],
+                 [const("k", np.array([k], np.int64)), const("last", np.array([-1], np.int64)),
+                  const("index_shape", np.array([batch, k, dim], np.int64))])
+
+
+def scatter_of(index_source: str, extra_nodes=(), extra_inputs=()) -> onnx.ModelProto:
+    """scores [1,64] with the positions in `index_source` overwritten by zeros."""
+    nodes = list(extra_nodes) + [
+        helper.make_node("Shape", [index_source], ["index_shape"], name="index_shape"),
+        helper.make_node("ConstantOfShape", ["index_shape"], ["zeros"], name="zeros",
+                         value=helper.make_tensor("v", TensorProto.FLOAT, [1], [0.0])),
+        helper.make_node("ScatterElements", ["scores", index_source, "zeros"], ["out"],
+                         name="drop_tokens", axis=1),
+    ]
+    return model(nodes, [tensor("scores", TensorProto.FLOAT, [1, 64]), *extra_inputs],
+                 [tensor("out", TensorProto.FLOAT, [1, 64])],
+                 [const("k", np.array([40], np.int64)), const("k2", np.array([8], np.int64))])
+
+
+def test_clean_static_row_prune_graph_passes_with_no_findings():
+    report = lint_model(row_prune_model())
+    assert report, format_report(report)
+    assert report.findings == ()
+
+
+def test_symbolic_dim_fails_with_dynamic_dim_naming_the_input():
+    report = lint_model(symbolic_batch_model())
+    assert not report
+    assert error_rules(report) == {Rule.DYNAMIC_DIM}
+    assert any("graph input 'x'" in f.message and "'batch'" in f.message for f in report.errors)
+
+
+def test_nonzero_fails_with_data_dependent_shape_naming_the_node():
+    report = lint_model(nonzero_model())
+    assert Rule.DATA_DEPENDENT_SHAPE in error_rules(report)
+    assert any(f.node == "mask_to_index" and "NonZero" in f.message for f in report.errors)
+
+
+def test_op_whose_shape_inference_cannot_determine_output_is_data_dependent():
+    custom = model([helper.make_node("Mystery", ["x"], ["y"], name="custom", domain="com.acme")],
+                   [tensor("x", TensorProto.FLOAT, [2, 3])], [tensor("y", TensorProto.FLOAT, None)])
+    custom.opset_import.append(helper.make_opsetid("com.acme", 1))
+    report = lint_model(custom)
+    assert any(f.rule is Rule.DATA_DEPENDENT_SHAPE and f.node == "custom" for f in report.errors)
+
+
+def test_topk_k_4000_fails_with_topk_k_and_passes_after_split():
+    report = lint_model(topk_model(1, 4096, 4000))
+    assert error_rules(report) == {Rule.TOPK_K}
+    assert report.errors[0].node == "select_tokens" and "4000" in report.errors[0].message
+    assert lint_model(split_large_topk(topk_model(1, 4096, 4000))).findings == ()
+
+
+def test_topk_with_runtime_k_fails_with_topk_k():
+    graph = model([helper.make_node("TopK", ["scores", "k"], ["v", "i"], name="dyn_topk")],
+                  [tensor("scores", TensorProto.FLOAT, [1, 64]), tensor("k", TensorProto.INT64, [1])],
+                  [tensor("v", TensorProto.FLOAT, None), tensor("i", TensorProto.INT64, None)])
+    report = lint_model(graph)
+    assert any(f.rule is Rule.TOPK_K and "run time" in f.message for f in report.errors)
+
+
+def test_expanded_gather_elements_fails_with_expanded_index():
+    report = lint_model(expanded_gather_model())
+    assert error_rules(report) == {Rule.EXPANDED_INDEX}
+    assert report.errors[0].node == "gather_kept" and "rank 3" in report.errors[0].message
+
+
+def test_scatter_nd_with_reduction_add_fails_with_scatter_reduction():
+    report = lint_model(row_prune_model(reduction="add"))
+    assert error_rules(report) == {Rule.SCATTER_REDUCTION}
+    assert report.errors[0].node == "scatter_rows"
+
+
+def test_scatter_with_indices_from_an_input_is_a_duplicate_warning_not_an_error():
+    report = lint_model(scatter_of("idx", extra_inputs=[tensor("idx", TensorProto.INT64, [1, 8])]))
+    assert report  # warnings keep the graph usable
+    assert [(f.rule, f.severity) for f in report.findings] == [
+        (Rule.SCATTER_DUPLICATE_INDICES, Severity.WARNING)]
+
+
+def test_scatter_with_peeled_topk_indices_is_unique_but_two_unrelated_topk_are_not():
+    peeled = split_large_topk(scatter_of("idx", extra_nodes=[
+        helper.make_node("TopK", ["scores", "k"], ["v", "idx"], name="select", axis=1)]), max_k=16)
+    assert lint_model(peeled, max_topk=16).findings == ()
+
+    unrelated = scatter_of("idx", extra_nodes=[
+        helper.make_node("TopK", ["scores", "k2"], ["v1", "i1"], name="a", axis=1),
+        helper.make_node("TopK", ["scores", "k2"], ["v2", "i2"], name="b", axis=1),
+        helper.make_node("Concat", ["i1", "i2"], ["idx"], name="cat", axis=1),
+    ])
+    assert {f.rule for f in lint_model(unrelated).findings} == {Rule.SCATTER_DUPLICATE_INDICES}
+
+
+def test_softmax_outside_attention_pattern_warns_and_fusible_attention_does_not():
+    assert lint_model(attention_model(fusible=True)).findings == ()
+    report = lint_model(attention_model(fusible=False))
+    assert report and [f.rule for f in report.warnings] == [Rule.UNFUSED_ATTENTION]
+
+
+def test_inconsistent_shapes_fail_with_shape_inference():
+    bad = model([helper.make_node("Add", ["x", "w"], ["y"], name="add")],
+                [tensor("x", TensorProto.FLOAT, [2, 3]), tensor("w", TensorProto.FLOAT, [4])],
+                [tensor("y", TensorProto.FLOAT, None)])
+    assert Rule.SHAPE_INFERENCE in error_rules(lint_model(bad))
+
+
+def test_path_with_external_data_is_linted_from_the_file(tmp_path):
+    path = tmp_path / "big.onnx"
+    onnx.save(topk_model(1, 4096, 4000), path, save_as_external_data=True,
+              all_tensors_to_one_file=True, location="big.onnx.data", size_threshold=0)
+    report = lint_model(path)  # K itself lives in the external data file
+    assert error_rules(report) == {Rule.TOPK_K} and report.model == str(path)
+
+
+def test_missing_or_non_onnx_path_raises_artifact_error(tmp_path):
+    with pytest.raises(ArtifactError, match="no such file"):
+        lint_model(tmp_path / "absent.onnx")
+    (tmp_path / "notes.onnx").write_text("not a model\n")
+    with pytest.raises(ArtifactError, match="not .*ONNX model"):
+        lint_model(tmp_path / "notes.onnx")
+
+
+# --- CLI: python -m shiva_export lint ------------------------------------------------------
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "shiva_export", "lint", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli_exit_codes_are_0_clean_1_errors_2_unusable(tmp_path):
+    clean, bad, text = tmp_path / "clean.onnx", tmp_path / "bad.onnx", tmp_path / "text.onnx"
+    onnx.save(row_prune_model(), clean)
+    onnx.save(topk_model(1, 4096, 4000), bad)
+    text.write_text("hello")
+
+    result = run_cli(str(clean))
+    assert result.returncode == 0, result.stderr
+    assert "clean" in result.stdout
+
+    result = run_cli(str(bad), "--json")
+    assert result.returncode == 1, result.stderr
+    payload = json.loads(result.stdout)
+    assert payload["clean"] is False and payload["findings"][0]["rule"] == "topk-k"
+
+    for unusable in (tmp_path / "absent.onnx", text):
+        result = run_cli(str(unusable))
+        assert result.returncode == 2
+        assert result.stderr.startswith("error: ") and str(unusable) in result.stderr

@@ -21,6 +21,8 @@ __all__ = [
     "denoise",
     "export_config",
     "save_bucket_data",
+    "save_run_results",
+    "step_ranges",
 ]
 
 import contextlib
@@ -264,17 +266,15 @@ def save_bucket_data(trajectory: Trajectory, bucket: int, folder: Path) -> dict[
     * ``inputs/<step index>/<name>.bin`` and ``reference/<step index>/<name>.bin``: raw ``ndarray.tofile`` blobs,
       the layout of ``polygraphy run --save-input-blob``, for ``trtexec --loadInputs``.
     """
-    from polygraphy.comparator import RunResults
     from polygraphy.json import save_json
 
     records = trajectory.bucket_steps(bucket)
     if not records:
         raise ConfigError(f"bucket {bucket} runs no step of the trajectory")
     folder.mkdir(parents=True, exist_ok=True)
-    save_json([r.feed for r in records], str(folder / "inputs.json"), description="check inputs")
-    results = RunResults()
-    results.add([r.outputs for r in records], runner_name=REFERENCE_RUNNER)
-    results.save(str(folder / "reference.json"))
+    with _quiet_polygraphy():
+        save_json([r.feed for r in records], str(folder / "inputs.json"), description="check inputs")
+    save_run_results([r.outputs for r in records], REFERENCE_RUNNER, folder / "reference.json")
     for index, record in enumerate(records):
         for kind, tensors in (("inputs", record.feed), ("reference", record.outputs)):
             target = _blob_dir(folder / kind, index)
@@ -283,6 +283,26 @@ def save_bucket_data(trajectory: Trajectory, bucket: int, folder: Path) -> dict[
                 np.ascontiguousarray(array).tofile(target / f"{name}.bin")
     return {"inputs": folder / "inputs.json", "reference": folder / "reference.json",
             "blobs": folder / "inputs", "reference_blobs": folder / "reference"}
+
+
+@contextlib.contextmanager
+def _quiet_polygraphy() -> Iterator[None]:
+    """Polygraphy logs every save at INFO on stdout; the CLI's output stays ours."""
+    from polygraphy.logger import G_LOGGER
+
+    with G_LOGGER.verbosity(G_LOGGER.WARNING):
+        yield
+
+
+def save_run_results(outputs: Sequence[Mapping[str, np.ndarray]], runner_name: str, path: Path) -> Path:
+    """Save per-iteration outputs as a Polygraphy `RunResults` JSON (`polygraphy run --load-outputs`)."""
+    from polygraphy.comparator import RunResults
+
+    results = RunResults()
+    results.add([dict(o) for o in outputs], runner_name=runner_name)
+    with _quiet_polygraphy():
+        results.save(str(path))
+    return Path(path)
 
 
 def step_ranges(steps: Sequence[int]) -> str:

@@ -226,3 +226,27 @@ def start(root: str | Path, config: ArtifactConfig) -> Workspace:
         log.info("config changed (%s): stages whose inputs changed will be redone", ", ".join(changed))
     ws.manifest.data["config"] = resolved
     return ws
+
+
+def run_lint(ws: Workspace, force: bool = False) -> dict:
+    """Lint every exported graph (production, debug, dense); returns {file: report json}; lint.json beside them."""
+    from shiva_export.io import write_json
+    from shiva_export.passes.lint import lint_model
+
+    record = ws.manifest.require("export")
+    files = [g["file"] for g in record["graphs"]] + [g["debug_file"] for g in record["graphs"] if g.get("debug_file")]
+    if record.get("dense"):
+        files.append(record["dense"]["file"])
+    inputs = sha256_json({name: ws.manifest.stage("export")["inputs_hash"] for name in files})
+    if not force and ws.manifest.is_fresh("lint", inputs):
+        log.info("lint: reports are up to date, reused")
+        return ws.manifest.stage("lint")["reports"]
+    ws.manifest.verify_files("export")
+    reports = {name: lint_model(str(ws.path(f"{ONNX_DIR}/{name}"))).to_json() for name in files}
+    path = write_json(ws.path("lint.json"), reports)
+    errors = sum(r["errors"] for r in reports.values())
+    warnings = sum(r["warnings"] for r in reports.values())
+    ws.manifest.set_stage("lint", {"files": [ws.manifest.file_record(path)], "reports": reports, "errors": errors,
+                                   "warnings": warnings, "passed": errors == 0}, inputs)
+    ws.manifest.save()
+    return reports

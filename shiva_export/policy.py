@@ -42,6 +42,7 @@ class AdaptiveRatioPolicy(nn.Module):
         self.layer_mlp = nn.Sequential(nn.Linear(hidden_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, 1))
         anchor = math.log(target_keep / (1 - target_keep)) if target_keep < 1 else 6.0
         self.anchor = nn.Parameter(torch.tensor(anchor))
+        self.keep_all = target_keep >= 1
         for head in (self.time_mlp[-1], self.layer_mlp[-1]):
             nn.init.zeros_(head.weight)
             nn.init.zeros_(head.bias)
@@ -64,6 +65,8 @@ class AdaptiveRatioPolicy(nn.Module):
             noise = torch.randn(logits.shape, generator=generator, device=logits.device if generator is None else "cpu")
             logits = logits + logit_noise * noise.to(logits.device)
         ratios = torch.sigmoid(logits).clamp(self.r_min, 1.0)
+        if self.keep_all:  # logit(1) is infinite: a target of 1 means "never prune", not sigmoid(6) = 0.9975
+            ratios = ratios - ratios.detach() + 1.0
         return torch.where(self.pruned_mask, ratios, torch.ones_like(ratios))
 
     @torch.no_grad()

@@ -35,8 +35,6 @@ def test_untrained_policy_returns_the_target_everywhere_except_dense_layers(targ
     assert bool((ratios[:, [0, 3]] == 1.0).all())
 
 
-@pytest.mark.xfail(strict=True, reason="policy.py: for target_keep=1 the anchor is logit 6.0, so an untrained "
-                                       "policy returns sigmoid(6) = 0.9975, not 1 (k < N); reported, not fixed")
 def test_untrained_policy_with_target_one_keeps_every_token():
     ratios = AdaptiveRatioPolicy(NUM_LAYERS, target_keep=1.0).ratios(TIMESTEPS)
     assert bool((ratios == 1.0).all())

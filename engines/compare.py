@@ -1,0 +1,537 @@
+"""Check: every bucket engine against the PyTorch static-mode model on a real trajectory, then the whole loop.
+
+For each engine set (a backend, see `engines.runners`) and each bucket, the engine runs the bucket's steps of a
+captured sampling trajectory (`engines.trajectory`) and its outputs are compared with what the PyTorch static-mode
+model returned for the same inputs: max abs, mean abs, relative error (max abs / max |ref|), cosine similarity and
+PSNR (Polygraphy's definition: 20 log10 max|ref| - 10 log10 MSE), plus the token-selection agreement per pruned
+layer (share of identical kept indices, from the debug graph's ``indices_layer{l}`` outputs). Then the whole
+n-step loop runs on the engine set (each step on its bucket's engine) and its final latents are compared with the
+PyTorch loop's. Results are frozen dataclasses whose truth value is "passed" (P5); ``check.json`` is their JSON and
+the report is rendered from it.
+
+Gates (per export precision; `GATES`, `TRAJECTORY_GATES`):
+
+* fp32 per step: max abs <= 1e-4 and 100% agreement. The same graph in fp32 differs from PyTorch only by kernel
+  summation order (measured on tiny-sd35, ORT CPU: max abs ~1e-6 at |ref| ~ 2).
+* fp16 / bf16 per step: cosine and PSNR floors instead of an absolute bound (the error scales with |ref|) and
+  agreement >= 99.9% (a near-tie in router scores may flip one token in a thousand; more means the router saw
+  different activations). See `GATES` for the floors and the measurements behind them.
+* full trajectory: the loop feeds each step's engine output back through CFG (x guidance scale) and the Euler
+  update, so differences grow with the step count; its gate is looser than the per-step one.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CHECK_FILE",
+    "CHECK_STAGE",
+    "GATES",
+    "TRAJECTORY_GATES",
+    "BucketResult",
+    "CheckConfig",
+    "CheckReport",
+    "Gate",
+    "Metrics",
+    "TrajectoryResult",
+    "compare_outputs",
+    "index_agreement",
+    "render_report",
+    "run_check",
+]
+
+import dataclasses
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from shiva_export.errors import ArtifactError, ConfigError
+
+logger = logging.getLogger(__name__)
+
+CHECK_STAGE = "check"
+CHECK_FILE = "check.json"
+CHECK_DIR = "check"
+REPORT_SCHEMA = "shiva.check/1"
+INDEX_PREFIX = "indices_layer"
+
+
+# --------------------------------------------------------------------------------------------------- metrics
+@dataclasses.dataclass(frozen=True)
+class Metrics:
+    """Engine output vs reference. psnr is None when the outputs are identical (infinite PSNR)."""
+
+    max_abs: float
+    mean_abs: float
+    rel_err: float        # max abs / max |ref|
+    cosine: float
+    psnr: float | None    # dB
+
+    @classmethod
+    def of(cls, reference: np.ndarray, got: np.ndarray) -> "Metrics":
+        ref = np.asarray(reference, dtype=np.float64).ravel()
+        out = np.asarray(got, dtype=np.float64).ravel()
+        if ref.shape != out.shape:
+            raise ArtifactError(f"output has {out.size} elements; the reference has {ref.size}")
+        diff = np.abs(out - ref)
+        finite = bool(np.isfinite(out).all())
+        max_abs = float(diff.max()) if finite else math.inf
+        peak = float(np.abs(ref).max())
+        norms = float(np.linalg.norm(ref) * np.linalg.norm(out))
+        cosine = float(ref @ out / norms) if norms > 0 else float(np.array_equal(ref, out))
+        mse = float(np.mean(diff ** 2)) if finite else math.inf
+        max_val = float(ref.max()) if float(ref.max()) > 0 else 1.0    # Polygraphy PsnrCompareFunc
+        psnr = None if mse == 0 else (20 * math.log10(max_val) - 10 * math.log10(mse) if math.isfinite(mse) else -math.inf)
+        return cls(max_abs=max_abs, mean_abs=float(diff.mean()) if finite else math.inf,
+                   rel_err=max_abs / peak if peak > 0 else max_abs, cosine=cosine if finite else -1.0, psnr=psnr)
+
+    @classmethod
+    def worst(cls, items: Sequence["Metrics"]) -> "Metrics":
+        """The worst step of a bucket for every metric (mean abs: the mean over steps)."""
+        psnrs = [m.psnr for m in items if m.psnr is not None]
+        return cls(max_abs=max(m.max_abs for m in items), mean_abs=float(np.mean([m.mean_abs for m in items])),
+                   rel_err=max(m.rel_err for m in items), cosine=min(m.cosine for m in items),
+                   psnr=min(psnrs) if psnrs else None)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def compare_outputs(reference: np.ndarray, got: np.ndarray) -> Metrics:
+    return Metrics.of(reference, got)
+
+
+def index_agreement(reference: Iterable[np.ndarray], got: Iterable[np.ndarray]) -> float:
+    """Share of the reference's kept token indices that the engine kept too, over steps and batch rows.
+
+    Compared as sets per row (the graphs return indices in ascending token order, but order is not the claim).
+    """
+    shared = total = 0
+    for ref, out in zip(reference, got):
+        ref, out = np.asarray(ref), np.asarray(out)
+        for ref_row, out_row in zip(ref.reshape(ref.shape[0], -1), out.reshape(out.shape[0], -1)):
+            shared += len(np.intersect1d(ref_row, out_row, assume_unique=True))
+            total += ref_row.size
+    return shared / total if total else 1.0
+
+
+# --------------------------------------------------------------------------------------------------- gates
+@dataclasses.dataclass(frozen=True)
+class Gate:
+    """What an engine must achieve against the PyTorch reference. None: not gated on that metric.
+
+    atol/rtol are the equivalent Polygraphy tolerances written into repro.sh (``--check-error-stat max``).
+    """
+
+    name: str
+    max_abs: float | None = None
+    cosine: float | None = None
+    psnr: float | None = None
+    agreement: float | None = None
+    atol: float = 1e-4
+    rtol: float = 0.0
+
+    def failures(self, where: str, metrics: Metrics, agreement: Mapping[int, float] | None = None,
+                 backend: str = "") -> tuple[str, ...]:
+        """Failure messages naming `where` (e.g. "bucket 1"), the metric, its value, the bound and the backend:
+        "bucket 1: max_abs 3.2e-02 > 1.0e-04 (fp32 gate, onnxruntime)"."""
+        tag = f"({self.name} gate{', ' + backend if backend else ''})"
+        found = []
+        if self.max_abs is not None and not metrics.max_abs <= self.max_abs:
+            found.append(f"{where}: max_abs {metrics.max_abs:.1e} > {self.max_abs:.1e} {tag}")
+        if self.cosine is not None and not metrics.cosine >= self.cosine:
+            found.append(f"{where}: cosine {metrics.cosine:.6f} < {self.cosine:g} {tag}")
+        if self.psnr is not None and metrics.psnr is not None and not metrics.psnr >= self.psnr:
+            found.append(f"{where}: psnr {metrics.psnr:.1f} dB < {self.psnr:g} dB {tag}")
+        if self.agreement is not None and agreement:
+            for layer, share in sorted(agreement.items()):
+                if not share >= self.agreement:
+                    found.append(f"{where}: agreement layer {layer} {100 * share:.2f}% < {100 * self.agreement:g}% {tag}")
+        return tuple(found)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# Per-step gates. fp16/bf16 floors: measured on tiny-sd35 (random weights, 256 px, CFG batch 2) with ORT CPU against
+# the PyTorch model in the same dtype; the floors leave an order of magnitude of headroom in MSE (10 dB) below what
+# a correct engine achieves, while a wrong bucket, a perturbed weight or a flipped selection lands far below them.
+GATES: dict[str, Gate] = {
+    "fp32": Gate("fp32", max_abs=1e-4, agreement=1.0, atol=1e-4, rtol=0.0),
+    "fp16": Gate("fp16", cosine=0.999, psnr=40.0, agreement=0.999, atol=2e-2, rtol=2e-2),
+    "bf16": Gate("bf16", cosine=0.995, psnr=30.0, agreement=0.999, atol=1e-1, rtol=5e-2),
+}
+# Whole-loop gates on the final latents (errors are amplified by guidance and fed back for n steps).
+TRAJECTORY_GATES: dict[str, Gate] = {
+    "fp32": Gate("fp32 trajectory", max_abs=1e-3, cosine=0.99999, atol=1e-3, rtol=0.0),
+    "fp16": Gate("fp16 trajectory", cosine=0.995, psnr=30.0, atol=1e-1, rtol=5e-2),
+    "bf16": Gate("bf16 trajectory", cosine=0.98, psnr=20.0, atol=3e-1, rtol=1e-1),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckConfig:
+    """How the check runs; part of the check stage's inputs hash (P2)."""
+
+    seed: int = 0
+    guidance_scale: float = 7.0
+    full_trajectory: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"--seed {self.seed!r} must be an integer >= 0")
+        if not (isinstance(self.guidance_scale, (int, float)) and math.isfinite(self.guidance_scale)
+                and self.guidance_scale >= 1.0):
+            raise ConfigError(f"--guidance-scale {self.guidance_scale!r} must be a finite number >= 1")
+
+    def to_json(self) -> dict:
+        return {"schema": 1, **dataclasses.asdict(self)}
+
+
+# --------------------------------------------------------------------------------------------------- results
+@dataclasses.dataclass(frozen=True)
+class BucketResult:
+    """One engine set's outputs on one bucket's steps vs PyTorch; true when every gate passed."""
+
+    backend: str
+    bucket: int
+    steps: tuple[int, ...]
+    k: tuple[int, ...]
+    metrics: Metrics                       # worst step
+    per_step: tuple[Metrics, ...]
+    agreement: dict[int, float] | None     # pruned layer -> share of identical kept indices; None: not measured
+    agreement_note: str | None             # why agreement is None
+    gate: Gate
+    failures: tuple[str, ...]
+
+    def __bool__(self) -> bool:
+        return not self.failures
+
+    @property
+    def min_agreement(self) -> float | None:
+        return min(self.agreement.values()) if self.agreement else None
+
+    def to_json(self) -> dict:
+        return {"backend": self.backend, "bucket": self.bucket, "steps": list(self.steps), "k": list(self.k),
+                "metrics": self.metrics.to_json(), "per_step": [m.to_json() for m in self.per_step],
+                "agreement": None if self.agreement is None else {str(k): v for k, v in self.agreement.items()},
+                "agreement_note": self.agreement_note, "gate": self.gate.to_json(),
+                "failures": list(self.failures), "passed": bool(self)}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "BucketResult":
+        agreement = data.get("agreement")
+        return cls(backend=data["backend"], bucket=int(data["bucket"]), steps=tuple(data["steps"]),
+                   k=tuple(data["k"]), metrics=Metrics(**data["metrics"]),
+                   per_step=tuple(Metrics(**m) for m in data["per_step"]),
+                   agreement=None if agreement is None else {int(k): float(v) for k, v in agreement.items()},
+                   agreement_note=data.get("agreement_note"), gate=Gate(**data["gate"]),
+                   failures=tuple(data["failures"]))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrajectoryResult:
+    """The whole denoising loop on one engine set vs the PyTorch loop: final latents."""
+
+    backend: str
+    steps: int
+    metrics: Metrics
+    gate: Gate
+    failures: tuple[str, ...]
+
+    def __bool__(self) -> bool:
+        return not self.failures
+
+    def to_json(self) -> dict:
+        return {"backend": self.backend, "steps": self.steps, "metrics": self.metrics.to_json(),
+                "gate": self.gate.to_json(), "failures": list(self.failures), "passed": bool(self)}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "TrajectoryResult":
+        return cls(backend=data["backend"], steps=int(data["steps"]), metrics=Metrics(**data["metrics"]),
+                   gate=Gate(**data["gate"]), failures=tuple(data["failures"]))
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckReport:
+    """Everything `check` found; true when every bucket and trajectory result passed."""
+
+    model: str
+    dtype: str
+    config: CheckConfig
+    num_steps: int
+    buckets: tuple[BucketResult, ...]
+    trajectories: tuple[TrajectoryResult, ...]
+    versions: dict[str, str]
+    reused: bool = False      # loaded from a fresh check.json instead of run
+
+    def __bool__(self) -> bool:
+        return all(self.buckets) and all(self.trajectories)
+
+    @property
+    def failures(self) -> list[str]:
+        return [f for r in (*self.buckets, *self.trajectories) for f in r.failures]
+
+    def to_json(self) -> dict:
+        return {"schema": REPORT_SCHEMA, "model": self.model, "dtype": self.dtype, "config": self.config.to_json(),
+                "num_steps": self.num_steps, "buckets": [b.to_json() for b in self.buckets],
+                "trajectories": [t.to_json() for t in self.trajectories], "versions": self.versions,
+                "passed": bool(self), "failures": self.failures}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], reused: bool = False) -> "CheckReport":
+        if data.get("schema") != REPORT_SCHEMA:
+            raise ArtifactError(f"check report schema {data.get('schema')!r} is not {REPORT_SCHEMA!r}; re-run check")
+        config = {k: v for k, v in data["config"].items() if k != "schema"}
+        return cls(model=data["model"], dtype=data["dtype"], config=CheckConfig(**config),
+                   num_steps=int(data["num_steps"]), buckets=tuple(BucketResult.from_json(b) for b in data["buckets"]),
+                   trajectories=tuple(TrajectoryResult.from_json(t) for t in data["trajectories"]),
+                   versions=dict(data["versions"]), reused=reused)
+
+
+# --------------------------------------------------------------------------------------------------- running
+def _gate(table: Mapping[str, Gate], dtype: str) -> Gate:
+    if dtype not in table:
+        raise ConfigError(f"no check gate for precision {dtype!r}; expected one of {sorted(table)}")
+    return table[dtype]
+
+
+def _run_all(runner, feeds: Sequence[Mapping[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """Activate, infer every feed (copies: runners may reuse output buffers), deactivate."""
+    with runner:
+        return [{name: np.array(value, copy=True) for name, value in runner.infer(dict(feed)).items()}
+                for feed in feeds]
+
+
+def check_bucket(engines, bucket, records, gate: Gate, save_dir: Path | None = None) -> BucketResult:
+    """Run one bucket's steps on `engines` and gate them against the records' PyTorch outputs."""
+    from shiva_export.engines.trajectory import save_run_results
+
+    feeds = [r.feed for r in records]
+    outputs = _run_all(engines.runner(bucket.index), feeds)
+    if save_dir is not None:
+        save_run_results(outputs, engines.name, save_dir / f"outputs-{engines.name}.json")
+    per_step = tuple(Metrics.of(r.outputs["sample"], out["sample"]) for r, out in zip(records, outputs))
+    metrics = Metrics.worst(per_step)
+
+    agreement, note = None, engines.index_note(bucket.index)
+    index_runner = engines.index_runner(bucket.index)
+    if index_runner is not None:
+        index_outputs = _run_all(index_runner, feeds)
+        layers = sorted(int(name[len(INDEX_PREFIX):]) for name in records[0].outputs if name.startswith(INDEX_PREFIX))
+        missing = [f"{INDEX_PREFIX}{l}" for l in layers if f"{INDEX_PREFIX}{l}" not in index_outputs[0]]
+        if missing:
+            note = f"runner {index_runner.name} has no outputs {missing}"
+        else:
+            agreement = {l: index_agreement([r.outputs[f"{INDEX_PREFIX}{l}"] for r in records],
+                                            [o[f"{INDEX_PREFIX}{l}"] for o in index_outputs]) for l in layers}
+            note = None
+    where = f"bucket {bucket.index}"
+    failures = gate.failures(where, metrics, agreement, engines.name)
+    if agreement is None and gate.agreement is not None:
+        logger.warning("%s: token agreement not measured: %s", where, note)
+    return BucketResult(backend=engines.name, bucket=bucket.index, steps=tuple(r.step for r in records),
+                        k=tuple(bucket.k), metrics=metrics, per_step=per_step, agreement=agreement,
+                        agreement_note=note, gate=gate, failures=failures)
+
+
+def check_full_trajectory(engines, ws, trajectory, gate: Gate) -> TrajectoryResult:
+    """The whole loop with each step on its bucket's engine vs the PyTorch loop's final latents."""
+    from shiva_export.engines.trajectory import denoise, export_config
+
+    schedule = ws.schedule()
+    cfg = export_config(ws)
+    runners = {b.index: engines.runner(b.index) for b in schedule.buckets}
+    active = []
+    try:
+        for runner in runners.values():
+            runner.activate()
+            active.append(runner)
+
+        def step_fn(step: int, feed):
+            return runners[schedule.step_to_bucket[step]].infer(dict(feed))
+
+        final = denoise(step_fn, schedule, cfg, trajectory.initial_latents, trajectory.conditioning,
+                        trajectory.guidance_scale)
+    finally:
+        for runner in active:
+            runner.deactivate()
+    metrics = Metrics.of(trajectory.final_latents, final)
+    where = f"full trajectory ({len(trajectory.steps)} steps)"
+    return TrajectoryResult(backend=engines.name, steps=len(trajectory.steps), metrics=metrics, gate=gate,
+                            failures=gate.failures(where, metrics, backend=engines.name))
+
+
+def _versions() -> dict[str, str]:
+    import diffusers
+    import onnx
+    import polygraphy
+    import torch
+
+    import shiva_export
+
+    versions = {"shiva_export": shiva_export.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+                "onnx": onnx.__version__, "polygraphy": polygraphy.__version__, "numpy": np.__version__}
+    try:
+        import onnxruntime
+
+        versions["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    return versions
+
+
+def run_check(ws, backends: Sequence[Any] = ("onnxruntime",), config: CheckConfig = CheckConfig(),
+              force: bool = False) -> CheckReport:
+    """Check every bucket engine of `ws` (and the whole loop) against the PyTorch static-mode model.
+
+    Args:
+        ws: the artifact folder (`pipeline.Workspace`); its export must be current (hashes verified).
+        backends: engine set names (`engines.runners.ENGINE_SET_NAMES`: "onnxruntime", "ort", "trt", "trt-rtx",
+            ...) or `EngineSet` objects.
+        config: seed, guidance scale, whether to run the whole loop.
+        force: re-run even if check.json is fresh for these inputs.
+
+    Writes ``check.json``, ``check/bucket{i}/{inputs.json, reference.json, inputs/, reference/, outputs-*.json}``
+    and ``check/repro.sh`` atomically, then records the ``check`` stage in the manifest. Returns the report; its
+    truth value is whether every gate passed.
+    """
+    from shiva_export.engines.runners import get_engine_set
+    from shiva_export.engines.trajectory import capture_trajectory, export_config, save_bucket_data
+    from shiva_export.io import atomic_directory, sha256_json, write_json
+    from shiva_export.pipeline import model_identity
+
+    schedule = ws.schedule()
+    cfg = export_config(ws)
+    if not backends:
+        raise ConfigError("check needs at least one backend")
+    engine_sets = [get_engine_set(b, ws) if isinstance(b, str) else b for b in backends]
+    names = [e.name for e in engine_sets]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"backend given twice: {names}")
+    gate, trajectory_gate = _gate(GATES, cfg.dtype), _gate(TRAJECTORY_GATES, cfg.dtype)
+    versions = _versions()
+    inputs = sha256_json({"engines": {e.name: e.identity() for e in engine_sets}, "config": config.to_json(),
+                          "schedule": schedule.schedule_hash, "gates": [gate.to_json(), trajectory_gate.to_json()],
+                          "versions": versions, **model_identity(ws)})
+    if not force and ws.manifest.is_fresh(CHECK_STAGE, inputs):
+        logger.info("check: check.json is up to date for these engines and seed, reused (--force to re-run)")
+        return CheckReport.from_json(json.loads(ws.path(CHECK_FILE).read_text()), reused=True)
+
+    trajectory = capture_trajectory(ws, config.seed, config.guidance_scale)
+    bucket_results, trajectory_results = [], []
+    with atomic_directory(ws.path(CHECK_DIR)) as tmp:
+        for bucket in schedule.buckets:
+            save_bucket_data(trajectory, bucket.index, tmp / f"bucket{bucket.index}")
+        for engines in engine_sets:
+            for bucket in schedule.buckets:
+                records = trajectory.bucket_steps(bucket.index)
+                bucket_results.append(check_bucket(engines, bucket, records, gate, tmp / f"bucket{bucket.index}"))
+            if config.full_trajectory:
+                trajectory_results.append(check_full_trajectory(engines, ws, trajectory, trajectory_gate))
+        write_repro(tmp / "repro.sh", ws, schedule, gate, config, engine_sets)
+    report = CheckReport(model=ws.config.model, dtype=cfg.dtype, config=config, num_steps=schedule.num_steps,
+                         buckets=tuple(bucket_results), trajectories=tuple(trajectory_results), versions=versions)
+    write_json(ws.path(CHECK_FILE), report.to_json())
+    files = [ws.path(CHECK_FILE), ws.path(f"{CHECK_DIR}/repro.sh")]
+    for bucket in schedule.buckets:
+        files += [ws.path(f"{CHECK_DIR}/bucket{bucket.index}/{n}") for n in ("inputs.json", "reference.json")]
+    ws.manifest.set_stage(CHECK_STAGE, {"files": [ws.manifest.file_record(p) for p in files],
+                                        "backends": names, "config": config.to_json(), "passed": bool(report),
+                                        "failures": report.failures}, inputs)
+    ws.manifest.save()
+    for failure in report.failures:
+        logger.warning("check failed: %s", failure)
+    return report
+
+
+# --------------------------------------------------------------------------------------------------- repro.sh
+def _polygraphy_tolerances(gate: Gate) -> str:
+    return f"--atol {gate.atol:g} --rtol {gate.rtol:g} --check-error-stat max"
+
+
+def write_repro(path: Path, ws, schedule, gate: Gate, config: CheckConfig, engine_sets) -> Path:
+    """Shell script with the polygraphy / trtexec commands that repeat the check outside shiva_export."""
+    from shiva_export.export import INPUT_NAMES
+    from shiva_export.engines.trajectory import REFERENCE_RUNNER, step_ranges
+
+    import shiva_export
+
+    graphs = {int(g["bucket"]): g for g in ws.bucket_graphs()}
+    tol = _polygraphy_tolerances(gate)
+    lines = [
+        "#!/usr/bin/env bash",
+        f"# Repeat `python -m shiva_export check --out {ws.root} --seed {config.seed}` with Polygraphy and trtexec.",
+        f"# Written by shiva_export {shiva_export.__version__}. Inputs: a {schedule.num_steps}-step sampling trajectory "
+        f"(seed {config.seed}, CFG scale {config.guidance_scale:g}) captured with the PyTorch static-mode model;",
+        f"# reference outputs: runner '{REFERENCE_RUNNER}'. Gate ({gate.name}): "
+        + ", ".join(f"{n} {op} {v:g}" for n, op, v in (("max_abs", "<=", gate.max_abs), ("cosine", ">=", gate.cosine),
+                                                      ("psnr dB", ">=", gate.psnr),
+                                                      ("agreement %", ">=", None if gate.agreement is None
+                                                       else 100 * gate.agreement)) if v is not None) + ".",
+        "# Polygraphy compares the outputs both runs have: the debug graphs also return indices_layer{l} (exact).",
+        "set -euo pipefail",
+        'cd "$(dirname "$0")/.."',
+        "",
+    ]
+    for bucket in schedule.buckets:
+        graph = graphs[bucket.index]
+        data = f"{CHECK_DIR}/bucket{bucket.index}"
+        debug = f"onnx/{graph['debug_file']}" if graph.get("debug_file") else f"onnx/{graph['file']}"
+        load = f"--load-inputs {data}/inputs.json --load-outputs {data}/reference.json"
+        lines += [
+            f"# bucket {bucket.index}: steps {step_ranges(bucket.steps)}, k={list(bucket.k)}",
+            f"polygraphy run {debug} --onnxrt {load} {tol}",
+            f"# with TensorRT (precision comes from the graph's dtypes):",
+            f"# polygraphy run onnx/{graph['file']} --trt --strongly-typed {load} {tol}",
+            f"# trtexec, one run per step (raw inputs in the layout of polygraphy --save-input-blob; compare its "
+            f"exported 'sample' with {data}/reference/<step>/sample.bin):",
+            f"# for d in {data}/inputs/*/; do trtexec --onnx=onnx/{graph['file']} --stronglyTyped \\",
+            "#     --loadInputs=" + ",".join(f"'{name}':\"${{d}}{name}.bin\"" for name in INPUT_NAMES)
+            + " --exportOutput=\"${d%/}.trtexec.json\"; done",
+            "",
+        ]
+    lines.append(f"# engine sets checked by shiva_export: {', '.join(e.name for e in engine_sets)}")
+    path.write_text("\n".join(lines) + "\n")
+    path.chmod(0o755)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------- report
+def _fmt(value: float | None, spec: str) -> str:
+    if value is None:
+        return "inf"
+    return format(value, spec)
+
+
+def render_report(data: Mapping[str, Any]) -> str:
+    """Markdown table of a check report, from its JSON (`CheckReport.to_json()` / check.json)."""
+    cfg = data["config"]
+    lines = [f"check: {data['model']} {data['dtype']}, {data['num_steps']} steps, seed {cfg['seed']}, "
+             f"CFG scale {cfg['guidance_scale']:g}", "",
+             "| backend | scope | steps | max abs | mean abs | rel err | cosine | PSNR dB | agreement (min layer) | gate |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for b in data["buckets"]:
+        m = b["metrics"]
+        agreement = b["agreement"]
+        agree = f"{100 * min(agreement.values()):.2f}%" if agreement else f"None ({b['agreement_note']})"
+        lines.append(f"| {b['backend']} | bucket {b['bucket']} | {step_ranges_json(b['steps'])} | {m['max_abs']:.2e} | "
+                     f"{m['mean_abs']:.2e} | {m['rel_err']:.2e} | {m['cosine']:.7f} | {_fmt(m['psnr'], '.1f')} | "
+                     f"{agree} | {'pass' if b['passed'] else 'FAIL'} ({b['gate']['name']}) |")
+    for t in data["trajectories"]:
+        m = t["metrics"]
+        lines.append(f"| {t['backend']} | full loop | {t['steps']} | {m['max_abs']:.2e} | {m['mean_abs']:.2e} | "
+                     f"{m['rel_err']:.2e} | {m['cosine']:.7f} | {_fmt(m['psnr'], '.1f')} | - | "
+                     f"{'pass' if t['passed'] else 'FAIL'} ({t['gate']['name']}) |")
+    lines.append("")
+    lines.append("PASSED: every gate" if data["passed"] else "FAILED:\n" + "\n".join(f"  {f}" for f in data["failures"]))
+    return "\n".join(lines)
+
+
+def step_ranges_json(steps: Sequence[int]) -> str:
+    from shiva_export.engines.trajectory import step_ranges
+
+    return step_ranges(steps)

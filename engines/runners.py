@@ -1,0 +1,220 @@
+"""Engine sets: one Polygraphy runner per bucket of an artifact folder, for one backend, looked up by name.
+
+Check and bench never branch on the runtime: they ask an `EngineSet` for the runner of bucket i (the production
+graph's engine), for a runner that also returns the kept token indices (`indices_layer{l}`, from the debug graph)
+when the backend has one, and for the dense baseline's runner. Every runner is a Polygraphy `BaseRunner`
+(`activate` / `infer` / `deactivate`); nothing loads before `activate()`.
+
+Names:
+    * ``onnxruntime`` (alias ``ort-cpu``): the exported ONNX graphs themselves in ONNX Runtime sessions on the CPU
+      (`engines.backends.ort.SessionFromOnnxPath` + `OrtRunner`, all sessions sharing one copy of weights.bin).
+      Needs no engine build; the debug graphs give the indices.
+    * ``onnxruntime-cuda``: the same on ONNX Runtime's CUDA execution provider.
+    * ``ort``, ``trt``, ``trt-rtx``: engines built by `engines.build` into ``onnx/engines/<backend>/bK<suffix>``,
+      refused unless their metadata sidecar says they were built from the graph the manifest lists. Built from
+      ``bK.onnx`` (no index outputs), so their agreement is reported as None with the reason, unless a debug engine
+      ``bK.debug<suffix>`` exists beside them.
+"""
+
+from __future__ import annotations
+
+__all__ = ["ENGINE_SET_NAMES", "BuiltEngines", "EngineSet", "OnnxGraphs", "get_engine_set"]
+
+import abc
+import logging
+from pathlib import Path
+from typing import Any
+
+from shiva_export.errors import ArtifactError, ConfigError
+
+logger = logging.getLogger(__name__)
+
+ONNX_DIR = "onnx"
+_ALIASES = {"ort-cpu": "onnxruntime"}
+ENGINE_SET_NAMES = ("onnxruntime", "onnxruntime-cuda", "ort", "trt", "trt-rtx")
+
+
+class EngineSet(abc.ABC):
+    """The engines of one artifact folder on one backend."""
+
+    name: str
+    device: str = "cpu"   # "cpu" or "cuda": where the runners compute (bench picks its clock from it)
+
+    def __init__(self, ws):
+        self.ws = ws
+        self.graphs = {int(g["bucket"]): g for g in ws.bucket_graphs()}   # verified against the manifest
+
+    @abc.abstractmethod
+    def runner(self, bucket: int):
+        """Runner of bucket `bucket`'s production engine (outputs: ``sample``)."""
+
+    def index_runner(self, bucket: int):
+        """Runner whose outputs include ``indices_layer{l}``, or None (see `index_note`)."""
+        return None
+
+    def index_note(self, bucket: int) -> str | None:
+        """Why `index_runner(bucket)` is None."""
+        return None
+
+    def dense_runner(self):
+        """Runner of the unpruned baseline (dense.onnx), or None (see `dense_note`)."""
+        return None
+
+    def dense_note(self) -> str | None:
+        return None
+
+    @abc.abstractmethod
+    def identity(self) -> dict[str, str]:
+        """Path (relative to the artifact folder) -> sha256 of every file the runners execute."""
+
+    def graph_path(self, bucket: int, debug: bool = False) -> Path:
+        if bucket not in self.graphs:
+            raise ConfigError(f"bucket {bucket} is not exported; buckets: {sorted(self.graphs)}")
+        graph = self.graphs[bucket]
+        key = "debug_file" if debug else "file"
+        if not graph.get(key):
+            raise ArtifactError(f"{self.ws.root}: bucket {bucket} has no {'debug ' if debug else ''}graph in the "
+                                "manifest; re-export")
+        return self.ws.path(f"{ONNX_DIR}/{graph[key]}")
+
+
+class OnnxGraphs(EngineSet):
+    """The exported ONNX graphs run by ONNX Runtime directly (no engine build), sharing one weights copy."""
+
+    def __init__(self, ws, provider: str = "cpu", provider_options: dict | None = None,
+                 intra_op_num_threads: int | None = None):
+        super().__init__(ws)
+        from shiva_export.engines.backends.ort import SharedWeights, _require_provider
+
+        _require_provider(provider)   # BackendUnavailableError now, not at activate()
+        self.provider, self.device = provider, provider
+        self.name = "onnxruntime" if provider == "cpu" else f"onnxruntime-{provider}"
+        self.provider_options = provider_options
+        self.threads = intra_op_num_threads
+        self.weights = SharedWeights()
+
+    def _runner(self, path: Path, name: str):
+        from shiva_export.engines.backends.ort import OrtRunner, SessionFromOnnxPath
+
+        loader = SessionFromOnnxPath(path, self.provider, self.weights, self.provider_options, self.threads)
+        return OrtRunner(loader, name=name)
+
+    def runner(self, bucket: int):
+        return self._runner(self.graph_path(bucket), f"{self.name}:b{bucket}")
+
+    def index_runner(self, bucket: int):
+        if not self.graphs.get(bucket, {}).get("debug_file"):
+            return None
+        return self._runner(self.graph_path(bucket, debug=True), f"{self.name}:b{bucket}.debug")
+
+    def index_note(self, bucket: int) -> str | None:
+        if self.graphs.get(bucket, {}).get("debug_file"):
+            return None
+        return "the export has no debug graph with index outputs (exported without debug_indices)"
+
+    def dense_runner(self):
+        dense = (self.ws.manifest.require("export").get("dense") or {}).get("file")
+        return self._runner(self.ws.path(f"{ONNX_DIR}/{dense}"), f"{self.name}:dense") if dense else None
+
+    def dense_note(self) -> str | None:
+        return None if (self.ws.manifest.require("export").get("dense") or {}).get("file") else \
+            "the export has no dense.onnx"
+
+    def identity(self) -> dict[str, str]:
+        files = self.ws.manifest.require("export")["files"]
+        return {entry["path"]: entry["sha256"] for entry in files}
+
+
+class BuiltEngines(EngineSet):
+    """Engines built by `engines.build` for a registered backend (`ort`, `trt`, `trt-rtx`)."""
+
+    def __init__(self, ws, backend_name: str, **runner_kwargs: Any):
+        super().__init__(ws)
+        from shiva_export.engines.backends.base import get_backend
+
+        self.backend = get_backend(backend_name)
+        self.backend.require_available()
+        self.name = self.backend.name
+        self.device = "cpu" if backend_name == "ort" and runner_kwargs.get("provider", "cpu") == "cpu" else "cuda"
+        self.runner_kwargs = dict(runner_kwargs)
+        if backend_name == "ort" and "weights" not in self.runner_kwargs:
+            from shiva_export.engines.backends.ort import SharedWeights
+
+            self.runner_kwargs["weights"] = SharedWeights()
+        self._verified: dict[Path, str] = {}
+
+    def _engine(self, onnx_path: Path, expected_sha: str | None, must_exist: bool = True) -> Path | None:
+        from shiva_export.engines.build import engine_path_for
+        from shiva_export.engines.metadata import verify_metadata
+
+        engine = engine_path_for(self.ws.path(ONNX_DIR), self.backend, onnx_path)
+        if not engine.is_file():
+            if must_exist:
+                raise ArtifactError(f"{engine}: no {self.backend.name} engine for {onnx_path.name}; build it with "
+                                    f"`python -m shiva_export engine --backend {self.backend.name} --out {self.ws.root}`")
+            return None
+        if engine not in self._verified:
+            expected = {"backend": self.backend.name}
+            if expected_sha:
+                expected["onnx_sha256"] = expected_sha
+            metadata = verify_metadata(engine, expected)   # StaleArtifactError if built from another graph
+            self._verified[engine] = metadata.engine_sha256
+        return engine
+
+    def runner(self, bucket: int):
+        engine = self._engine(self.graph_path(bucket), self.graphs[bucket]["sha256"])
+        return self.backend.make_runner(engine, name=f"{self.name}:b{bucket}", **self.runner_kwargs)
+
+    def _debug_engine(self, bucket: int) -> Path | None:
+        graph = self.graphs.get(bucket, {})
+        if not graph.get("debug_file"):
+            return None
+        return self._engine(self.graph_path(bucket, debug=True), graph.get("debug_sha256"), must_exist=False)
+
+    def index_runner(self, bucket: int):
+        engine = self._debug_engine(bucket)
+        return None if engine is None else self.backend.make_runner(engine, name=f"{self.name}:b{bucket}.debug",
+                                                                    **self.runner_kwargs)
+
+    def index_note(self, bucket: int) -> str | None:
+        if self._debug_engine(bucket) is not None:
+            return None
+        return (f"the {self.name} engine is built from b{bucket}.onnx, which has no index outputs; build one from "
+                f"b{bucket}.debug.onnx to measure token agreement on {self.name}")
+
+    def _dense_engine(self) -> Path | None:
+        dense = self.ws.manifest.require("export").get("dense") or {}
+        if not dense.get("file"):
+            return None
+        return self._engine(self.ws.path(f"{ONNX_DIR}/{dense['file']}"), dense.get("sha256"), must_exist=False)
+
+    def dense_runner(self):
+        engine = self._dense_engine()
+        return None if engine is None else self.backend.make_runner(engine, name=f"{self.name}:dense",
+                                                                    **self.runner_kwargs)
+
+    def dense_note(self) -> str | None:
+        return None if self._dense_engine() is not None else \
+            f"no {self.name} engine for dense.onnx (engines.build builds the bucket graphs only)"
+
+    def identity(self) -> dict[str, str]:
+        for bucket in self.graphs:
+            self._engine(self.graph_path(bucket), self.graphs[bucket]["sha256"])
+            self._debug_engine(bucket)
+        self._dense_engine()
+        files = {entry["path"]: entry["sha256"] for entry in self.ws.manifest.require("export")["files"]}
+        for engine, sha in self._verified.items():
+            files[str(engine.relative_to(self.ws.root))] = sha
+        return files
+
+
+def get_engine_set(name: str, ws, **kwargs: Any) -> EngineSet:
+    """The engine set `name` (see the module docstring) of artifact folder `ws`."""
+    name = _ALIASES.get(name, name)
+    if name == "onnxruntime":
+        return OnnxGraphs(ws, "cpu", **kwargs)
+    if name == "onnxruntime-cuda":
+        return OnnxGraphs(ws, "cuda", **kwargs)
+    if name in ("ort", "trt", "trt-rtx"):
+        return BuiltEngines(ws, name, **kwargs)
+    raise ConfigError(f"unknown backend {name!r}; expected one of {', '.join(ENGINE_SET_NAMES)} (or ort-cpu)")

@@ -27,6 +27,12 @@ def read_preset(name: str) -> dict:
     return json.loads(path.read_text())
 
 
+def shipped_router(name: str) -> str | None:
+    """The router/policy checkpoint trained by our own `train` verb and shipped for a preset, if any."""
+    folder = resources.files("shiva_export.presets") / f"{name}.router"
+    return str(folder) if (folder / "config.json").is_file() else None
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelSource:
     """Where a backbone came from, and a hash that changes when its weights or config do."""

@@ -250,3 +250,144 @@ def run_lint(ws: Workspace, force: bool = False) -> dict:
                                    "warnings": warnings, "passed": errors == 0}, inputs)
     ws.manifest.save()
     return reports
+
+
+BACKEND_ALIASES = {"onnxruntime": "ort", "ort": "ort", "tensorrt": "trt", "trt": "trt",
+                   "tensorrt-rtx": "trt-rtx", "trt-rtx": "trt-rtx"}
+ENGINE_DIR = "engines"
+
+
+def backend_name(name: str) -> str:
+    if name not in BACKEND_ALIASES:
+        raise ConfigError(f"unknown backend {name!r}; expected one of onnxruntime, tensorrt, tensorrt-rtx")
+    return BACKEND_ALIASES[name]
+
+
+def resolve_backends(requested: list[str] | None) -> list[str]:
+    """Requested backends (aliases allowed), or: ONNX Runtime always + every TensorRT flavour importable here."""
+    from shiva_export.engines.backends.base import get_backend
+
+    if requested:
+        return list(dict.fromkeys(backend_name(name) for name in requested))
+    names = ["ort"]
+    for name in ("trt", "trt-rtx"):
+        available, reason = get_backend(name).is_available()
+        if available:
+            names.append(name)
+        else:
+            log.info("%s not built: %s", name, reason)
+    return names
+
+
+def run_engines(ws: Workspace, backend: str, options=None, force: bool = False) -> list[dict]:
+    """engines/<backend>/bK.<ext> + metadata sidecars for every bucket graph; fresh engines are kept."""
+    from shiva_export.engines.backends.base import BuildOptions, get_backend
+    from shiva_export.engines.build import OnnxSource, build_engine
+    from shiva_export.engines.metadata import metadata_path
+
+    backend = backend_name(backend)
+    impl = get_backend(backend)
+    impl.require_available()
+    graphs = ws.bucket_graphs()
+    schedule_hash = ws.manifest.require("freeze")["schedule_hash"]
+    checkpoint_hash = ws.manifest.data["config"].get("router") and ws.pruned.checkpoint_hash
+    options = options or BuildOptions()
+    records, files = [], []
+    for graph in graphs:
+        source = OnnxSource(ws.path(f"{ONNX_DIR}/{graph['file']}"), onnx_sha256=graph["sha256"])
+        engine_path = ws.path(f"{ENGINE_DIR}/{backend}/b{graph['bucket']}{impl.engine_suffix}")
+        record = build_engine(impl, source, engine_path, options, schedule_hash=schedule_hash,
+                              checkpoint_hash=checkpoint_hash, force=force)
+        records.append({**record.to_json(), "engine": str(engine_path.relative_to(ws.root)),
+                        "onnx": graph["file"], "bucket": graph["bucket"]})
+        files += [ws.manifest.file_record(engine_path), ws.manifest.file_record(metadata_path(engine_path))]
+    stage = ws.manifest.stage("engine") or {"engines": {}, "files": []}
+    stage["engines"][backend] = records
+    keep = [f for f in stage.get("files", []) if not f["path"].startswith(f"{ENGINE_DIR}/{backend}/")]
+    stage["files"] = keep + files
+    ws.manifest.set_stage("engine", stage, inputs_hash=None)
+    ws.manifest.save()
+    return records
+
+
+@dataclasses.dataclass
+class BuildResult:
+    """What one `build` did; its truth value is "every check passed"."""
+
+    ran: list[str] = dataclasses.field(default_factory=list)
+    reused: list[str] = dataclasses.field(default_factory=list)
+    engines: dict[str, list[dict]] = dataclasses.field(default_factory=dict)
+    lint_passed: bool = True
+    check: object = None
+    bench: object = None
+    not_run: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return self.lint_passed and (self.check is None or bool(self.check))
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+
+def build(ws: Workspace, backends: list[str], runs: int = 5, force: bool = False, progress=True) -> BuildResult:
+    """freeze -> export -> lint -> engines -> check -> bench -> report, each reused when its inputs are unchanged."""
+    from tqdm import tqdm
+
+    result = BuildResult()
+
+    def note(stage: str, ran: bool) -> None:
+        (result.ran if ran else result.reused).append(stage)
+
+    note("freeze", run_freeze(ws, force=force))
+    schedule = ws.schedule()
+    with tqdm(total=len(schedule.buckets) + 1, desc="export", unit="graph", disable=not progress or None) as bar:
+        note("export", run_export(ws, force=force, progress=bar))
+    reports = run_lint(ws, force=force)
+    result.lint_passed = all(r["errors"] == 0 for r in reports.values())
+    runnable = []
+    for backend in backends:
+        records = run_engines(ws, backend, force=force)
+        result.engines[backend] = records
+        note(f"engine:{backend}", any(r["status"] == "built" for r in records))
+        if runnable_here(backend):
+            runnable.append(backend)
+        else:
+            result.not_run.append(f"{backend}: engines built, not run ({runnable_reason(backend)})")
+    from shiva_export.engines.compare import run_check
+
+    previous = (ws.manifest.stage("check") or {}).get("finished")
+    result.check = run_check(ws, backends=runnable, force=force)
+    note("check", (ws.manifest.stage("check") or {}).get("finished") != previous)
+    from shiva_export.engines.bench import run_bench
+
+    previous = (ws.manifest.stage("bench") or {}).get("finished")
+    result.bench = run_bench(ws, runs=runs, force=force)
+    note("bench", (ws.manifest.stage("bench") or {}).get("finished") != previous)
+    from shiva_export.report import write_report
+
+    previous = (ws.manifest.stage("report") or {}).get("finished")
+    write_report(ws, force=force)
+    note("report", (ws.manifest.stage("report") or {}).get("finished") != previous)
+    return result
+
+
+def runnable_here(backend: str) -> bool:
+    return runnable_reason(backend) is None
+
+
+def runnable_reason(backend: str) -> str | None:
+    """None if engines of this backend can run on this machine, else why not."""
+    if backend == "ort":
+        return None
+    from shiva_export.engines.backends.base import current_device
+
+    device = current_device()
+    if device.compute_capability is None:
+        return "no CUDA GPU here"
+    if backend == "trt-rtx":
+        from shiva_export.engines.backends.trt_rtx import DEFAULT_TARGETS
+
+        if device.capability_str not in DEFAULT_TARGETS:
+            return f"TensorRT-RTX does not run on {device.name}, compute capability {device.capability_str}"
+    return None

@@ -40,7 +40,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from shiva_export.errors import ArtifactError, ConfigError, InputError, StaleArtifactError
 from shiva_export.export import INPUT_NAMES, OUTPUT_NAME, ExportConfig, torch_dtype
 from shiva_export.models import VAE_SCALE_FACTOR
-from shiva_export.pipeline import Workspace, recorded_transformer_config
+from shiva_export.pipeline import ONNX_DIR, Workspace, recorded_transformer_config
 
 logger = logging.getLogger(__name__)
 
@@ -232,7 +232,8 @@ class ShivaEngineTransformer(_BucketedTransformer):
             backend: "onnxruntime" (the exported ONNX graphs), "tensorrt" or "tensorrt-rtx" (built plans).
             providers: ONNX Runtime only: ["CPUExecutionProvider"] (default) or ["CUDAExecutionProvider", ...];
                 short names "cpu"/"cuda" work too. Only CPU may follow the first provider.
-            engine_dir: TensorRT only: folder of the plans `b{i}.plan`; defaults to `<folder>/engines/<backend>`.
+            engine_dir: TensorRT only: folder of the plans `b{i}.plan` and their `.meta.json` sidecars; defaults to
+                `<folder>/onnx/engines/<backend>`.
 
         Raises:
             ArtifactError: no manifest, a stage missing, or a listed file missing.
@@ -354,7 +355,7 @@ def _ort_runners(ws: Workspace, graphs: list[dict], providers) -> tuple[RunnerFa
 
     provider = _ort_provider(providers)
     weights = SharedWeights()  # every bucket session reads one memory-mapped copy of weights.bin
-    paths = {g["bucket"]: ws.path(f"onnx/{g['file']}") for g in graphs}
+    paths = {g["bucket"]: ws.path(f"{ONNX_DIR}/{g['file']}") for g in graphs}
 
     def make_runner(bucket: int) -> OrtRunner:
         return OrtRunner(SessionFromOnnxPath(paths[bucket], provider, weights), name=f"ort-{provider}:b{bucket}")
@@ -369,7 +370,8 @@ def _tensorrt_runners(ws: Workspace, name: str, graphs: list[dict], schedule,
 
     backend = get_backend(name)
     backend.require_available()
-    folder = Path(engine_dir) if engine_dir is not None else ws.root / "engines" / name
+    # Beside the graphs, as the backends lay engines out: <graphs>/engines/<backend>/bK<suffix> (engines/metadata.py).
+    folder = Path(engine_dir) if engine_dir is not None else ws.path(ONNX_DIR) / "engines" / name
     plans = {}
     for graph in graphs:
         plan = folder / f"b{graph['bucket']}{backend.engine_suffix}"

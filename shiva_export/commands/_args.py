@@ -36,8 +36,14 @@ def add_artifact_args(parser: argparse.ArgumentParser) -> None:
     add_out_arg(parser)
 
 
-def artifact_config(args: argparse.Namespace) -> ArtifactConfig:
-    return ArtifactConfig(model=args.model, router=args.router, steps=args.steps, shift=args.shift,
+def artifact_config(args: argparse.Namespace, default_router: bool = False) -> ArtifactConfig:
+    """default_router: without --router, use the checkpoint shipped for a preset (if the package has one)."""
+    router = args.router
+    if router is None and default_router:
+        from shiva_export.models import shipped_router
+
+        router = shipped_router(args.model)
+    return ArtifactConfig(model=args.model, router=router, steps=args.steps, shift=args.shift,
                           buckets=args.buckets, align=args.align, k_min=args.k_min, height=args.height,
                           width=args.width, batch=args.batch, context_tokens=args.context_tokens, dtype=args.dtype,
                           opset=args.opset, target_keep=args.target_keep)

@@ -74,7 +74,9 @@ def find_bucket_graphs(export_dir: str | Path) -> list[Path]:
         (p for p in export_dir.iterdir() if _BUCKET.match(p.name)), key=lambda p: int(_BUCKET.match(p.name)[1])
     )
     if not graphs:
-        raise ArtifactError(f"{export_dir}: no bucket graphs (b0.onnx, b1.onnx, ...); run `python -m shiva_export export`.")
+        raise ArtifactError(
+            f"{export_dir}: no bucket graphs (b0.onnx, b1.onnx, ...); run `python -m shiva_export export`."
+        )
     return graphs
 
 

@@ -13,9 +13,10 @@ Gates (per export precision; `GATES`, `TRAJECTORY_GATES`):
 
 * fp32 per step: max abs <= 1e-4 and 100% agreement. The same graph in fp32 differs from PyTorch only by kernel
   summation order (measured on tiny-sd35, ORT CPU: max abs ~1e-6 at |ref| ~ 2).
-* fp16 / bf16 per step: cosine and PSNR floors instead of an absolute bound (the error scales with |ref|) and
-  agreement >= 99.9% (a near-tie in router scores may flip one token in a thousand; more means the router saw
-  different activations). See `GATES` for the floors and the measurements behind them.
+* fp16 / bf16 per step: cosine and PSNR floors instead of an absolute bound (the error scales with |ref|, and one
+  near-tie token flip moves that token's output far more than rounding does) and agreement >= 99.9% (a near-tie
+  in router scores may flip a token; many flips mean the router saw different activations), relaxed to one token
+  per row and step for small k. See `GATES` for the floors and the measurements behind them.
 * full trajectory: the loop feeds each step's engine output back through CFG (x guidance scale) and the Euler
   update, so differences grow with the step count; its gate is looser than the per-step one.
 """
@@ -105,16 +106,17 @@ def compare_outputs(reference: np.ndarray, got: np.ndarray) -> Metrics:
 
 
 def index_agreement(reference: Iterable[np.ndarray], got: Iterable[np.ndarray]) -> float:
-    """Share of the reference's kept token indices that the engine kept too, over steps and batch rows.
+    """Share of identical kept token indices over steps and batch rows: |ref & got| / max(|ref|, |got|) per row.
 
-    Compared as sets per row (the graphs return indices in ascending token order, but order is not the claim).
+    Compared as sets (the graphs return indices in ascending token order, but order is not the claim); dividing by
+    the larger set also counts tokens an engine keeps that the reference dropped (e.g. a graph of another bucket).
     """
     shared = total = 0
     for ref, out in zip(reference, got):
         ref, out = np.asarray(ref), np.asarray(out)
         for ref_row, out_row in zip(ref.reshape(ref.shape[0], -1), out.reshape(out.shape[0], -1)):
-            shared += len(np.intersect1d(ref_row, out_row, assume_unique=True))
-            total += ref_row.size
+            shared += len(np.intersect1d(ref_row, out_row))
+            total += max(ref_row.size, out_row.size)
     return shared / total if total else 1.0
 
 
@@ -131,11 +133,21 @@ class Gate:
     cosine: float | None = None
     psnr: float | None = None
     agreement: float | None = None
+    agreement_tokens: int = 0     # flipped tokens per row and step always tolerated (a near-tie flip costs 1/k)
     atol: float = 1e-4
     rtol: float = 0.0
 
+    def agreement_floor(self, k: int | None) -> float | None:
+        """The agreement a layer with k kept tokens must reach: `agreement`, relaxed to 1 - agreement_tokens / k
+        where k is so small that one near-tie flip per step already costs more than the percentage allows."""
+        if self.agreement is None:
+            return None
+        if not k or not self.agreement_tokens:
+            return self.agreement
+        return min(self.agreement, 1.0 - self.agreement_tokens / k)
+
     def failures(self, where: str, metrics: Metrics, agreement: Mapping[int, float] | None = None,
-                 backend: str = "") -> tuple[str, ...]:
+                 backend: str = "", k: Sequence[int] | None = None) -> tuple[str, ...]:
         """Failure messages naming `where` (e.g. "bucket 1"), the metric, its value, the bound and the backend:
         "bucket 1: max_abs 3.2e-02 > 1.0e-04 (fp32 gate, onnxruntime)"."""
         tag = f"({self.name} gate{', ' + backend if backend else ''})"
@@ -148,27 +160,37 @@ class Gate:
             found.append(f"{where}: psnr {metrics.psnr:.1f} dB < {self.psnr:g} dB {tag}")
         if self.agreement is not None and agreement:
             for layer, share in sorted(agreement.items()):
-                if not share >= self.agreement:
-                    found.append(f"{where}: agreement layer {layer} {100 * share:.2f}% < {100 * self.agreement:g}% {tag}")
+                floor = self.agreement_floor(k[layer] if k is not None else None)
+                if not share >= floor:
+                    found.append(f"{where}: agreement layer {layer} {100 * share:.2f}% < {100 * floor:.4g}% {tag}")
         return tuple(found)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
 
 
-# Per-step gates. fp16/bf16 floors: measured on tiny-sd35 (random weights, 256 px, CFG batch 2) with ORT CPU against
-# the PyTorch model in the same dtype; the floors leave an order of magnitude of headroom in MSE (10 dB) below what
-# a correct engine achieves, while a wrong bucket, a perturbed weight or a flipped selection lands far below them.
+# Per-step gates. Measured on tiny-sd35 (random weights, 256 px, CFG batch 2, 6 steps, buckets k=224/160) with ORT 1.32
+# CPU against the PyTorch model in the same dtype:
+#   fp32 correct engine: max abs 2e-6 (|ref| ~2), cosine 1.0000000, PSNR ~134 dB, agreement 100%.
+#   fp16 correct engine: worst step cosine 0.999991, PSNR 58.8 dB (69.8 dB in the bucket without a flipped token),
+#        one near-tie token flip in 640 row-steps of k=160 (agreement 99.84%); whole loop cosine 0.999997, 64.3 dB.
+#   wrong bucket graph (fp32, b0/b1 swapped): cosine 0.9989-0.9991, PSNR 37.6-38.7 dB, agreement 69-71%;
+#        whole loop cosine 0.9977, 35.7 dB.
+# fp16 floors (cosine 0.9999, PSNR 45 dB) sit ~14 dB of MSE below a correct engine and ~6 dB above a wrong bucket
+# (on this random-weight model pruning changes outputs little; agreement is the sharper discriminator there).
+# Agreement 99.9%, relaxed to one flipped token per row and step where k < 1000 (one flip is then > 0.1%).
+# bf16 has 3 fewer mantissa bits than fp16 (8x the rounding error, -18 dB): floors lowered accordingly. Provisional:
+# not measured (ORT CPU lacks bf16 kernels, and the bf16 export currently fails lint: Einsum has no bf16 schema).
 GATES: dict[str, Gate] = {
     "fp32": Gate("fp32", max_abs=1e-4, agreement=1.0, atol=1e-4, rtol=0.0),
-    "fp16": Gate("fp16", cosine=0.999, psnr=40.0, agreement=0.999, atol=2e-2, rtol=2e-2),
-    "bf16": Gate("bf16", cosine=0.995, psnr=30.0, agreement=0.999, atol=1e-1, rtol=5e-2),
+    "fp16": Gate("fp16", cosine=0.9999, psnr=45.0, agreement=0.999, agreement_tokens=1, atol=2e-2, rtol=2e-2),
+    "bf16": Gate("bf16", cosine=0.999, psnr=30.0, agreement=0.999, agreement_tokens=1, atol=1e-1, rtol=5e-2),
 }
-# Whole-loop gates on the final latents (errors are amplified by guidance and fed back for n steps).
+# Whole-loop gates on the final latents (differences are amplified by guidance and fed back for n steps).
 TRAJECTORY_GATES: dict[str, Gate] = {
     "fp32": Gate("fp32 trajectory", max_abs=1e-3, cosine=0.99999, atol=1e-3, rtol=0.0),
-    "fp16": Gate("fp16 trajectory", cosine=0.995, psnr=30.0, atol=1e-1, rtol=5e-2),
-    "bf16": Gate("bf16 trajectory", cosine=0.98, psnr=20.0, atol=3e-1, rtol=1e-1),
+    "fp16": Gate("fp16 trajectory", cosine=0.999, psnr=40.0, atol=1e-1, rtol=5e-2),
+    "bf16": Gate("bf16 trajectory", cosine=0.995, psnr=25.0, atol=3e-1, rtol=1e-1),
 }
 
 
@@ -330,7 +352,7 @@ def check_bucket(engines, bucket, records, gate: Gate, save_dir: Path | None = N
                                             [o[f"{INDEX_PREFIX}{l}"] for o in index_outputs]) for l in layers}
             note = None
     where = f"bucket {bucket.index}"
-    failures = gate.failures(where, metrics, agreement, engines.name)
+    failures = gate.failures(where, metrics, agreement, engines.name, k=bucket.k)
     if agreement is None and gate.agreement is not None:
         logger.warning("%s: token agreement not measured: %s", where, note)
     return BucketResult(backend=engines.name, bucket=bucket.index, steps=tuple(r.step for r in records),
@@ -365,25 +387,6 @@ def check_full_trajectory(engines, ws, trajectory, gate: Gate) -> TrajectoryResu
                             failures=gate.failures(where, metrics, backend=engines.name))
 
 
-def _versions() -> dict[str, str]:
-    import diffusers
-    import onnx
-    import polygraphy
-    import torch
-
-    import shiva_export
-
-    versions = {"shiva_export": shiva_export.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
-                "onnx": onnx.__version__, "polygraphy": polygraphy.__version__, "numpy": np.__version__}
-    try:
-        import onnxruntime
-
-        versions["onnxruntime"] = onnxruntime.__version__
-    except ImportError:
-        pass
-    return versions
-
-
 def run_check(ws, backends: Sequence[Any] = ("onnxruntime",), config: CheckConfig = CheckConfig(),
               force: bool = False) -> CheckReport:
     """Check every bucket engine of `ws` (and the whole loop) against the PyTorch static-mode model.
@@ -399,7 +402,7 @@ def run_check(ws, backends: Sequence[Any] = ("onnxruntime",), config: CheckConfi
     and ``check/repro.sh`` atomically, then records the ``check`` stage in the manifest. Returns the report; its
     truth value is whether every gate passed.
     """
-    from shiva_export.engines.runners import get_engine_set
+    from shiva_export.engines.runners import get_engine_set, library_versions
     from shiva_export.engines.trajectory import capture_trajectory, export_config, save_bucket_data
     from shiva_export.io import atomic_directory, sha256_json, write_json
     from shiva_export.pipeline import model_identity
@@ -413,7 +416,7 @@ def run_check(ws, backends: Sequence[Any] = ("onnxruntime",), config: CheckConfi
     if len(set(names)) != len(names):
         raise ConfigError(f"backend given twice: {names}")
     gate, trajectory_gate = _gate(GATES, cfg.dtype), _gate(TRAJECTORY_GATES, cfg.dtype)
-    versions = _versions()
+    versions = library_versions()
     inputs = sha256_json({"engines": {e.name: e.identity() for e in engine_sets}, "config": config.to_json(),
                           "schedule": schedule.schedule_hash, "gates": [gate.to_json(), trajectory_gate.to_json()],
                           "versions": versions, **model_identity(ws)})

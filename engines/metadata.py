@@ -111,7 +111,8 @@ def onnx_facts(onnx_path: str | Path, hash_cache: MutableMapping[Path, str] | No
         precision = bytes_by_dtype.most_common(1)[0][0]
     else:  # no float weights: fall back to the first float input's dtype
         float_inputs = [v["dtype"] for v in inputs.values() if "float" in v["dtype"]]
-        precision = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(next(iter(float_inputs), ""), "unknown")
+        first = next(iter(float_inputs), "")
+        precision = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(first, "unknown")
     return OnnxFacts(
         onnx_sha256=digest(onnx_path), weights_sha256=weights, precision=precision, inputs=inputs, outputs=outputs
     )

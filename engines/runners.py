@@ -18,9 +18,10 @@ Names:
 
 from __future__ import annotations
 
-__all__ = ["ENGINE_SET_NAMES", "BuiltEngines", "EngineSet", "OnnxGraphs", "get_engine_set"]
+__all__ = ["ENGINE_SET_NAMES", "BuiltEngines", "EngineSet", "OnnxGraphs", "get_engine_set", "library_versions"]
 
 import abc
+import importlib.metadata
 import logging
 from pathlib import Path
 from typing import Any
@@ -218,3 +219,19 @@ def get_engine_set(name: str, ws, **kwargs: Any) -> EngineSet:
     if name in ("ort", "trt", "trt-rtx"):
         return BuiltEngines(ws, name, **kwargs)
     raise ConfigError(f"unknown backend {name!r}; expected one of {', '.join(ENGINE_SET_NAMES)} (or ort-cpu)")
+
+
+_DISTRIBUTIONS = ("shiva_export", "torch", "onnxruntime", "onnxruntime-gpu", "onnx", "onnxscript", "polygraphy",
+                  "diffusers", "numpy", "tensorrt", "tensorrt-rtx", "tensorrt-rtx-cu13")
+
+
+def library_versions() -> dict[str, str]:
+    """Installed versions of the libraries whose numbers check and bench report (read from package metadata, so
+    no optional runtime is imported here)."""
+    versions = {}
+    for name in _DISTRIBUTIONS:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions

@@ -233,8 +233,228 @@ def _is_range_like(value: ir.Value | None, depth: int = 0) -> bool:
     return False
 
 
+# Ascending compaction (shiva_export.topk.ascending_compaction) reorders TopK's picks without a
+# sort: mask = ScatterElements(zeros, topk, ones) has exactly k ones per row; destination =
+# Where(mask, CumSum(mask) - 1, k + CumSum(1 - mask) - 1) sends the kept tokens to slots 0..k-1
+# and the dropped ones to k..N-1, so it is a permutation of 0..N-1 along the row; and
+# ScatterElements(any, destination, arange) writes every slot once with distinct values, so its
+# output is again unique per row. The helpers below prove exactly that construction (constants,
+# axes, shapes and the k of the mask), not merely the op types.
+
+
+def _static_shape(value: ir.Value | None) -> tuple[int, ...] | None:
+    if value is None or value.shape is None or not all(isinstance(d, int) for d in value.shape):
+        return None
+    return tuple(value.shape)
+
+
+def _uniform_const(value: ir.Value | None, depth: int = 0) -> int | float | None:
+    """The single value of a tensor whose elements are all equal and known at build time: a
+    constant, or Expand/ConstantOfShape/Cast/CastLike/reshapes of one (torch's zeros, ones_like)."""
+    if value is None or depth > 8:
+        return None
+    array = _const_array(value)
+    if array is not None:
+        return _uniform_array_value(array)
+    producer = value.producer()
+    if _is_onnx(producer, "ConstantOfShape"):
+        fill = producer.attributes.get_tensor("value")
+        return 0 if fill is None else _uniform_array_value(fill.numpy())
+    if _is_onnx(producer, "Expand", "Identity", "Reshape", "Unsqueeze", "Squeeze", "Flatten"):
+        return _uniform_const(producer.inputs[0], depth + 1)
+    if _is_onnx(producer, "Cast", "CastLike"):
+        inner = _uniform_const(producer.inputs[0], depth + 1)
+        if inner is None or value.dtype is None:
+            return None
+        try:
+            cast = np.asarray(inner).astype(value.dtype.numpy())
+        except (TypeError, ValueError, OverflowError):
+            return None
+        return cast.item() if cast == inner else None  # only casts that keep the value
+    return None
+
+
+def _uniform_array_value(array: np.ndarray) -> int | float | None:
+    if array.size == 0 or not np.all(array == array.flat[0]):
+        return None
+    return array.flat[0].item()
+
+
+def _uniform_int(value: ir.Value | None) -> int | None:
+    constant = _uniform_const(value)
+    if constant is None or not float(constant).is_integer():
+        return None
+    return int(constant)
+
+
+def _strip_casts(value: ir.Value | None) -> ir.Value | None:
+    """The value under Cast/CastLike; only used on 0/1 masks, which every cast preserves."""
+    for _ in range(8):
+        producer = None if value is None else value.producer()
+        if not _is_onnx(producer, "Cast", "CastLike"):
+            break
+        value = producer.inputs[0]
+    return value
+
+
+def _row_axis(node: ir.Node, rank: int) -> int | None:
+    """The node's `axis` attribute, normalised; None unless it is the last (row) axis."""
+    axis = node.attributes.get_int("axis", 0) % rank
+    return axis if axis == rank - 1 else None
+
+
+def _mask_row_count(mask: ir.Value, axis: int, depth: int) -> int | None:
+    """k, when `mask` is ScatterElements(zeros, unique [.., k] indices, ones) along `axis`:
+    a 0/1 mask with exactly k ones in every row."""
+    producer = mask.producer()
+    if not _is_onnx(producer, "ScatterElements") or len(producer.inputs) < 3:
+        return None
+    if producer.attributes.get_string("reduction", "none") != "none":
+        return None
+    data, indices, updates = producer.inputs[:3]
+    data_shape, index_shape = _static_shape(data), _static_shape(indices)
+    if data_shape is None or index_shape is None or len(data_shape) != len(index_shape):
+        return None
+    if _row_axis(producer, len(data_shape)) != axis:
+        return None
+    # Every row gets k writes (no row is left out by a smaller index shape).
+    if any(i != d for j, (i, d) in enumerate(zip(index_shape, data_shape)) if j != axis):
+        return None
+    if index_shape[axis] > data_shape[axis]:
+        return None
+    if _uniform_const(data) != 0 or _uniform_const(updates) != 1:
+        return None
+    if not _has_unique_values(indices, depth + 1):
+        return None
+    return index_shape[axis]
+
+
+def _cumsum_slots(value: ir.Value, axis: int) -> tuple[ir.Value, bool, int] | None:
+    """(mask, complemented, first) for `value` = CumSum(mask or 1 - mask, axis) + constants:
+    over the positions where the summed 0/1 term is 1, the values run first, first+1, ..."""
+    offset = 0
+    for _ in range(16):
+        producer = value.producer()
+        if _is_onnx(producer, "CumSum"):
+            break
+        if _is_onnx(producer, "Add"):
+            a, b = producer.inputs[:2]
+            ca, cb = _uniform_int(a), _uniform_int(b)
+            if (ca is None) == (cb is None):
+                return None
+            offset, value = (offset + cb, a) if cb is not None else (offset + ca, b)
+        elif _is_onnx(producer, "Sub"):
+            a, b = producer.inputs[:2]
+            cb = _uniform_int(b)
+            if cb is None or _uniform_int(a) is not None:
+                return None
+            offset, value = offset - cb, a
+        elif _is_onnx(producer, "Cast"):
+            # integer -> integer casts commute with the additions (modular arithmetic)
+            source = producer.inputs[0]
+            if source is None or source.dtype not in _INTEGER_TYPES:
+                return None
+            if value.dtype not in _INTEGER_TYPES:
+                return None
+            value = source
+        else:
+            return None
+    else:
+        return None
+    summed, cum_axis = producer.inputs[:2]
+    rank = len(value.shape) if value.shape is not None else 0
+    cum_axis_value = _uniform_int(cum_axis)
+    if rank == 0 or cum_axis_value is None or cum_axis_value % rank != axis:
+        return None
+    first = offset + (0 if producer.attributes.get_int("exclusive", 0) else 1)
+    term = _strip_casts(summed)
+    complement = None if term is None else term.producer()
+    if (_is_onnx(complement, "Sub") and _uniform_int(complement.inputs[0]) == 1
+            and _uniform_int(complement.inputs[1]) is None):
+        return _strip_casts(complement.inputs[1]), True, first
+    return term, False, first
+
+
+def _is_row_permutation(value: ir.Value | None, axis: int, depth: int) -> bool:
+    """`value` = Where(mask, CumSum(mask) - 1, k + CumSum(1 - mask) - 1) for a mask with k ones
+    per row (or the dropped-first mirror): each row is a permutation of 0..N-1."""
+    producer = None if value is None else value.producer()
+    if not _is_onnx(producer, "Where") or len(producer.inputs) < 3:
+        return False
+    condition, kept, dropped = producer.inputs[:3]
+    if condition is None or kept is None or dropped is None:
+        return False
+    mask = _strip_casts(condition)
+    shape = _static_shape(mask)
+    if shape is None or any(_static_shape(v) != shape for v in (condition, kept, dropped, value)):
+        return False  # no broadcasting anywhere: one slot per position
+    k = _mask_row_count(mask, axis, depth)
+    kept_slots, dropped_slots = _cumsum_slots(kept, axis), _cumsum_slots(dropped, axis)
+    if k is None or kept_slots is None or dropped_slots is None:
+        return False
+    (kept_mask, kept_negated, kept_first), (drop_mask, drop_negated, drop_first) = (
+        kept_slots, dropped_slots)
+    if kept_mask is not mask or drop_mask is not mask or kept_negated or not drop_negated:
+        return False
+    return (kept_first, drop_first) in ((0, k), (shape[axis] - k, 0))
+
+
+def _is_unique_along(value: ir.Value | None, axis: int, depth: int = 0) -> bool:
+    """Every 1-D slice along `axis` has distinct values (e.g. arange(N).expand(B, N))."""
+    shape = _static_shape(value)
+    if shape is None or not 0 <= axis < len(shape) or depth > 8:
+        return False
+    if shape[axis] == 1:
+        return True
+    constant = _const_array(value)
+    if constant is not None:
+        rows = np.sort(np.moveaxis(constant, axis, -1), axis=-1)
+        return bool(np.all(rows[..., 1:] != rows[..., :-1]))
+    producer = value.producer()
+    if _is_onnx(producer, "Range"):
+        return axis == 0 and _uniform_const(producer.inputs[2]) not in (None, 0)
+    if _is_onnx(producer, "Expand"):
+        source_shape = _static_shape(producer.inputs[0])
+        if source_shape is None:
+            return False
+        source_axis = axis - (len(shape) - len(source_shape))
+        return (source_axis >= 0 and source_shape[source_axis] == shape[axis]
+                and _is_unique_along(producer.inputs[0], source_axis, depth + 1))
+    if _is_onnx(producer, "Identity") or (
+            _is_onnx(producer, "Cast") and value.dtype in _INTEGER_TYPES
+            and producer.inputs[0].dtype in _INTEGER_TYPES):
+        return _is_unique_along(producer.inputs[0], axis, depth + 1)
+    if _is_onnx(producer, "Reshape", "Unsqueeze", "Squeeze", "Flatten"):
+        # Only moves a single non-1 dim (e.g. arange [N] -> [1, N]).
+        source_shape = _static_shape(producer.inputs[0])
+        if source_shape is None:
+            return False
+        source_dims = [i for i, d in enumerate(source_shape) if d != 1]
+        dims = [i for i, d in enumerate(shape) if d != 1]
+        if dims != [axis] or len(source_dims) != 1:
+            return False
+        return _is_unique_along(producer.inputs[0], source_dims[0], depth + 1)
+    return False
+
+
+def _is_permutation_scatter(node: ir.Node, depth: int) -> bool:
+    """ScatterElements(any, permutation along the row, values unique along the row): every
+    position is written once, with distinct values, so the output rows are unique."""
+    if node.attributes.get_string("reduction", "none") != "none" or len(node.inputs) < 3:
+        return False
+    data, indices, updates = node.inputs[:3]
+    shape = _static_shape(indices)
+    if shape is None or _static_shape(data) != shape or _static_shape(updates) != shape:
+        return False
+    axis = _row_axis(node, len(shape))
+    return (axis is not None and _is_row_permutation(indices, axis, depth)
+            and _is_unique_along(updates, axis))
+
+
 def _has_unique_values(value: ir.Value | None, depth: int = 0) -> bool:
-    """True when the index values provably never repeat (within a row): see module doc."""
+    """True when the index values provably never repeat (within a row): TopK indices, peeled
+    TopK concats, the ascending-compaction permutation (see above), through index-preserving
+    ops and per-row offsets."""
     if value is None or depth > 64:
         return False
     constant = _const_array(value)
@@ -261,7 +481,17 @@ def _has_unique_values(value: ir.Value | None, depth: int = 0) -> bool:
             _has_unique_values(indices, depth + 1))
         return picks_distinct and _has_unique_values(data, depth + 1)
     if op == "Concat":
+        # Stacking rows (any axis but the row axis) keeps each row as it was, e.g. the CFG
+        # halves sharing one selection: torch.cat([half, half], dim=0).
+        rank = len(value.shape) if value.shape is not None else 0
+        if rank > 1 and producer.attributes.get_int("axis", 0) % rank != rank - 1:
+            return all(_has_unique_values(v, depth + 1) for v in producer.inputs)
         return _is_peeled_topk_concat(producer)
+    if op == "ScatterElements":
+        return _is_permutation_scatter(producer, depth + 1)
+    if op == "Where":
+        rank = len(value.shape) if value.shape is not None else 0
+        return rank > 0 and _is_row_permutation(value, rank - 1, depth + 1)
     return False
 
 
@@ -350,7 +580,8 @@ def _check_scatter(node: ir.Node) -> Iterable[Finding]:
         yield Finding(
             Rule.SCATTER_DUPLICATE_INDICES, Severity.WARNING, _label(node),
             f"{node.op_type} indices '{index.name if index is not None else ''}' are not "
-            "provably unique (they do not come from TopK through index-preserving ops); "
+            "provably unique (they come neither from TopK nor from the TopK-mask permutation "
+            "scatter of ascending_compaction through index-preserving ops); "
             "duplicate indices are undefined behaviour in TensorRT's IScatterLayer. Derive "
             "them from TopK indices (plus per-batch offsets) so each row is written once.",
         )

@@ -50,6 +50,10 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--loop-runs", type=int, default=3)
+    parser.add_argument("--router-dtype", choices=["fp32", "model"], default="fp32",
+                        help="fp32 routers (default) or routers in the backbone's fp16")
+    parser.add_argument("--compile", default="", help="comma list of configs also run as torch.compile + CUDA graph, "
+                        "e.g. dense,keep1,keep0.6,keep0.4 (each compiles for a minute or more)")
     parser.add_argument("--onnx-dir", default="/tmp/shiva_gpu_onnx")
     parser.add_argument("--out", required=True, help="folder for <phase>.json and <phase>.md")
     return parser.parse_args(argv)
@@ -160,7 +164,7 @@ def flops_of(pruned, args, num_tokens, k):
 def torch_module(pruned, k):
     if k is None:
         return lambda **feed: pruned.transformer(**feed, return_dict=False)[0]
-    bucket = StaticBucket(pruned.transformer, k)
+    bucket = StaticBucket(pruned.transformer, k, inplace_scatter=True)
     return lambda **feed: bucket(**feed)
 
 
@@ -196,6 +200,8 @@ def run_torch_phase(pruned, args, num_tokens, configs, schedule, facts):
                 row["cudagraph"] = summarize(timer.time(replay, args.warmup, args.runs))
             else:
                 runners[name] = lambda fn=fn: fn(**feed)
+            if name in args.compile.split(","):
+                row["compile"] = compiled_row(fn, feed, timer, args)
             rows[name] = row
             print(f"{name:>10}: eager {row['eager']['mean_ms']:.2f} ms"
                   + (f", cudagraph {row['cudagraph']['mean_ms']:.2f} ms" if "cudagraph" in row else ""), flush=True)
@@ -210,6 +216,23 @@ def run_torch_phase(pruned, args, num_tokens, configs, schedule, facts):
     return {"per_step": rows, "loop": loop, "numerics": numerics}
 
 
+def compiled_row(fn, feed, timer, args) -> dict:
+    """torch.compile (inductor, default mode) of the same static forward, then captured in a CUDA graph."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    t0 = time.perf_counter()
+    try:
+        compiled = torch.compile(fn, fullgraph=False, dynamic=False)
+        compiled(**feed)
+        replay, _ = capture_graph(compiled, feed) if torch.cuda.is_available() else (lambda: compiled(**feed), None)
+    except Exception as err:  # recorded, not hidden: the row says why there is no number
+        return {"error": f"{type(err).__name__}: {str(err)[:300]}"}
+    summary = summarize(timer.time(replay, args.warmup, args.runs))
+    summary["compile_seconds"] = time.perf_counter() - t0
+    return summary
+
+
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double().flatten(), b.double().flatten()
     return float((a @ b) / (a.norm() * b.norm()).clamp_min(1e-30))
@@ -219,6 +242,7 @@ def torch_numerics(pruned, configs, feed, device):
     """fp16 static model vs the fp32 static-mode reference: cosine, max abs, selection agreement per bucket."""
     out = {}
     half_dtype = pruned.transformer.dtype
+    router_fp32 = next(pruned.routers.parameters()).dtype == torch.float32
     for name, k in configs.items():
         if k is None or not name.startswith("sched_"):
             continue
@@ -230,7 +254,7 @@ def torch_numerics(pruned, configs, feed, device):
         with static_k(pruned.transformer, k, record=True) as state:
             ref = pruned.transformer(**feed32, return_dict=False)[0]
             ref_idx = {l: v.clone() for l, v in state.indices.items()}
-        pruned.to_dtype(half_dtype)
+        pruned.to_dtype(half_dtype, router_fp32=router_fp32)
         agreement = {l: selection_agreement(low_idx[l], ref_idx[l]) for l in ref_idx}
         out[name] = {"cosine": cosine(low, ref), "max_abs": float((low - ref).abs().max()),
                      "agreement_min": min(agreement.values()), "agreement_mean": statistics.fmean(agreement.values())}
@@ -333,7 +357,8 @@ def render_markdown(result: dict) -> str:
              "Device: " + ", ".join(f"{k} {v}" for k, v in facts.items()), "",
              f"Command: `{result['command']}`", ""]
     rows = result["per_step"]
-    backends = [b for b in ("eager", "cudagraph", "ort") if b in rows["dense"]]
+    backends = [b for b in ("eager", "cudagraph", "compile", "ort")
+                if b in rows["dense"] and "mean_ms" in rows["dense"][b]]
     header = "| config | mean keep | FLOP-bound speedup | " + " | ".join(
         f"{b} mean ms | {b} P50 | {b} P95 | {b} speedup" for b in backends) + " |"
     lines += ["## Per transformer step", "", header, "|" + "---|" * (3 + 4 * len(backends))]
@@ -342,7 +367,10 @@ def render_markdown(result: dict) -> str:
         keep = "1.0 (dense)" if row["k"] is None else f"{statistics.fmean(row['k'][1:]) / result['num_tokens']:.3f}"
         cells = [name, keep, f"{dense['flops'] / row['flops']:.2f}x"]
         for b in backends:
-            s = row[b]
+            s = row.get(b)
+            if not s or "mean_ms" not in s:
+                cells += ["-", "-", "-", (s or {}).get("error", "-")[:40]]
+                continue
             cells += [f"{s['mean_ms']:.2f}", f"{s['p50_ms']:.2f}", f"{s['p95_ms']:.2f}",
                       f"{dense[b]['mean_ms'] / s['mean_ms']:.2f}x"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -372,14 +400,14 @@ def main(argv=None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = False
     pruned = load_pruned_model(args.model, cfg_consistent=args.batch % 2 == 0, device=device)
     if device == "cuda":
-        pruned.to_dtype(torch.float16)
+        pruned.to_dtype(torch.float16, router_fp32=args.router_dtype == "fp32")
     num_tokens = num_image_tokens(pruned.config, args.height, args.width)
     configs, schedule = configurations(pruned, args, num_tokens)
     facts = device_facts()
     print(json.dumps(facts), flush=True)
     phase = run_torch_phase if args.phase == "torch" else run_ort_phase
     result = phase(pruned, args, num_tokens, configs, schedule, facts)
-    result.update(phase=args.phase, facts=facts, model=args.model, height=args.height, width=args.width,
+    result.update(phase=args.phase, router_dtype=args.router_dtype, facts=facts, model=args.model, height=args.height, width=args.width,
                   batch=args.batch, context_tokens=args.context_tokens, num_tokens=num_tokens, steps=args.steps,
                   dtype="fp16" if device == "cuda" else "fp32", command="python " + " ".join(sys.argv),
                   schedule={"buckets": [b.to_json() for b in schedule.buckets],

@@ -53,6 +53,7 @@ class PruningState:
     generator: torch.Generator | None = None
     scorer: Callable[..., torch.Tensor] | None = None   # replaces the routers (RouterBank's call signature)
     record: bool = False
+    inplace_scatter: bool = False                # static inference only: block inputs are overwritten
     indices: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
     processed_tokens: dict[int, int] = dataclasses.field(default_factory=dict)
     pi: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
@@ -85,15 +86,18 @@ class TokenPruningHook(ModelHook):
         if state.mode == "train" and state.score_noise > 0:
             noise = torch.randn(scores.shape, generator=state.generator).to(scores.device)
             scores = scores + state.score_noise * scores.detach().std() * noise
-        if state.config.cfg_consistent:
-            scores = cfg_max(scores)
-
         if state.mode == "static":
             k = state.k[self.layer]
             check_k(k, num_tokens, where=f"layer {self.layer}: ")
-            indices = hard_topk_indices(scores, k)
+            if state.config.cfg_consistent:  # select once for both halves: half the sorting work
+                half = hard_topk_indices(cfg_joint_scores(scores), k)
+                indices = torch.cat([half, half], dim=0)
+            else:
+                indices = hard_topk_indices(scores, k)
             kept, passed = gather_rows(hidden, indices), hidden
         else:
+            if state.config.cfg_consistent:
+                scores = cfg_max(scores)
             ratio = state.ratios[:, self.layer]
             check_ratio(ratio, where=f"layer {self.layer}: ")
             k = max(1, int(torch.floor(num_tokens * ratio.detach().float().mean()).item()))
@@ -107,16 +111,24 @@ class TokenPruningHook(ModelHook):
         if state.record:
             state.indices[self.layer] = indices
             state.processed_tokens[self.layer] = kept.shape[1]
-        return context_out, scatter_rows(passed, indices, kept_out)
+        # opt-in for inference engines: write the block's rows into its own input, saving a full copy per block
+        inplace = (state.inplace_scatter and state.mode == "static" and not torch.is_grad_enabled()
+                   and not torch.compiler.is_compiling() and not torch.onnx.is_in_onnx_export())
+        return context_out, scatter_rows(passed, indices, kept_out, inplace=inplace)
 
 
-def cfg_max(scores: torch.Tensor) -> torch.Tensor:
-    """s = max(s_uncond, s_cond) broadcast to both halves, so CFG halves keep the same tokens (Eq. 32)."""
+def cfg_joint_scores(scores: torch.Tensor) -> torch.Tensor:
+    """s = max(s_uncond, s_cond) per sample pair [B/2, N]: CFG halves then keep the same tokens (Eq. 32)."""
     batch = scores.shape[0]
     if batch % 2:
         raise ConfigError(f"CFG-consistent selection needs an even batch ([uncond; cond]), got batch {batch}")
     half = batch // 2
-    joint = torch.maximum(scores[:half], scores[half:])
+    return torch.maximum(scores[:half], scores[half:])
+
+
+def cfg_max(scores: torch.Tensor) -> torch.Tensor:
+    """cfg_joint_scores broadcast back to both halves."""
+    joint = cfg_joint_scores(scores)
     return torch.cat([joint, joint], dim=0)
 
 
@@ -196,11 +208,17 @@ def validate_k(state: PruningState, k_per_layer: Sequence[int], num_tokens: int 
 
 
 @contextlib.contextmanager
-def static_k(transformer, k_per_layer: Sequence[int], record: bool = False) -> Iterator[PruningState]:
-    """Run with a fixed integer k per layer: hard top-k only, no surrogate, no noise (the exported path)."""
+def static_k(transformer, k_per_layer: Sequence[int], record: bool = False, inplace_scatter: bool = False
+             ) -> Iterator[PruningState]:
+    """Run with a fixed integer k per layer: hard top-k only, no surrogate, no noise (the exported path).
+
+    inplace_scatter: under no_grad, write each block's kept rows into the block's input tensor instead of a copy
+    (faster; a forward hook that keeps a block's input sees it change).
+    """
     state = _require_state(transformer)
     k = validate_k(state, k_per_layer)
-    with _swapped(state, mode="static", k=k, record=record, indices={}, processed_tokens={}):
+    with _swapped(state, mode="static", k=k, record=record, indices={}, processed_tokens={},
+                  inplace_scatter=inplace_scatter):
         yield state
 
 

@@ -254,7 +254,6 @@ def run_lint(ws: Workspace, force: bool = False) -> dict:
 
 BACKEND_ALIASES = {"onnxruntime": "ort", "ort": "ort", "tensorrt": "trt", "trt": "trt",
                    "tensorrt-rtx": "trt-rtx", "trt-rtx": "trt-rtx"}
-ENGINE_DIR = "engines"
 
 
 def backend_name(name: str) -> str:
@@ -282,7 +281,7 @@ def resolve_backends(requested: list[str] | None) -> list[str]:
 def run_engines(ws: Workspace, backend: str, options=None, force: bool = False) -> list[dict]:
     """engines/<backend>/bK.<ext> + metadata sidecars for every bucket graph; fresh engines are kept."""
     from shiva_export.engines.backends.base import BuildOptions, get_backend
-    from shiva_export.engines.build import OnnxSource, build_engine
+    from shiva_export.engines.build import OnnxSource, build_engine, engine_path_for
     from shiva_export.engines.metadata import metadata_path
 
     backend = backend_name(backend)
@@ -295,15 +294,17 @@ def run_engines(ws: Workspace, backend: str, options=None, force: bool = False) 
     records, files = [], []
     for graph in graphs:
         source = OnnxSource(ws.path(f"{ONNX_DIR}/{graph['file']}"), onnx_sha256=graph["sha256"])
-        engine_path = ws.path(f"{ENGINE_DIR}/{backend}/b{graph['bucket']}{impl.engine_suffix}")
+        engine_path = engine_path_for(ws.path(ONNX_DIR), impl, source.path)
         record = build_engine(impl, source, engine_path, options, schedule_hash=schedule_hash,
                               checkpoint_hash=checkpoint_hash, force=force)
         records.append({**record.to_json(), "engine": str(engine_path.relative_to(ws.root)),
+                        "metadata": str(metadata_path(engine_path).relative_to(ws.root)),
                         "onnx": graph["file"], "bucket": graph["bucket"]})
         files += [ws.manifest.file_record(engine_path), ws.manifest.file_record(metadata_path(engine_path))]
     stage = ws.manifest.stage("engine") or {"engines": {}, "files": []}
     stage["engines"][backend] = records
-    keep = [f for f in stage.get("files", []) if not f["path"].startswith(f"{ENGINE_DIR}/{backend}/")]
+    prefix = str(engine_path_for(ws.path(ONNX_DIR), impl, "x").parent.relative_to(ws.root)) + "/"
+    keep = [f for f in stage.get("files", []) if not f["path"].startswith(prefix)]
     stage["files"] = keep + files
     ws.manifest.set_stage("engine", stage, inputs_hash=None)
     ws.manifest.save()

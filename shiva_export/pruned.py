@@ -27,10 +27,11 @@ class PrunedModel:
     def config(self):
         return self.transformer.config
 
-    def to_dtype(self, dtype: torch.dtype) -> "PrunedModel":
-        """Cast the backbone; routers and policy stay fp32 so tokens are ranked as in the fp32 reference."""
+    def to_dtype(self, dtype: torch.dtype, router_fp32: bool = True) -> "PrunedModel":
+        """Cast the backbone. router_fp32 keeps the routers in fp32 (tokens ranked as in the fp32 reference, at the
+        cost of an fp32 copy of the tokens and an fp32 GEMM per block); False runs them in the backbone's dtype."""
         self.transformer.to(dtype)
-        self.routers.float()
+        self.routers.to(torch.float32 if router_fp32 else dtype)
         self.policy.float()
         return self
 

@@ -6,7 +6,7 @@ are checked against the static export shapes, and the bucket's engine runs. `loa
 PyTorch pruned model behind the same interface and the same schedule (`static_k` per step), so an engine pipeline
 and a PyTorch pipeline can be compared image for image.
 
-What `StableDiffusion3Pipeline` (diffusers 0.3x) needs from its transformer, and where it is provided here:
+What `StableDiffusion3Pipeline` (diffusers 0.42) needs from its transformer, and where it is provided here:
 - `config.sample_size`, `config.patch_size` (default height/width, `check_inputs`), `config.in_channels` (latent
   shape), `config.joint_attention_dim` (zero T5 embeddings when `text_encoder_3` is None): `config`, a `FrozenDict`
   of the exported backbone's diffusers config, recorded by the export stage;
@@ -31,7 +31,7 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 from diffusers.configuration_utils import FrozenDict
@@ -40,23 +40,15 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from shiva_export.errors import ArtifactError, ConfigError, InputError, StaleArtifactError
 from shiva_export.export import INPUT_NAMES, OUTPUT_NAME, ExportConfig, torch_dtype
 from shiva_export.models import VAE_SCALE_FACTOR
-from shiva_export.pipeline import ONNX_DIR, Workspace, recorded_transformer_config
+from shiva_export.pipeline import Workspace, recorded_transformer_config
 
 logger = logging.getLogger(__name__)
 
-# User-facing backend names -> the engine backend registry names (`engines.backends.base.BACKEND_NAMES`).
-BACKEND_ALIASES = {
-    "onnxruntime": "ort",
-    "ort": "ort",
-    "tensorrt": "trt",
-    "trt": "trt",
-    "tensorrt-rtx": "trt-rtx",
-    "trt-rtx": "trt-rtx",
-}
+# The names users know -> engine set names of `engines.runners` (which also accepts its own names directly).
+BACKEND_ALIASES = {"tensorrt": "trt", "tensorrt-rtx": "trt-rtx"}
 _ORT_PROVIDERS = {"cpu": "cpu", "cpuexecutionprovider": "cpu", "cuda": "cuda", "cudaexecutionprovider": "cuda"}
-
-RunnerFactory = Callable[[int], Any]
-"""bucket index -> an inactive Polygraphy `BaseRunner` whose `infer()` takes torch tensors named `INPUT_NAMES`."""
+# TensorRT runners take CUDA tensors; ONNX Runtime takes host arrays and copies them to its device itself.
+_CUDA_FED = ("trt", "trt-rtx")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,26 +73,32 @@ class StaticInputs:
 
     def describe(self) -> str:
         lat_h, lat_w = self.shapes["hidden_states"][2:]
-        return (f"batch {self.batch}{_batch_hint(self.batch)}, {self.height}x{self.width} px (latents {lat_h}x{lat_w}), "
-                f"{self.context_tokens} context tokens, {self.precision}")
+        return (f"batch {self.batch} ({_batch_meaning(self.batch)}), {self.height}x{self.width} px (latents "
+                f"{lat_h}x{lat_w}), {self.context_tokens} context tokens, {self.precision}")
 
     def check(self, feed: dict[str, Any], subject: str) -> None:
-        """Raise one `InputError` listing every input whose shape or dtype differs, in pipeline terms."""
-        problems = []
+        """Raise one `InputError` listing every input whose batch, shape or dtype differs, in pipeline terms."""
+        problems, tensors = [], {}
         for name in INPUT_NAMES:
-            value, expected = feed.get(name), self.shapes[name]
-            if not isinstance(value, torch.Tensor):
-                problems.append(f"{name} is {type(value).__name__}; expected a tensor of shape {expected}")
-                continue
-            shape = tuple(value.shape)
-            if shape != expected:
+            value = feed.get(name)
+            if isinstance(value, torch.Tensor):
+                tensors[name] = value
+            else:
+                problems.append(f"{name} is {type(value).__name__}; expected a tensor of shape {self.shapes[name]}")
+        batches = sorted({int(value.shape[0]) for value in tensors.values() if value.dim()})
+        if any(b != self.batch for b in batches):
+            problems.append(f"batch {'/'.join(map(str, batches))}; the engine runs batch {self.batch} = "
+                            f"{_batch_meaning(self.batch)}")
+        for name, value in tensors.items():
+            shape, expected = tuple(value.shape), self.shapes[name]
+            if len(shape) != len(expected) or shape[1:] != expected[1:]:
                 problems.append(self._shape_problem(name, shape, expected))
-            wanted = torch.float32 if name == "timestep" else self.dtype
-            if name != "timestep" and value.dtype != wanted:
-                problems.append(f"{name} is {value.dtype}; expected {wanted} (precision is fixed at export): pass "
-                                f"prompt embeddings in {wanted}, the pipeline makes the latents in their dtype")
-            if name == "timestep" and (value.is_complex() or value.dtype == torch.bool):
-                problems.append(f"timestep is {value.dtype}; expected a real number per sample")
+            if name == "timestep":  # cast to fp32 by the caller, as SD3's own timestep embedding does
+                if value.is_complex() or value.dtype == torch.bool:
+                    problems.append(f"timestep is {value.dtype}; expected a real number per sample")
+            elif value.dtype != self.dtype:
+                problems.append(f"{name} is {value.dtype}; expected {self.dtype} (precision is fixed at export): pass "
+                                f"prompt embeddings in {self.dtype}, the pipeline makes the latents in their dtype")
         if problems:
             raise InputError(f"{subject}: " + "; ".join(problems) + f". The engine was exported for {self.describe()}; "
                              "re-export (`python -m shiva_export export --height/--width/--batch/--context-tokens`) "
@@ -110,21 +108,22 @@ class StaticInputs:
         problem = f"{name} has shape {shape}; expected {expected}"
         if len(shape) != len(expected):
             return problem
-        if shape[0] != expected[0]:
-            problem += f" (batch {shape[0]}, the engine runs batch {expected[0]}{_batch_hint(expected[0])})"
         if name == "hidden_states" and shape[2:] != expected[2:]:
             pixels = f"{shape[2] * VAE_SCALE_FACTOR}x{shape[3] * VAE_SCALE_FACTOR}"
-            problem += (f" (a {pixels} px image; call the pipeline with height={self.height}, width={self.width})")
+            problem += f" (a {pixels} px image; call the pipeline with height={self.height}, width={self.width})"
         if name == "encoder_hidden_states" and shape[1] != expected[1]:
-            problem += (f" ({shape[1]} text tokens; pass prompt embeddings of {expected[1]} tokens: SD3's encoders give "
-                        "77 CLIP + max_sequence_length T5 tokens)")
+            problem += (f" ({shape[1]} text tokens; pass prompt embeddings of {expected[1]} tokens: SD3's encoders "
+                        "give 77 CLIP + max_sequence_length T5 tokens)")
         return problem
 
 
-def _batch_hint(batch: int) -> str:
+def _batch_meaning(batch: int) -> str:
+    """What a transformer batch means to StableDiffusion3Pipeline (an even export batch is CFG pairs, D4)."""
     if batch % 2:
-        return f" = {batch} image(s) without guidance"
-    return f" = {batch // 2} image(s) with classifier-free guidance (guidance_scale > 1)"
+        return f"{batch} image{'s' * (batch > 1)} without guidance (guidance_scale <= 1)"
+    images = batch // 2
+    return (f"{images} image{'s' * (images > 1)} with classifier-free guidance, i.e. guidance_scale > 1 and "
+            f"prompts x num_images_per_prompt = {images}")
 
 
 def _pipeline_config(transformer_config: dict, inputs: StaticInputs) -> FrozenDict:
@@ -169,8 +168,8 @@ class _BucketedTransformer(torch.nn.Module):
             buckets = {self.schedule.bucket_for_timestep(t) for t in values}
         except ConfigError as err:
             cfg = self.schedule.freeze_config
-            raise ConfigError(f"{self.root}: {err}. With StableDiffusion3Pipeline: num_inference_steps={cfg.num_steps} "
-                              f"and FlowMatchEulerDiscreteScheduler(shift={cfg.shift:g})") from err
+            raise ConfigError(f"{self.root}: {err}. Call StableDiffusion3Pipeline with num_inference_steps="
+                              f"{cfg.num_steps} and a FlowMatchEulerDiscreteScheduler(shift={cfg.shift:g})") from err
         if len(buckets) != 1:
             raise InputError(f"{self.root}: the batch's timesteps {values} fall in buckets {sorted(buckets)}; expected "
                              "one sampler step per call (every sample at the same timestep)")
@@ -181,10 +180,9 @@ class _BucketedTransformer(torch.nn.Module):
                 block_controlnet_hidden_states: list | None = None, joint_attention_kwargs: dict | None = None,
                 return_dict: bool = True, skip_layers: list[int] | None = None):
         """`SD3Transformer2DModel.forward`'s signature; one sampler step on the bucket of `timestep`."""
-        unsupported = {name: value for name, value in (("block_controlnet_hidden_states", block_controlnet_hidden_states),
-                                                       ("skip_layers", skip_layers),
-                                                       ("joint_attention_kwargs", joint_attention_kwargs or None))
-                       if value is not None}
+        extras = {"block_controlnet_hidden_states": block_controlnet_hidden_states, "skip_layers": skip_layers,
+                  "joint_attention_kwargs": joint_attention_kwargs or None}
+        unsupported = {name: value for name, value in extras.items() if value is not None}
         if unsupported:
             raise ConfigError(f"{self.root}: {sorted(unsupported)} cannot be applied to static bucket graphs; "
                               "expected None (no ControlNet, skip-layer guidance, LoRA scale or IP-Adapter). Call the "
@@ -204,68 +202,61 @@ class _BucketedTransformer(torch.nn.Module):
 class ShivaEngineTransformer(_BucketedTransformer):
     """Drop-in `pipe.transformer` that runs an artifact folder's static bucket engines (ONNX Runtime or TensorRT).
 
-    One Polygraphy runner per bucket, created and activated on the first step that needs it; `close()` (or the
-    context manager) deactivates them. The engines' device and precision are fixed: `to(device)` does not move
-    them (inputs are copied to the engine's device and results back to the inputs' device) and `to(dtype)` with
-    another precision raises.
+    The engines come from an `engines.runners.EngineSet` (one Polygraphy runner per bucket); a bucket's runner is
+    created and activated on the first step that needs it, and `close()` (or the context manager) deactivates them.
+    The engines' device and precision are fixed: `to(device)` does not move them (inputs are copied to the engine
+    and results back to the inputs' device) and `to(dtype)` with another precision raises.
 
     Example:
         pipe.transformer = ShivaEngineTransformer.from_artifacts("shiva_artifacts")
         image = pipe(prompt, num_inference_steps=pipe.transformer.num_inference_steps).images[0]
     """
 
-    def __init__(self, root: Path, schedule, inputs: StaticInputs, transformer_config: dict,
-                 make_runner: RunnerFactory, device: torch.device, backend: str):
+    def __init__(self, root: Path, schedule, inputs: StaticInputs, transformer_config: dict, engine_set):
         super().__init__(root, schedule, inputs, transformer_config)
-        self._make_runner = make_runner
-        self._device = torch.device(device)
-        self.backend = backend
+        self.engine_set = engine_set
+        self._feed_device = torch.device("cuda" if engine_set.name in _CUDA_FED else "cpu")
         self._runners: dict[int, Any] = {}
 
     @classmethod
-    def from_artifacts(cls, folder: str | Path, backend: str = "onnxruntime", providers: Sequence[str] | None = None,
-                       engine_dir: str | Path | None = None) -> "ShivaEngineTransformer":
+    def from_artifacts(cls, folder: str | Path, backend: str = "onnxruntime",
+                       providers: Sequence[str] | None = None) -> "ShivaEngineTransformer":
         """Verify an artifact folder and prepare (not load) one engine per bucket.
 
         Args:
             folder: the folder `python -m shiva_export export --out` wrote (manifest.json, schedule.json, onnx/).
-            backend: "onnxruntime" (the exported ONNX graphs), "tensorrt" or "tensorrt-rtx" (built plans).
+            backend: "onnxruntime" (the exported ONNX graphs, no build needed), "tensorrt" / "tensorrt-rtx" (plans
+                built by the engine stage), or any `engines.runners.ENGINE_SET_NAMES` entry.
             providers: ONNX Runtime only: ["CPUExecutionProvider"] (default) or ["CUDAExecutionProvider", ...];
                 short names "cpu"/"cuda" work too. Only CPU may follow the first provider.
-            engine_dir: TensorRT only: folder of the plans `b{i}.plan` and their `.meta.json` sidecars; defaults to
-                `<folder>/onnx/engines/<backend>`.
 
         Raises:
-            ArtifactError: no manifest, a stage missing, or a listed file missing.
+            ArtifactError: no manifest, a stage missing, or a listed file or engine missing.
             StaleArtifactError: a file's sha256 differs from the manifest, graphs from another schedule, or an
                 engine built from other graphs.
             ConfigError / BackendUnavailableError: unknown backend or provider, runtime not installed.
         """
-        name = BACKEND_ALIASES.get(str(backend).lower())
-        if name is None:
-            raise ConfigError(f"backend {backend!r} is unknown; expected one of {sorted(BACKEND_ALIASES)}")
+        from shiva_export.engines.runners import get_engine_set
+
         ws = Workspace(folder)
-        schedule = ws.schedule()            # verifies schedule.json against the manifest
-        graphs = ws.bucket_graphs()         # verifies every exported file (graphs, weights.bin) against the manifest
+        schedule = ws.schedule()  # verifies schedule.json against the manifest
+        name, kwargs = _engine_set_request(backend, providers)
+        engine_set = get_engine_set(name, ws, **kwargs)  # verifies the exported files against the manifest
+        engine_set.identity()  # built engines: each checked against its metadata sidecar now, not at the first step
         record = ws.manifest.require("export")
-        _check_export_matches_schedule(ws.root, record, graphs, schedule)
+        _check_export_matches_schedule(ws.root, record, list(engine_set.graphs.values()), schedule)
         if "transformer_config" not in record:
             raise ArtifactError(f"{ws.root}: the export record has no transformer_config (written by an older "
-                                f"shiva_export); re-run `python -m shiva_export export --force --out {ws.root}`")
+                                f"shiva_export); re-run `python -m shiva_export export --out {ws.root}`")
         inputs = StaticInputs.from_export(ExportConfig(**record["config"]), record["transformer_config"])
-        if name == "ort":
-            make_runner, device = _ort_runners(ws, graphs, providers)
-        else:
-            if providers is not None:
-                raise ConfigError(f"providers={providers!r} applies to ONNX Runtime only; backend is {backend!r}")
-            make_runner, device = _tensorrt_runners(ws, name, graphs, schedule, engine_dir)
-        logger.info("%s: %d bucket engine(s) on %s (%s); %s", ws.root, len(graphs), name, device, inputs.describe())
-        return cls(ws.root, schedule, inputs, record["transformer_config"], make_runner, device, name)
+        logger.info("%s: %d bucket engine(s), %s on %s; %s", ws.root, len(engine_set.graphs), engine_set.name,
+                    engine_set.device, inputs.describe())
+        return cls(ws.root, schedule, inputs, record["transformer_config"], engine_set)
 
     @property
     def device(self) -> torch.device:
         """Where the engines run; StableDiffusion3Pipeline creates its latents on `pipe.device`."""
-        return self._device
+        return torch.device(self.engine_set.device)
 
     @property
     def active_buckets(self) -> tuple[int, ...]:
@@ -296,7 +287,7 @@ class ShivaEngineTransformer(_BucketedTransformer):
 
     def to(self, *args, **kwargs) -> "ShivaEngineTransformer":
         """Accept `pipe.to(device)`; refuse a precision the engines were not exported in."""
-        _, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+        _, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)  # nn.Module.to's own argument parsing
         if dtype is not None and dtype != self.dtype:
             raise ConfigError(f"{self.root}: the engines run {self.dtype} (fixed at export); expected to({self.dtype}) "
                               f"or no dtype, got {dtype}. Re-export with --dtype for another precision")
@@ -306,7 +297,7 @@ class ShivaEngineTransformer(_BucketedTransformer):
         runner = self._runners.get(bucket)
         if runner is None:
             start = time.perf_counter()
-            runner = self._make_runner(bucket)
+            runner = self.engine_set.runner(bucket)
             runner.activate()
             self._runners[bucket] = runner
             logger.info("%s: bucket %d engine loaded in %.2f s", self.root, bucket, time.perf_counter() - start)
@@ -314,16 +305,30 @@ class ShivaEngineTransformer(_BucketedTransformer):
 
     def _run_bucket(self, bucket: int, feed: dict[str, torch.Tensor]) -> torch.Tensor:
         runner = self._runner(bucket)
-        outputs = runner.infer({name: value.detach().to(self._device).contiguous() for name, value in feed.items()})
+        outputs = runner.infer({name: value.detach().to(self._feed_device).contiguous()
+                                for name, value in feed.items()})
         return outputs[OUTPUT_NAME].clone()  # TensorRT runners reuse their output buffers across calls
+
+
+def _engine_set_request(backend: str, providers: Sequence[str] | str | None) -> tuple[str, dict]:
+    """(engine set name, its keyword arguments) for `from_artifacts`'s backend and providers."""
+    name = BACKEND_ALIASES.get(backend, backend)
+    if name in ("onnxruntime", "ort"):
+        provider = _ort_provider(providers)
+        if name == "ort":
+            return name, {"provider": provider}
+        return ("onnxruntime" if provider == "cpu" else f"onnxruntime-{provider}"), {}
+    if providers is not None:
+        raise ConfigError(f"providers={providers!r} applies to ONNX Runtime only; backend is {backend!r}")
+    return name, {}
 
 
 def _check_export_matches_schedule(root: Path, record: dict, graphs: list[dict], schedule) -> None:
     if record.get("schedule_hash") != schedule.schedule_hash:
         raise StaleArtifactError(f"{root}: the ONNX graphs were exported from schedule {record.get('schedule_hash')}, "
-                                 f"but schedule.json is {schedule.schedule_hash}; re-run `python -m shiva_export export "
-                                 f"--out {root}`")
-    exported = [(g["bucket"], tuple(g["k"])) for g in graphs]
+                                 f"but schedule.json is {schedule.schedule_hash}; re-run "
+                                 f"`python -m shiva_export export --out {root}`")
+    exported = sorted((int(g["bucket"]), tuple(g["k"])) for g in graphs)
     frozen = [(b.index, b.k) for b in schedule.buckets]
     if exported != frozen:
         raise StaleArtifactError(f"{root}: exported buckets {exported} differ from the schedule's {frozen}; re-run "
@@ -339,7 +344,7 @@ def _ort_provider(providers: Sequence[str] | str | None) -> str:
     names = ["cpu"] if providers is None else [providers] if isinstance(providers, str) else list(providers)
     short = []
     for provider in names:
-        key = _ORT_PROVIDERS.get(str(provider).lower()) if isinstance(provider, str) else None
+        key = _ORT_PROVIDERS.get(provider.lower()) if isinstance(provider, str) else None
         if key is None:
             raise ConfigError(f"ONNX Runtime provider {provider!r} is not supported; expected CPUExecutionProvider "
                               "or CUDAExecutionProvider ('cpu'/'cuda')")
@@ -348,42 +353,6 @@ def _ort_provider(providers: Sequence[str] | str | None) -> str:
         raise ConfigError(f"providers={list(names)}: expected one provider, optionally followed by "
                           "CPUExecutionProvider")
     return short[0]
-
-
-def _ort_runners(ws: Workspace, graphs: list[dict], providers) -> tuple[RunnerFactory, torch.device]:
-    from shiva_export.engines.backends.ort import OrtRunner, SessionFromOnnxPath, SharedWeights
-
-    provider = _ort_provider(providers)
-    weights = SharedWeights()  # every bucket session reads one memory-mapped copy of weights.bin
-    paths = {g["bucket"]: ws.path(f"{ONNX_DIR}/{g['file']}") for g in graphs}
-
-    def make_runner(bucket: int) -> OrtRunner:
-        return OrtRunner(SessionFromOnnxPath(paths[bucket], provider, weights), name=f"ort-{provider}:b{bucket}")
-
-    return make_runner, torch.device(provider)
-
-
-def _tensorrt_runners(ws: Workspace, name: str, graphs: list[dict], schedule,
-                      engine_dir: str | Path | None) -> tuple[RunnerFactory, torch.device]:
-    from shiva_export.engines.backends.base import get_backend
-    from shiva_export.engines.metadata import verify_metadata
-
-    backend = get_backend(name)
-    backend.require_available()
-    # Beside the graphs, as the backends lay engines out: <graphs>/engines/<backend>/bK<suffix> (engines/metadata.py).
-    folder = Path(engine_dir) if engine_dir is not None else ws.path(ONNX_DIR) / "engines" / name
-    plans = {}
-    for graph in graphs:
-        plan = folder / f"b{graph['bucket']}{backend.engine_suffix}"
-        # Refuses a plan built from another ONNX or schedule (StaleArtifactError) or one without a sidecar.
-        verify_metadata(plan, {"onnx_sha256": graph["sha256"], "schedule_hash": schedule.schedule_hash,
-                               "backend": name})
-        plans[graph["bucket"]] = plan
-
-    def make_runner(bucket: int):
-        return backend.make_runner(plans[bucket], name=f"{name}:b{bucket}")
-
-    return make_runner, torch.device("cuda")
 
 
 class PrunedReferenceTransformer(_BucketedTransformer):
@@ -421,7 +390,8 @@ def load_pruned_reference(folder: str | Path) -> PrunedReferenceTransformer:
     if identity != frozen:
         changed = sorted(key for key in identity if identity[key] != frozen[key])
         raise StaleArtifactError(f"{ws.root}: {', '.join(changed)} of {ws.config.model!r} differ from the ones "
-                                 f"schedule.json was frozen from; re-run `python -m shiva_export export --out {ws.root}`")
+                                 f"schedule.json was frozen from; re-run "
+                                 f"`python -m shiva_export export --out {ws.root}`")
     cfg = ws.config
     inputs = StaticInputs.from_export(ExportConfig(cfg.height, cfg.width, cfg.batch, cfg.context_tokens, cfg.dtype),
                                       ws.pruned.config)

@@ -75,11 +75,19 @@ def gather_rows(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     return x.reshape(batch * num_tokens, dim).index_select(0, rows).reshape(batch, indices.shape[1], dim)
 
 
-def scatter_rows(base: torch.Tensor, indices: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """base with rows[b, j] written at token indices[b, j]; other tokens keep base (identity skip, D1)."""
+def scatter_rows(base: torch.Tensor, indices: torch.Tensor, rows: torch.Tensor, inplace: bool = False
+                 ) -> torch.Tensor:
+    """base with rows[b, j] written at token indices[b, j]; other tokens keep base (identity skip, D1).
+
+    Exports as one ScatterND on the [B*N, D] view. inplace=True writes into `base` (inference only): it saves a
+    full copy of the activations per block.
+    """
     batch, num_tokens, dim = base.shape
     flat = flat_row_index(indices, num_tokens)
-    out = base.reshape(batch * num_tokens, dim).index_put((flat,), rows.reshape(-1, dim).to(base.dtype))
+    rows = rows.reshape(-1, dim).to(base.dtype)
+    if inplace and base.is_contiguous():
+        return base.view(batch * num_tokens, dim).index_copy_(0, flat, rows).view(batch, num_tokens, dim)
+    out = base.reshape(batch * num_tokens, dim).index_put((flat,), rows)
     return out.reshape(batch, num_tokens, dim)
 
 

@@ -97,6 +97,7 @@ class TrainConfig:
     height: int | None = None         # data-free image size in pixels; None: the model's default
     width: int | None = None
     context_tokens: int | None = None
+    data_free_contrast: float = 1.0   # data-free latents: log-amplitude spread of the smooth envelope (0: i.i.d.)
     timestep_shift: float = 3.0       # flow-matching scheduler shift (SD3/SD3.5): sigma = s u / (1 + (s - 1) u)
     cfg_dropout: float = 0.1          # caption dropout with --data (paper: 0.1)
     # evaluation (the summary's figures)
@@ -435,7 +436,7 @@ class Trainer:
         if config.data is None:
             defaults = self.source.defaults
             return DataFreeSource(mcfg, config.height or defaults["height"], config.width or defaults["width"],
-                                  config.context_tokens or defaults["context_tokens"])
+                                  config.context_tokens or defaults["context_tokens"], config.data_free_contrast)
         return LatentDataset(config.data, mcfg, seed=config.seed)
 
     def _resolve_sizes(self, config: TrainConfig, mcfg) -> TrainConfig:

@@ -56,25 +56,45 @@ def check_latent_size(model_config: Mapping[str, Any], height: int, width: int, 
 
 
 class DataFreeSource:
-    """Random latents, context and pooled text (N(0, 1)) drawn from the caller's generator: distillation only."""
+    """Random latents, context and pooled text drawn from the caller's generator: distillation only.
+
+    Latents are N(0, 1) noise times a smooth random envelope exp(contrast * z), z a coarse Gaussian field (one value
+    per 8x8 latent pixels, bilinearly upsampled), normalised to unit mean square per sample. Real latents have
+    textured and flat regions; i.i.d. noise has none, so on it no token is more important than another and token
+    selection could not be learned or judged. contrast = 0 gives plain i.i.d. N(0, 1) latents.
+    """
 
     has_targets = False
 
-    def __init__(self, model_config: Mapping[str, Any], height: int, width: int, context_tokens: int):
+    def __init__(self, model_config: Mapping[str, Any], height: int, width: int, context_tokens: int,
+                 contrast: float = 1.0):
         if height % VAE_SCALE_FACTOR or width % VAE_SCALE_FACTOR:
             raise ConfigError(f"data-free size {height}x{width} px is not a multiple of the VAE factor {VAE_SCALE_FACTOR}")
         if context_tokens < 1:
             raise ConfigError(f"context_tokens={context_tokens} must be >= 1")
+        if contrast < 0:
+            raise ConfigError(f"data-free contrast {contrast:g} must be >= 0")
         self.sizes = _model_sizes(model_config)
         self.latent_hw = (height // VAE_SCALE_FACTOR, width // VAE_SCALE_FACTOR)
         check_latent_size(model_config, *self.latent_hw, where="data-free inputs")
-        self.context_tokens = context_tokens
+        self.context_tokens, self.contrast = context_tokens, contrast
+
+    def envelope(self, count: int, generator: torch.Generator) -> torch.Tensor:
+        """[count, 1, H, W] smooth positive amplitude field with unit mean square."""
+        height, width = self.latent_hw
+        coarse = torch.randn(count, 1, max(1, height // 8), max(1, width // 8), generator=generator)
+        field = torch.nn.functional.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False)
+        envelope = torch.exp(self.contrast * field)
+        return envelope / envelope.pow(2).mean(dim=(2, 3), keepdim=True).sqrt()
 
     def batch(self, positions: Sequence[int], generator: torch.Generator) -> Batch:
         count = len(positions)
         channels, (height, width) = self.sizes["in_channels"], self.latent_hw
+        latents = torch.randn(count, channels, height, width, generator=generator)
+        if self.contrast:
+            latents = latents * self.envelope(count, generator)
         return Batch(
-            latents=torch.randn(count, channels, height, width, generator=generator),
+            latents=latents,
             encoder_hidden_states=torch.randn(count, self.context_tokens, self.sizes["joint_attention_dim"],
                                               generator=generator),
             pooled_projections=torch.randn(count, self.sizes["pooled_projection_dim"], generator=generator),

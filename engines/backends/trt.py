@@ -64,7 +64,8 @@ class TrtPlanRunner(CheckedInputsMixin, TrtRunner):
     def activate_impl(self) -> None:
         if not self.plan_path.is_file():
             raise ArtifactError(
-                f"{self.plan_path}: TensorRT plan not found; build it with `python -m shiva_export engine --backend trt`."
+                f"{self.plan_path}: TensorRT plan not found; "
+                "build it with `python -m shiva_export engine --backend trt`."
             )
         import_tensorrt()
         device = current_device()

@@ -47,7 +47,7 @@ from shiva_export.engines.backends.base import (
     current_device,
     sidecar_path,
 )
-from shiva_export.errors import ArtifactError, BackendUnavailableError, StaticGraphError
+from shiva_export.errors import ArtifactError, BackendUnavailableError, ConfigError, StaticGraphError
 from shiva_export.io import atomic_output, write_bytes
 
 logger = logging.getLogger(__name__)
@@ -154,6 +154,10 @@ class TrtRtxBackend(Backend):
 
         Precision comes from the ONNX dtypes: TensorRT-RTX has no fp16/bf16 builder flags.
         """
+        if options.timing_cache:
+            raise ConfigError(
+                "TensorRT-RTX has no timing cache (it does not autotune at build time); drop --timing-cache."
+            )
         trt = import_tensorrt_rtx()
         onnx_path, out_path = Path(onnx_path), Path(out_path)
         if not onnx_path.is_file():

@@ -15,7 +15,7 @@ GROUPS = {
     "method": ("tau_rank_start", "tau_rank_end", "tau_sel_start", "tau_sel_end", "score_noise", "logit_noise",
                "budget_beta", "lambda_budget", "lambda_distill", "lambda_diffusion", "distill_every",
                "router_hidden_dim", "router_group_size", "policy_hidden_dim", "adapter_rank", "adapter_alpha"),
-    "data": ("data", "height", "width", "context_tokens", "timestep_shift", "cfg_dropout"),
+    "data": ("data", "height", "width", "context_tokens", "data_free_contrast", "timestep_shift", "cfg_dropout"),
     "evaluation": ("eval_steps", "eval_samples"),
 }
 HELP = {
@@ -34,6 +34,7 @@ HELP = {
     "height": "data-free image height in pixels (default: the model's)",
     "width": "data-free image width in pixels (default: the model's)",
     "context_tokens": "data-free text tokens (default: the model's)",
+    "data_free_contrast": "data-free latents: spread of their smooth random amplitude envelope (0: i.i.d. noise)",
     "timestep_shift": "flow-matching scheduler shift (3.0 for SD3/SD3.5)",
     "cfg_dropout": "caption dropout probability with --data",
     "eval_steps": "sampler steps at whose timesteps the summary evaluates the policy",

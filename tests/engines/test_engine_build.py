@@ -57,7 +57,8 @@ def test_force_rebuilds_fresh_engines(fp32_export):
 
 def test_sources_with_moved_hashes_are_refused(fp32_export):
     wrong = OnnxSource(fp32_export / "b0.onnx", onnx_sha256="0" * 64)
-    with pytest.raises(StaleArtifactError, match=r"b0.onnx: graph changed since it was recorded; onnx_sha256 expected 0{16}"):
+    message = r"b0.onnx: graph changed since it was recorded; onnx_sha256 expected 0{16}"
+    with pytest.raises(StaleArtifactError, match=message):
         build_engines(fp32_export, "ort", sources=[wrong])
     facts = onnx_facts(fp32_export / "b1.onnx")
     right = OnnxSource(fp32_export / "b1.onnx", facts.onnx_sha256, facts.weights_sha256)

@@ -21,7 +21,8 @@ from shiva_export.io import sha256_file
 
 
 def _engine(export_dir, bucket="b0", **kwargs):
-    engine = ORT.build(export_dir / f"{bucket}.onnx", export_dir / "engines" / "ort" / f"{bucket}.onnxref", BuildOptions())
+    link = export_dir / "engines" / "ort" / f"{bucket}.onnxref"
+    engine = ORT.build(export_dir / f"{bucket}.onnx", link, BuildOptions())
     write_metadata(
         engine,
         onnx_path=export_dir / f"{bucket}.onnx",
@@ -95,9 +96,9 @@ def test_swapped_engine_is_refused(fp32_export):
 
 def test_missing_engine_is_a_clear_artifact_error(fp32_export):
     engine = fp32_export / "engines" / "trt-rtx" / "b0.plan"
-    with pytest.raises(
-        ArtifactError, match=rf"b0.plan: engine not found. Rebuild with `python -m shiva_export engine --backend trt-rtx {fp32_export}`"
-    ) as err:
+    command = f"python -m shiva_export engine --backend trt-rtx {fp32_export}"
+    message = rf"b0.plan: engine not found. Rebuild with `{command}`"
+    with pytest.raises(ArtifactError, match=message) as err:
         verify_metadata(engine, {})
     assert not isinstance(err.value, StaleArtifactError)
 

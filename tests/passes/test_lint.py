@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from shiva_export.errors import ArtifactError
 from shiva_export.passes.lint import Rule, Severity, format_report, lint_model
@@ -144,6 +144,110 @@ def test_scatter_with_peeled_topk_indices_is_unique_but_two_unrelated_topk_are_n
         helper.make_node("Concat", ["i1", "i2"], ["idx"], name="cat", axis=1),
     ])
     assert {f.rule for f in lint_model(unrelated).findings} == {Rule.SCATTER_DUPLICATE_INDICES}
+
+
+def compaction_model(*, dropped_term="complement", dropped_offset=None, updates="range",
+                     mask_indices="top", batch=2, n=16, k=6) -> onnx.ModelProto:
+    """ascending_compaction as torch.onnx emits it: mask = ScatterElements(zeros, TopK, ones);
+    destination = Where(mask, CumSum(mask) - 1, k + CumSum(1 - mask) - 1) (scatter 'place');
+    order = ScatterElements(zeros, destination, updates)[:, :k], then used as scatter indices
+    ('drop_tokens'). The keywords build near-misses of that construction."""
+    def c(name, value):
+        return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(
+            np.asarray(value), name))
+
+    term = {"complement": "not_mask", "mask": "mask"}[dropped_term]
+    update_nodes = {
+        # arange(N).expand(B, N), unfolded (Range -> Expand) and folded (a constant)
+        "range": [helper.make_node("Range", ["zero", "n", "one"], ["arange"]),
+                  helper.make_node("Expand", ["arange", "full_shape"], ["updates"])],
+        "const": [c("updates", np.broadcast_to(np.arange(n), (batch, n)).copy())],
+        # distinct along the batch axis only: rows of equal values
+        "batch_range": [helper.make_node("Range", ["zero", "b", "one"], ["arange"]),
+                        helper.make_node("Unsqueeze", ["arange", "one_axis"], ["arange_col"]),
+                        helper.make_node("Expand", ["arange_col", "full_shape"], ["updates"])],
+    }[updates]
+    nodes = [
+        c("zero", np.array(0, np.int64)), c("one", np.array(1, np.int64)),
+        c("n", np.array(n, np.int64)), c("b", np.array(batch, np.int64)),
+        c("kk", np.array(k if dropped_offset is None else dropped_offset, np.int64)),
+        c("k1", np.array([k], np.int64)), c("zero1", np.array([0], np.int64)),
+        c("one_axis", np.array([1], np.int64)), c("full_shape", np.array([batch, n], np.int64)),
+        c("zeros", np.zeros((batch, n), np.int64)), c("ones", np.ones((batch, k), np.int64)),
+        c("zero_rows", np.zeros((batch, k), np.float32)),
+        helper.make_node("TopK", ["scores", "k1"], ["v", "top"], name="select", axis=-1),
+        helper.make_node("ScatterElements", ["zeros", mask_indices, "ones"], ["mask"],
+                         name="keep_mask", axis=1),
+        helper.make_node("CumSum", ["mask", "one"], ["kept_cum"]),
+        helper.make_node("Sub", ["kept_cum", "one"], ["kept_slot"]),
+        helper.make_node("Sub", ["one", "mask"], ["not_mask"]),
+        helper.make_node("CumSum", [term, "one"], ["dropped_cum"]),
+        helper.make_node("Add", ["dropped_cum", "kk"], ["dropped_k"]),
+        helper.make_node("Sub", ["dropped_k", "one"], ["dropped_slot"]),
+        helper.make_node("Cast", ["mask"], ["keep"], to=TensorProto.BOOL),
+        helper.make_node("Where", ["keep", "kept_slot", "dropped_slot"], ["destination"]),
+        *update_nodes,
+        helper.make_node("ScatterElements", ["zeros", "destination", "updates"], ["order_all"],
+                         name="place", axis=1),
+        helper.make_node("Slice", ["order_all", "zero1", "k1", "one_axis"], ["order"]),
+        helper.make_node("ScatterElements", ["scores", "order", "zero_rows"], ["out"],
+                         name="drop_tokens", axis=1),
+    ]
+    return model(nodes, [tensor("scores", TensorProto.FLOAT, [batch, n]),
+                         tensor("free_idx", TensorProto.INT64, [batch, k])],
+                 [tensor("out", TensorProto.FLOAT, [batch, n])])
+
+
+def duplicate_warnings(graph: onnx.ModelProto) -> set[str]:
+    report = lint_model(graph)
+    assert report.rules() <= {Rule.SCATTER_DUPLICATE_INDICES}, format_report(report)
+    return {f.node for f in report.findings}
+
+
+@pytest.mark.parametrize("updates", ["range", "const"])
+def test_ascending_compaction_permutation_scatter_is_unique(updates):
+    assert duplicate_warnings(compaction_model(updates=updates)) == set()
+
+
+def test_ascending_compaction_matches_the_torch_export_semantics():
+    """The hand-built graph is the construction: its order is TopK's picks, ascending."""
+    ort = pytest.importorskip("onnxruntime")
+    graph = compaction_model()
+    graph.graph.output.append(tensor("order", TensorProto.INT64, [2, 6]))
+    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    scores = np.random.default_rng(0).standard_normal((2, 16)).astype(np.float32)
+    order = session.run(["order"], {"scores": scores, "free_idx": np.zeros((2, 6), np.int64)})[0]
+    np.testing.assert_array_equal(order, np.sort(np.argsort(-scores, axis=1)[:, :6], axis=1))
+
+
+@pytest.mark.parametrize("near_miss, flagged", [
+    # both branches count the kept tokens: not complementary, slots collide
+    (dict(dropped_term="mask"), {"place", "drop_tokens"}),
+    # dropped tokens start at k + 1: slot k is never written, N is out of range
+    (dict(dropped_offset=7), {"place", "drop_tokens"}),
+    # the mask's ones come from arbitrary (possibly repeated) indices: k per row is unproven
+    (dict(mask_indices="free_idx"), {"keep_mask", "place", "drop_tokens"}),
+    # updates unique along the batch axis only: the permuted rows repeat one value
+    (dict(updates="batch_range"), {"drop_tokens"}),
+])
+def test_near_misses_of_the_compaction_still_warn(near_miss, flagged):
+    assert duplicate_warnings(compaction_model(**near_miss)) == flagged
+
+
+@pytest.mark.parametrize("second, warns", [("top", False), ("free_idx", True)])
+def test_rows_stacked_along_the_batch_axis_keep_their_uniqueness(second, warns):
+    """One selection shared by both CFG halves: torch.cat([half, half], dim=0)."""
+    graph = model([
+        helper.make_node("TopK", ["half_scores", "k"], ["v", "top"], name="select", axis=-1),
+        helper.make_node("Concat", ["top", second], ["idx"], name="halves", axis=0),
+        helper.make_node("ScatterElements", ["scores", "idx", "zero_rows"], ["out"],
+                         name="drop_tokens", axis=1),
+    ], [tensor("half_scores", TensorProto.FLOAT, [1, 16]),
+        tensor("scores", TensorProto.FLOAT, [2, 16]),
+        tensor("free_idx", TensorProto.INT64, [1, 6])],
+       [tensor("out", TensorProto.FLOAT, [2, 16])],
+       [const("k", np.array([6], np.int64)), const("zero_rows", np.zeros((2, 6), np.float32))])
+    assert duplicate_warnings(graph) == ({"drop_tokens"} if warns else set())
 
 
 def test_softmax_outside_attention_pattern_warns_and_fusible_attention_does_not():

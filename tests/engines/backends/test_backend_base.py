@@ -20,7 +20,8 @@ def runner(fp32_export):
 
 def test_unknown_input_name_raises_input_error_naming_it(runner, feed):
     feed["hidden_state"] = feed.pop("hidden_states")
-    with pytest.raises(InputError, match=r"runner 'ort-b0': unknown input 'hidden_state' \(did you mean 'hidden_states'\?\)"):
+    message = r"runner 'ort-b0': unknown input 'hidden_state' \(did you mean 'hidden_states'\?\)"
+    with pytest.raises(InputError, match=message):
         runner.infer(feed)
 
 

@@ -9,7 +9,7 @@ from shiva_export.engines.backends import trt_rtx
 from shiva_export.engines.backends.base import BuildOptions, DeviceInfo, current_device
 from shiva_export.engines.build import build_engines
 from shiva_export.engines.metadata import onnx_facts, read_metadata, verify_metadata
-from shiva_export.errors import BackendUnavailableError, StaleArtifactError, StaticGraphError
+from shiva_export.errors import BackendUnavailableError, ConfigError, StaleArtifactError, StaticGraphError
 
 pytest.importorskip("tensorrt_rtx", reason="tensorrt_rtx not importable (pip install tensorrt-rtx-cu13)")
 
@@ -34,7 +34,8 @@ def test_builds_fp16_plan_with_attention_on_cpu_and_writes_metadata(fp16_export)
 
 
 def test_fp32_attention_fails_without_decomposable_and_says_how_to_fix(fp32_export):
-    with pytest.raises(StaticGraphError, match=r"b0.onnx: TensorRT-RTX could not build a plan: .*decomposable_attention=True"):
+    message = r"b0.onnx: TensorRT-RTX could not build a plan: .*decomposable_attention=True"
+    with pytest.raises(StaticGraphError, match=message):
         trt_rtx.BACKEND.build(
             fp32_export / "b0.onnx", fp32_export / "b0.plan", BuildOptions(decomposable_attention=False)
         )
@@ -42,7 +43,8 @@ def test_fp32_attention_fails_without_decomposable_and_says_how_to_fix(fp32_expo
 
 
 def test_fp32_attention_builds_when_marked_decomposable(fp32_export):
-    records = build_engines(fp32_export, "trt-rtx", BuildOptions(decomposable_attention=True, builder_optimization_level=0))
+    options = BuildOptions(decomposable_attention=True, builder_optimization_level=0)
+    records = build_engines(fp32_export, "trt-rtx", options)
     assert [r.status for r in records] == ["built", "built"]
     assert [read_metadata(r.engine_path).precision for r in records] == ["fp32", "fp32"]
 
@@ -51,7 +53,8 @@ def test_plan_is_refused_after_its_onnx_changes(fp16_export, change_graph):
     (record,) = build_engines(fp16_export, "trt-rtx")
     change_graph(fp16_export / "b0.onnx")
     facts = onnx_facts(fp16_export / "b0.onnx")
-    with pytest.raises(StaleArtifactError, match=r"b0.plan: .*onnx_sha256 expected [0-9a-f]{16}… found [0-9a-f]{16}…") as err:
+    message = r"b0.plan: .*onnx_sha256 expected [0-9a-f]{16}… found [0-9a-f]{16}…"
+    with pytest.raises(StaleArtifactError, match=message) as err:
         verify_metadata(record.engine_path, {"onnx_sha256": facts.onnx_sha256, "weights_sha256": facts.weights_sha256})
     assert "weights_sha256" not in str(err.value)  # only what differs is named
     assert "python -m shiva_export engine --backend trt-rtx" in str(err.value)
@@ -90,13 +93,20 @@ def test_explicit_targets_are_recorded_and_checked(fp16_export):
     assert trt_rtx.plan_targets(record.engine_path) == ("7.5", "8.9")
     runner = trt_rtx.BACKEND.make_runner(record.engine_path)
     assert runner.targets == ("7.5", "8.9")
-    with pytest.raises(BackendUnavailableError, match=r"compute capability 8\.6; .* runs only on compute capability 7\.5/8\.9"):
+    message = r"compute capability 8\.6; .* runs only on compute capability 7\.5/8\.9"
+    with pytest.raises(BackendUnavailableError, match=message):
         trt_rtx.check_can_run(runner.targets, DeviceInfo("NVIDIA RTX A6000", (8, 6)))
 
 
 def test_unsupported_target_capability_is_refused_at_build(fp16_export):
     with pytest.raises(BackendUnavailableError, match=r"cannot target compute capability 9\.0; it supports .*8\.9"):
-        trt_rtx.BACKEND.build(fp16_export / "b0.onnx", fp16_export / "b0.plan", BuildOptions(compute_capabilities=("9.0",)))
+        options = BuildOptions(compute_capabilities=("9.0",))
+        trt_rtx.BACKEND.build(fp16_export / "b0.onnx", fp16_export / "b0.plan", options)
+
+
+def test_timing_cache_is_refused_because_rtx_has_none(fp16_export, tmp_path):
+    with pytest.raises(ConfigError, match="TensorRT-RTX has no timing cache"):
+        build_engines(fp16_export, "trt-rtx", BuildOptions(timing_cache=str(tmp_path / "tc")))
 
 
 @pytest.mark.skipif(not _CAN_RUN, reason=f"no GPU with compute capability {'/'.join(trt_rtx.DEFAULT_TARGETS)} "

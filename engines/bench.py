@@ -1,0 +1,490 @@
+"""Bench: dense vs pruned on the same backend, side by side in one run, beside the FLOP-bound speedup.
+
+For every backend (a "target": ONNX Runtime on the exported graphs; on a GPU also PyTorch eager, a CUDA-graph
+capture of the static-mode model, and ONNX Runtime CUDA) the dense graph and every bucket graph get the same
+seeded inputs and are timed **interleaved** (dense, b0, b1, dense, b0, b1, ...) after a warm-up, so load drift on a
+shared machine hits both alike. Then the whole loop: the schedule's steps, each on its bucket's engine, against
+the dense graph for all steps. Statistics per row: mean / P50 / P95 / P99 in ms. The measured speedup is the ratio
+of P50s (robust to stragglers); the FLOP-bound speedup is dense FLOPs / pruned FLOPs from the schedule
+(`shiva_export.flops`: routers included, element-wise work excluded), i.e. what perfect scaling would give.
+
+Clocks: `time.perf_counter` around synchronous calls on the CPU; CUDA events on the GPU (torch's current stream;
+ORT CUDA is given that stream as its compute stream and runs with IO binding on preallocated device buffers).
+"""
+
+from __future__ import annotations
+
+__all__ = ["BENCH_JSON", "BENCH_MD", "BenchConfig", "BenchReport", "BenchRow", "Speedup", "Timing", "render_markdown",
+           "run_bench"]
+
+import dataclasses
+import logging
+import math
+import os
+import platform
+import statistics
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from shiva_export.errors import BackendUnavailableError, ConfigError
+
+logger = logging.getLogger(__name__)
+
+BENCH_STAGE = "bench"
+BENCH_JSON = "bench.json"
+BENCH_MD = "bench.md"
+SCHEMA = "shiva.bench/1"
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    """How the bench runs (P2). Per-step rows take `runs` timed calls, loop rows `loop_runs` whole loops."""
+
+    warmup: int = 3
+    runs: int = 20
+    loop_runs: int = 3
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("warmup", "runs", "loop_runs", "seed"):
+            value = getattr(self, name)
+            minimum = 1 if name in ("runs", "loop_runs") else 0
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ConfigError(f"--{name.replace('_', '-')} {value!r} must be an integer >= {minimum}")
+
+    def to_json(self) -> dict:
+        return {"schema": 1, **dataclasses.asdict(self)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    runs: int
+    mean_ms: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    min_ms: float
+    max_ms: float
+
+    @classmethod
+    def of(cls, samples_ms: Sequence[float]) -> "Timing":
+        ordered = sorted(samples_ms)
+
+        def pct(p: float) -> float:   # nearest rank
+            return ordered[min(len(ordered) - 1, max(0, math.ceil(p / 100 * len(ordered)) - 1))]
+
+        return cls(runs=len(ordered), mean_ms=statistics.fmean(ordered), p50_ms=pct(50), p95_ms=pct(95),
+                   p99_ms=pct(99), min_ms=ordered[0], max_ms=ordered[-1])
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchRow:
+    backend: str
+    variant: str        # "dense" | "pruned"
+    scope: str          # "bucket 0", ..., "loop"
+    steps: int          # transformer calls per timed run
+    flops: int          # per timed run
+    clock: str          # "perf_counter" | "cuda_event"
+    timing: Timing
+
+    def to_json(self) -> dict:
+        return {**{k: v for k, v in dataclasses.asdict(self).items() if k != "timing"},
+                **dataclasses.asdict(self.timing)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Speedup:
+    backend: str
+    scope: str
+    dense_p50_ms: float
+    pruned_p50_ms: float
+    measured: float       # dense P50 / pruned P50
+    flop_bound: float     # dense FLOPs / pruned FLOPs
+
+    def to_json(self) -> dict:
+        return {**dataclasses.asdict(self), "efficiency": self.measured / self.flop_bound}
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchReport:
+    device: dict[str, Any]
+    versions: dict[str, str]
+    config: BenchConfig
+    artifact: dict[str, Any]        # model, dtype, shapes, steps, buckets
+    rows: tuple[BenchRow, ...]
+    speedups: tuple[Speedup, ...]
+    skipped: tuple[dict, ...]       # {"backend": ..., "reason": ...}
+
+    def to_json(self) -> dict:
+        return {"schema": SCHEMA, "device": self.device, "versions": self.versions, "config": self.config.to_json(),
+                "artifact": self.artifact, "rows": [r.to_json() for r in self.rows],
+                "speedups": [s.to_json() for s in self.speedups], "skipped": list(self.skipped)}
+
+
+# --------------------------------------------------------------------------------------------------- device
+def device_facts() -> dict[str, Any]:
+    """The machine the numbers belong to: GPU name (torch) or CPU model (/proc/cpuinfo)."""
+    import torch
+
+    facts: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
+                             "cpu": _cpu_model(), "cpu_count": os.cpu_count()}
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        facts.update(kind="cuda", name=props.name, compute_capability=f"{props.major}.{props.minor}",
+                     memory_gib=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda)
+    else:
+        facts.update(kind="cpu", name=facts["cpu"])
+    return facts
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# --------------------------------------------------------------------------------------------------- targets
+class _Target:
+    """One backend's callables: step(key) for key in ("dense", 0, 1, ...), each on pre-bound inputs."""
+
+    name: str
+    clock: str = "perf_counter"
+
+    def prepare(self, key, feed: Mapping[str, np.ndarray]) -> Callable[[], None]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def timer(self) -> Callable[[Callable[[], None]], float]:
+        def measure(fn: Callable[[], None]) -> float:
+            start = time.perf_counter()
+            fn()
+            return (time.perf_counter() - start) * 1e3
+
+        return measure
+
+
+class _CudaEvents:
+    def timer(self):
+        import torch
+
+        def measure(fn: Callable[[], None]) -> float:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end)
+
+        return measure
+
+
+class _RunnerTarget(_Target):
+    """Polygraphy runners of an engine set (ORT CPU sessions, built engines): infer() on numpy feeds."""
+
+    def __init__(self, engines, keys: Sequence):
+        self.name, self.engines = engines.name, engines
+        self.runners: dict = {}
+        for key in keys:
+            runner = engines.dense_runner() if key == "dense" else engines.runner(key)
+            if runner is None:
+                raise BackendUnavailableError(engines.dense_note() or f"{engines.name}: no runner for {key}")
+            self.runners[key] = runner
+        self.active = []
+        for runner in self.runners.values():
+            runner.activate()
+            self.active.append(runner)
+
+    def prepare(self, key, feed):
+        runner = self.runners[key]
+        runner.infer(dict(feed))   # checked once; timed calls skip the checks
+        return lambda: runner.infer(feed, check_inputs=False)
+
+    def close(self):
+        for runner in self.active:
+            runner.deactivate()
+
+
+class _OrtCudaTarget(_CudaEvents, _Target):
+    """ORT CUDA EP with IO binding on torch-allocated device buffers, on torch's current stream."""
+
+    clock = "cuda_event"
+
+    def __init__(self, ws, keys: Sequence):
+        import torch
+
+        from shiva_export.engines.runners import OnnxGraphs
+
+        self.name = "onnxruntime-cuda"
+        stream = torch.cuda.current_stream().cuda_stream
+        engines = OnnxGraphs(ws, "cuda", provider_options={"user_compute_stream": str(stream),
+                                                           "has_user_compute_stream": "1"})
+        self.inner = _RunnerTarget(engines, keys)
+        self.keep: list = []
+
+    def prepare(self, key, feed):
+        import torch
+
+        runner = self.inner.runners[key]
+        session = runner.sess
+        binding = session.io_binding()
+        for name, array in feed.items():
+            tensor = torch.from_numpy(np.ascontiguousarray(array)).cuda()
+            self.keep.append(tensor)
+            binding.bind_input(name, "cuda", 0, array.dtype, list(array.shape), tensor.data_ptr())
+        for output in session.get_outputs():
+            dtype = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
+                     "tensor(int64)": np.int64}.get(output.type)
+            if dtype is None:
+                binding.bind_output(output.name, "cuda")
+                continue
+            tensor = torch.empty(output.shape, dtype=getattr(torch, np.dtype(dtype).name), device="cuda")
+            self.keep.append(tensor)
+            binding.bind_output(output.name, "cuda", 0, dtype, list(output.shape), tensor.data_ptr())
+        session.run_with_iobinding(binding)
+        return lambda: session.run_with_iobinding(binding)
+
+    def close(self):
+        self.inner.close()
+
+
+class _TorchTarget(_CudaEvents, _Target):
+    """The PyTorch static-mode model on the GPU: eager, or one CUDA graph per bucket (and the dense model)."""
+
+    clock = "cuda_event"
+
+    def __init__(self, ws, schedule, dtype: str, cuda_graph: bool):
+        import torch
+
+        from shiva_export.export import DenseModel, StaticBucket, torch_dtype
+
+        self.name = "torch-cudagraph" if cuda_graph else "torch-eager"
+        self.cuda_graph = cuda_graph
+        self.pruned = ws.pruned
+        self.pruned.to_dtype(torch_dtype(dtype))
+        self.pruned.transformer.to("cuda")
+        self.modules = {"dense": DenseModel(self.pruned.transformer).eval()}
+        self.modules.update({b.index: StaticBucket(self.pruned.transformer, b.k).eval() for b in schedule.buckets})
+        self.pool = torch.cuda.graph_pool_handle() if cuda_graph else None
+        self.graphs: list = []
+
+    def prepare(self, key, feed):
+        import torch
+
+        module = self.modules[key]
+        inputs = {n: torch.from_numpy(np.ascontiguousarray(a)).cuda() for n, a in feed.items()}
+        if not self.cuda_graph:
+            def call():
+                with torch.inference_mode():
+                    module(**inputs)
+            call()
+            return call
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.inference_mode(), torch.cuda.stream(stream):
+            for _ in range(2):
+                module(**inputs)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), torch.cuda.graph(graph, pool=self.pool):
+            module(**inputs)
+        self.graphs.append((graph, inputs))
+        return graph.replay
+
+    def close(self):
+        import torch
+
+        self.graphs.clear()
+        self.pruned.transformer.to("cpu")
+        self.pruned.to_dtype(torch.float32)
+        torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------------------------------- timing
+def _feeds(ws, schedule, cfg, seed: int) -> list[dict[str, np.ndarray]]:
+    """One seeded feed per step (graph dtypes) with the step's timestep."""
+    from shiva_export.engines.trajectory import _numpy_dtype
+
+    rng = np.random.default_rng(seed)
+    dtype = _numpy_dtype(cfg.dtype)
+    shapes = cfg.input_shapes(ws.pruned.config)
+    base = {name: rng.standard_normal(shape).astype(np.float32).astype(dtype)
+            for name, shape in shapes.items() if name != "timestep"}
+    return [{**base, "timestep": np.full((cfg.batch,), t, dtype=np.float32)} for t in schedule.timesteps]
+
+
+def _time_target(target: _Target, schedule, feeds, config: BenchConfig, dense_flops: int, loop_dense_flops: int
+                 ) -> list[BenchRow]:
+    measure = target.timer()
+    buckets = [b.index for b in schedule.buckets]
+    keys = ["dense", *buckets]
+    first = {b.index: b.steps[0] for b in schedule.buckets}
+    calls = {key: target.prepare(key, feeds[first.get(key, 0)]) for key in keys}
+    samples: dict = {key: [] for key in keys}
+    for run in range(config.warmup + config.runs):
+        for key in keys:                               # interleaved: drift hits dense and pruned alike
+            elapsed = measure(calls[key])
+            if run >= config.warmup:
+                samples[key].append(elapsed)
+
+    # The loop: each step on its bucket's engine (dense: the dense graph every step). The inputs stay those of the
+    # bucket's first step: values do not change the work of a static graph.
+    loop_fns = {"dense": [calls["dense"]] * schedule.num_steps,
+                "pruned": [calls[schedule.step_to_bucket[s]] for s in range(schedule.num_steps)]}
+    loops: dict = {"dense": [], "pruned": []}
+    for run in range(1 + config.loop_runs):            # one warm-up loop
+        for variant, fns in loop_fns.items():
+            elapsed = measure(lambda fns=fns: [fn() for fn in fns])
+            if run >= 1:
+                loops[variant].append(elapsed)
+
+    rows = [BenchRow(target.name, "dense", "step", 1, dense_flops, target.clock, Timing.of(samples["dense"]))]
+    for bucket in schedule.buckets:
+        rows.append(BenchRow(target.name, "pruned", f"bucket {bucket.index}", 1, bucket.flops_per_step, target.clock,
+                             Timing.of(samples[bucket.index])))
+    rows.append(BenchRow(target.name, "dense", "loop", schedule.num_steps, loop_dense_flops, target.clock,
+                         Timing.of(loops["dense"])))
+    rows.append(BenchRow(target.name, "pruned", "loop", schedule.num_steps, schedule.summary.realised_flops_total,
+                         target.clock, Timing.of(loops["pruned"])))
+    return rows
+
+
+def _speedups(rows: Sequence[BenchRow]) -> list[Speedup]:
+    out = []
+    by = {(r.backend, r.variant, r.scope): r for r in rows}
+    for row in rows:
+        if row.variant != "pruned":
+            continue
+        dense = by[(row.backend, "dense", "loop" if row.scope == "loop" else "step")]
+        out.append(Speedup(row.backend, row.scope, dense.timing.p50_ms, row.timing.p50_ms,
+                           dense.timing.p50_ms / row.timing.p50_ms, dense.flops / row.flops))
+    return out
+
+
+def _targets(ws, schedule, cfg, backends: Sequence[str] | None) -> list[tuple[str, Callable[[], _Target]]]:
+    """(name, lazy maker) per target: the named engine sets, or the default set for this machine."""
+    import torch
+
+    from shiva_export.engines.runners import get_engine_set
+
+    keys = ["dense", *[b.index for b in schedule.buckets]]
+    if backends:
+        return [(name, lambda name=name: _RunnerTarget(get_engine_set(name, ws), keys)) for name in backends]
+    makers = [("onnxruntime", lambda: _RunnerTarget(get_engine_set("onnxruntime", ws), keys))]
+    if torch.cuda.is_available():
+        makers += [("torch-eager", lambda: _TorchTarget(ws, schedule, cfg.dtype, cuda_graph=False)),
+                   ("torch-cudagraph", lambda: _TorchTarget(ws, schedule, cfg.dtype, cuda_graph=True)),
+                   ("onnxruntime-cuda", lambda: _OrtCudaTarget(ws, keys))]
+    return makers
+
+
+def run_bench(ws, config: BenchConfig = BenchConfig(), backends: Sequence[str] | None = None) -> BenchReport:
+    """Time dense vs pruned per bucket and for the whole loop on every available backend; write bench.json/.md.
+
+    Args:
+        backends: engine set names (`engines.runners`); default: ONNX Runtime CPU on the exported graphs, plus on a
+            CUDA machine torch eager, torch CUDA graph and (if onnxruntime-gpu is installed) ORT CUDA.
+
+    A backend that cannot run here (no CUDA EP, no dense engine) is recorded in `skipped` with its reason. The bench
+    always re-measures: timings are observations, not reproducible artifacts; the manifest records the run.
+    """
+    from shiva_export.engines.runners import library_versions
+    from shiva_export.engines.trajectory import export_config
+    from shiva_export.io import sha256_json, write_bytes, write_json
+
+    schedule = ws.schedule()
+    cfg = export_config(ws)
+    graphs = ws.bucket_graphs()
+    dense_record = ws.manifest.require("export").get("dense")
+    if not dense_record:
+        raise ConfigError(f"{ws.root}: the export has no dense.onnx baseline; re-export with this version")
+    feeds = _feeds(ws, schedule, cfg, config.seed)
+    dense_flops = schedule.summary.dense_flops_per_step
+    rows: list[BenchRow] = []
+    skipped: list[dict] = []
+    for name, make in _targets(ws, schedule, cfg, backends):
+        try:
+            target = make()
+        except BackendUnavailableError as err:
+            if backends:
+                raise
+            skipped.append({"backend": name, "reason": str(err)})
+            logger.info("bench: %s skipped: %s", name, err)
+            continue
+        try:
+            logger.info("bench: %s (%d warm-up + %d runs per step, %d loops)", target.name, config.warmup,
+                        config.runs, config.loop_runs)
+            rows += _time_target(target, schedule, feeds, config, dense_flops, schedule.summary.dense_flops_total)
+        finally:
+            target.close()
+    report = BenchReport(
+        device=device_facts(), versions=library_versions(), config=config,
+        artifact={"model": ws.config.model, "dtype": cfg.dtype, "height": cfg.height, "width": cfg.width,
+                  "batch": cfg.batch, "context_tokens": cfg.context_tokens, "num_tokens": schedule.num_tokens,
+                  "steps": schedule.num_steps, "step_to_bucket": list(schedule.step_to_bucket),
+                  "buckets": [{"bucket": b.index, "k": list(b.k), "steps": list(b.steps),
+                               "flops_per_step": b.flops_per_step} for b in schedule.buckets],
+                  "dense_flops_per_step": dense_flops,
+                  "realised_flop_ratio": schedule.summary.realised_flop_ratio},
+        rows=tuple(rows), speedups=tuple(_speedups(rows)), skipped=tuple(skipped))
+    data = report.to_json()
+    write_json(ws.path(BENCH_JSON), data)
+    with_md = write_bytes(ws.path(BENCH_MD), render_markdown(data).encode())
+    inputs = sha256_json({"graphs": [g["sha256"] for g in graphs], "dense": dense_record["sha256"],
+                          "config": config.to_json(), "device": report.device, "backends": list(backends or [])})
+    ws.manifest.set_stage(BENCH_STAGE, {"files": [ws.manifest.file_record(ws.path(BENCH_JSON)),
+                                                  ws.manifest.file_record(with_md)],
+                                        "config": config.to_json(), "device": report.device.get("name"),
+                                        "backends": sorted({r.backend for r in rows}),
+                                        "speedups": {f"{s.backend}/{s.scope}": round(s.measured, 4)
+                                                     for s in report.speedups}}, inputs)
+    ws.manifest.save()
+    return report
+
+
+# --------------------------------------------------------------------------------------------------- report
+def _gflops(flops: int) -> str:
+    return f"{flops / 1e9:.2f}"
+
+
+def render_markdown(data: Mapping[str, Any]) -> str:
+    """bench.md, rendered from bench.json's content."""
+    device, art, cfg = data["device"], data["artifact"], data["config"]
+    versions = ", ".join(f"{k} {v}" for k, v in sorted(data["versions"].items()))
+    lines = [
+        f"# Bench: {art['model']} {art['dtype']}, {art['height']}x{art['width']} px, batch {art['batch']}, "
+        f"{art['context_tokens']} context tokens, N={art['num_tokens']}",
+        "",
+        f"Device: **{device['name']}**" + (f" (compute capability {device['compute_capability']})"
+                                            if device.get("kind") == "cuda" else f" ({device['cpu_count']} CPUs)"),
+        f"Versions: {versions}",
+        f"Runs: {cfg['warmup']} warm-up + {cfg['runs']} timed calls per step row (dense and buckets interleaved), "
+        f"1 warm-up + {cfg['loop_runs']} timed loops of {art['steps']} steps. Times in ms.",
+        "",
+        "| backend | variant | scope | steps | GFLOPs | mean | P50 | P95 | P99 | runs | clock |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in data["rows"]:
+        lines.append(f"| {r['backend']} | {r['variant']} | {r['scope']} | {r['steps']} | {_gflops(r['flops'])} | "
+                     f"{r['mean_ms']:.2f} | {r['p50_ms']:.2f} | {r['p95_ms']:.2f} | {r['p99_ms']:.2f} | {r['runs']} | "
+                     f"{r['clock']} |")
+    lines += ["", "Speedup of pruned over dense (P50 / P50) beside the FLOP bound (dense FLOPs / pruned FLOPs):", "",
+              "| backend | scope | dense P50 | pruned P50 | measured | FLOP-bound | measured / bound |",
+              "|---|---|---|---|---|---|---|"]
+    for s in data["speedups"]:
+        lines.append(f"| {s['backend']} | {s['scope']} | {s['dense_p50_ms']:.2f} | {s['pruned_p50_ms']:.2f} | "
+                     f"{s['measured']:.3f}x | {s['flop_bound']:.3f}x | {s['efficiency']:.2f} |")
+    buckets = "; ".join(f"bucket {b['bucket']}: steps {b['steps'][0]}-{b['steps'][-1]}, k={b['k']}"
+                        for b in art["buckets"])
+    lines += ["", f"Schedule: {art['steps']} steps; {buckets}; realised FLOPs {art['realised_flop_ratio']:.3f} of dense."]
+    for s in data["skipped"]:
+        lines.append(f"Skipped {s['backend']}: {s['reason']}")
+    return "\n".join(lines) + "\n"

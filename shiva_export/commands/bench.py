@@ -1,0 +1,42 @@
+"""`bench`: dense vs pruned on the same backend, side by side, beside the FLOP-bound speedup."""
+
+from __future__ import annotations
+
+import argparse
+
+from shiva_export.commands._args import add_out_arg
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    from shiva_export.engines.bench import BenchConfig
+    from shiva_export.engines.runners import ENGINE_SET_NAMES
+
+    parser = subparsers.add_parser(
+        "bench", help="time dense vs pruned per bucket and for the whole sampling loop",
+        description="Time the dense graph and every bucket graph on the same backend, interleaved, after a warm-up; "
+                    "then the whole loop (each step on its bucket's engine vs the dense graph for all steps). Reports "
+                    "mean/P50/P95/P99, the measured speedup and the FLOP-bound one in OUT/bench.json and "
+                    "OUT/bench.md. On CPU: ONNX Runtime; on a CUDA GPU also PyTorch eager, a CUDA graph of the "
+                    "static-mode model and ONNX Runtime CUDA (if onnxruntime-gpu is installed).")
+    add_out_arg(parser)
+    group = parser.add_argument_group("bench", "what is timed and how often")
+    group.add_argument("--warmup", type=int, default=BenchConfig.warmup, help="untimed calls per graph first")
+    group.add_argument("--runs", type=int, default=BenchConfig.runs, help="timed calls per graph")
+    group.add_argument("--loop-runs", type=int, default=BenchConfig.loop_runs, help="timed whole loops per variant")
+    group.add_argument("--seed", type=int, default=BenchConfig.seed, help="seeds the (random) inputs")
+    group.add_argument("--backend", action="append", choices=[*ENGINE_SET_NAMES, "ort-cpu"], default=None,
+                       help="engine set to time; repeat for several (default: every backend available here)")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    from shiva_export.engines.bench import BenchConfig, render_markdown, run_bench
+    from shiva_export.pipeline import Workspace
+
+    config = BenchConfig(warmup=args.warmup, runs=args.runs, loop_runs=args.loop_runs, seed=args.seed)
+    ws = Workspace(args.out)
+    report = run_bench(ws, config, backends=args.backend)
+    print(render_markdown(report.to_json()))
+    print(f"{ws.path('bench.json')}")
+    return 0

@@ -1,0 +1,75 @@
+"""`bench`: dense vs pruned side by side on one backend, with the FLOP-bound speedup beside the measured one."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from shiva_export.cli import EXIT_BAD_INPUT, EXIT_OK, main
+from shiva_export.engines.bench import Timing, device_facts
+
+
+@pytest.fixture(scope="module")
+def benched(tiny_artifact, tmp_path_factory):
+    """One short bench on a copy of the tiny artifact -> (folder, exit code, stdout)."""
+    root = Path(shutil.copytree(tiny_artifact, tmp_path_factory.mktemp("benched") / "artifact"))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(["bench", "--out", str(root), "--warmup", "1", "--runs", "3", "--loop-runs", "1"])
+    return root, code, out.getvalue()
+
+
+def test_bench_writes_dense_and_pruned_rows_and_a_flop_bound_speedup(benched):
+    root, code, out = benched
+    assert code == EXIT_OK
+    data = json.loads((root / "bench.json").read_text())
+    schedule = json.loads((root / "schedule.json").read_text())
+    rows = {(r["backend"], r["variant"], r["scope"]): r for r in data["rows"]}
+    assert set(rows) == {("onnxruntime", "dense", "step"), ("onnxruntime", "pruned", "bucket 0"),
+                         ("onnxruntime", "pruned", "bucket 1"), ("onnxruntime", "dense", "loop"),
+                         ("onnxruntime", "pruned", "loop")}
+    for row in rows.values():
+        assert row["runs"] == (1 if row["scope"] == "loop" else 3) and row["clock"] == "perf_counter"
+        assert 0 < row["min_ms"] <= row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"] <= row["max_ms"]
+    dense_flops = schedule["summary"]["dense_flops_per_step"]
+    assert rows["onnxruntime", "dense", "loop"]["flops"] == dense_flops * 6
+    speedups = {s["scope"]: s for s in data["speedups"]}
+    assert set(speedups) == {"bucket 0", "bucket 1", "loop"}
+    for bucket in schedule["buckets"]:
+        assert speedups[f"bucket {bucket['index']}"]["flop_bound"] == pytest.approx(dense_flops / bucket["flops_per_step"])
+    assert speedups["loop"]["flop_bound"] == pytest.approx(1 / schedule["summary"]["realised_flop_ratio"])
+    assert speedups["loop"]["flop_bound"] > 1 and speedups["loop"]["measured"] > 0
+
+
+def test_bench_names_the_device_and_library_versions_and_renders_markdown(benched):
+    root, _, out = benched
+    data = json.loads((root / "bench.json").read_text())
+    assert data["device"]["name"] == device_facts()["name"] and data["device"]["kind"] in ("cpu", "cuda")
+    assert {"onnxruntime", "torch", "numpy"} <= set(data["versions"])
+    markdown = (root / "bench.md").read_text()
+    assert f"Device: **{data['device']['name']}**" in markdown
+    assert "| onnxruntime | loop |" in markdown and "FLOP-bound" in markdown and markdown in out
+
+
+def test_bench_stage_is_recorded_in_the_manifest(benched):
+    root, _, _ = benched
+    record = json.loads((root / "manifest.json").read_text())["stages"]["bench"]
+    assert {entry["path"] for entry in record["files"]} == {"bench.json", "bench.md"}
+    assert record["backends"] == ["onnxruntime"] and set(record["speedups"]) == {
+        "onnxruntime/bucket 0", "onnxruntime/bucket 1", "onnxruntime/loop"}
+
+
+def test_bench_rejects_zero_runs_with_exit_2(tmp_path, capsys):
+    assert main(["bench", "--out", str(tmp_path), "--runs", "0"]) == EXIT_BAD_INPUT
+    assert "--runs 0 must be an integer >= 1" in capsys.readouterr().err
+
+
+def test_timing_percentiles_use_nearest_rank():
+    timing = Timing.of([float(v) for v in range(1, 101)])
+    assert (timing.mean_ms, timing.p50_ms, timing.p95_ms, timing.p99_ms) == (50.5, 50.0, 95.0, 99.0)
+    assert (timing.min_ms, timing.max_ms, timing.runs) == (1.0, 100.0, 100)

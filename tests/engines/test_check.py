@@ -1,0 +1,261 @@
+"""`check`: bucket engines vs the PyTorch static-mode model on a real trajectory; gates, files, exit codes."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from shiva_export.cli import EXIT_BAD_INPUT, EXIT_CHECK_FAILED, EXIT_OK, main
+from shiva_export.engines.compare import GATES, Gate, Metrics, index_agreement
+from shiva_export.export import INPUT_NAMES
+from shiva_export.io import sha256_file, write_json
+
+
+@pytest.fixture(scope="session")
+def checked(tiny_artifact, tmp_path_factory):
+    """A copy of the tiny artifact with ORT links built by engines.build, checked once on two engine sets:
+    the exported graphs on ORT CPU (`onnxruntime`) and the built `ort` engines. -> (folder, exit code, stdout)."""
+    from shiva_export.engines.build import OnnxSource, build_engines
+
+    root = Path(shutil.copytree(tiny_artifact, tmp_path_factory.mktemp("checked") / "artifact"))
+    export = json.loads((root / "manifest.json").read_text())["stages"]["export"]
+    build_engines(root / "onnx", "ort", sources=[OnnxSource(root / "onnx" / g["file"], g["sha256"])
+                                                 for g in export["graphs"]])
+    out = io.StringIO()   # capsys is function-scoped
+    with contextlib.redirect_stdout(out):
+        code = main(["check", "--out", str(root), "--backend", "onnxruntime", "--backend", "ort"])
+    return root, code, out.getvalue()
+
+
+def _report(root: Path) -> dict:
+    return json.loads((root / "check.json").read_text())
+
+
+def rerecord_export(root: Path) -> None:
+    """Record the export folder's current files in the manifest, as a buggy export that wrote wrong graphs would:
+    the bookkeeping is consistent, so only the numerical check can catch the fault."""
+    manifest = json.loads((root / "manifest.json").read_text())
+    export = manifest["stages"]["export"]
+    for entry in export["files"]:
+        entry["sha256"] = sha256_file(root / entry["path"])
+    for graph in export["graphs"]:
+        graph["sha256"] = sha256_file(root / "onnx" / graph["file"])
+        graph["debug_sha256"] = sha256_file(root / "onnx" / graph["debug_file"])
+    export["dense"]["sha256"] = sha256_file(root / "onnx" / export["dense"]["file"])
+    write_json(root / "manifest.json", manifest)
+
+
+def perturb_float_weights(onnx_dir: Path, scale: float) -> None:
+    """Multiply every fp32 weight in weights.bin by (1 + scale * n), n ~ N(0, 1) seeded; int64 tensors untouched."""
+    import onnx
+
+    model = onnx.load(str(onnx_dir / "dense.onnx"), load_external_data=False)
+    data = np.fromfile(onnx_dir / "weights.bin", dtype=np.uint8)
+    rng = np.random.default_rng(0)
+    for tensor in model.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL or tensor.data_type != onnx.TensorProto.FLOAT:
+            continue
+        info = {e.key: int(e.value) for e in tensor.external_data if e.key in ("offset", "length")}
+        chunk = data[info["offset"]:info["offset"] + info["length"]].view(np.float32)
+        chunk *= (1 + scale * rng.standard_normal(chunk.shape)).astype(np.float32)
+    data.tofile(onnx_dir / "weights.bin")
+
+
+# ------------------------------------------------------------------------------------------------ passing engines
+def test_ort_cpu_passes_every_gate_on_tiny_sd35_fp32_with_full_agreement(checked):
+    root, code, out = checked
+    assert code == EXIT_OK, out
+    report = _report(root)
+    assert report["passed"] and report["failures"] == []
+    ort_cpu = [b for b in report["buckets"] if b["backend"] == "onnxruntime"]
+    assert [b["bucket"] for b in ort_cpu] == [0, 1]
+    assert sorted(s for b in ort_cpu for s in b["steps"]) == list(range(6))
+    for bucket in ort_cpu:
+        assert bucket["metrics"]["max_abs"] <= 1e-4 and bucket["metrics"]["cosine"] > 0.999999
+        assert set(bucket["agreement"]) == {"1", "2", "3", "4", "5"}      # every pruned layer (block 0 is dense)
+        assert all(share == 1.0 for share in bucket["agreement"].values())
+    assert {t["backend"]: t["passed"] for t in report["trajectories"]} == {"onnxruntime": True, "ort": True}
+    assert "PASSED: every gate" in out and "| onnxruntime | full loop | 6 |" in out
+
+
+def test_built_ort_engines_plug_in_by_name_and_report_agreement_none_with_the_reason(checked):
+    root, code, _ = checked
+    built = [b for b in _report(root)["buckets"] if b["backend"] == "ort"]
+    assert len(built) == 2 and all(b["passed"] for b in built)
+    for bucket in built:
+        assert bucket["agreement"] is None
+        assert f"built from b{bucket['bucket']}.onnx, which has no index outputs" in bucket["agreement_note"]
+
+
+def test_check_stage_is_recorded_with_graph_and_engine_hashes_and_reused_when_unchanged(checked, capsys):
+    root, _, _ = checked
+    record = json.loads((root / "manifest.json").read_text())["stages"]["check"]
+    assert record["passed"] and record["backends"] == ["onnxruntime", "ort"] and record["inputs_hash"]
+    assert {"check.json", "check/repro.sh", "check/bucket0/inputs.json", "check/bucket1/reference.json"} <= \
+        {entry["path"] for entry in record["files"]}
+    assert main(["check", "--out", str(root), "--backend", "onnxruntime", "--backend", "ort"]) == EXIT_OK
+    assert "reused: inputs unchanged" in capsys.readouterr().out
+
+
+def test_ort_cpu_passes_every_gate_on_tiny_sd3(tiny_sd3_artifact, tmp_path, capsys):
+    root = Path(shutil.copytree(tiny_sd3_artifact, tmp_path / "sd3"))
+    assert main(["check", "--out", str(root)]) == EXIT_OK, capsys.readouterr().out
+    report = _report(root)
+    assert report["model"] == "tiny-sd3" and len(report["buckets"]) == 2
+    assert all(share == 1.0 for b in report["buckets"] for share in b["agreement"].values())
+
+
+# ------------------------------------------------------------------------------------------------ Polygraphy / trtexec data
+def test_inputs_json_loads_with_polygraphys_loader_as_one_feed_per_step(checked):
+    from polygraphy.comparator import StreamingDataLoader
+    from polygraphy.json import load_json
+
+    root, _, _ = checked
+    for bucket in _report(root)["buckets"][:2]:
+        path = root / "check" / f"bucket{bucket['bucket']}" / "inputs.json"
+        feeds = load_json(str(path))
+        assert isinstance(feeds, list) and len(feeds) == len(bucket["steps"])
+        for feed in feeds:
+            assert list(feed) == list(INPUT_NAMES)
+            assert {name: a.dtype for name, a in feed.items()} == {name: np.dtype(np.float32) for name in INPUT_NAMES}
+            assert feed["hidden_states"].shape == (2, 16, 32, 32) and feed["encoder_hidden_states"].shape == (2, 24, 64)
+        assert len(list(StreamingDataLoader(str(path)))) == len(bucket["steps"])
+
+
+def test_reference_json_loads_as_runresults_of_the_torch_static_runner(checked):
+    from polygraphy.comparator import RunResults
+
+    root, _, _ = checked
+    for bucket in _report(root)["buckets"][:2]:
+        results = RunResults.load(str(root / "check" / f"bucket{bucket['bucket']}" / "reference.json"))
+        assert list(results.keys()) == ["torch-static"]
+        iterations = results["torch-static"]
+        assert len(iterations) == len(bucket["steps"])
+        first = iterations[0]
+        assert first["sample"].shape == (2, 16, 32, 32)
+        k = bucket["k"][1]
+        assert first["indices_layer1"].shape == (2, k) and first["indices_layer1"].dtype == np.int64
+
+
+def test_raw_input_blobs_for_trtexec_hold_the_same_feeds(checked):
+    from polygraphy.json import load_json
+
+    root, _, _ = checked
+    feeds = load_json(str(root / "check" / "bucket1" / "inputs.json"))
+    for index, feed in enumerate(feeds):
+        folder = root / "check" / "bucket1" / "inputs" / f"{index:010d}"
+        for name, array in feed.items():
+            blob = np.fromfile(folder / f"{name}.bin", dtype=array.dtype).reshape(array.shape)
+            np.testing.assert_array_equal(blob, array)
+
+
+def test_repro_script_has_polygraphy_and_trtexec_commands_and_its_polygraphy_line_passes(checked):
+    root, _, _ = checked
+    script = (root / "check" / "repro.sh").read_text()
+    line = ("polygraphy run onnx/b1.debug.onnx --onnxrt --load-inputs check/bucket1/inputs.json "
+            "--load-outputs check/bucket1/reference.json --atol 0.0001 --rtol 0 --check-error-stat max")
+    assert line in script
+    assert "trtexec --onnx=onnx/b0.onnx --stronglyTyped" in script and "--loadInputs='hidden_states':" in script
+    polygraphy = Path(sys.executable).with_name("polygraphy")
+    done = subprocess.run([str(polygraphy), *line.split()[1:]], cwd=root, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "PASSED" in done.stdout
+
+
+# ------------------------------------------------------------------------------------------------ broken engine sets
+def test_swapped_bucket_graphs_fail_with_exit_1_naming_the_bucket_and_metric(artifact_copy, capsys):
+    onnx = artifact_copy / "onnx"
+    for suffix in (".onnx", ".debug.onnx"):
+        (onnx / f"b0{suffix}").rename(onnx / "swap")
+        (onnx / f"b1{suffix}").rename(onnx / f"b0{suffix}")
+        (onnx / "swap").rename(onnx / f"b1{suffix}")
+    rerecord_export(artifact_copy)
+    assert main(["check", "--out", str(artifact_copy)]) == EXIT_CHECK_FAILED
+    out = capsys.readouterr().out
+    assert "FAILED:" in out
+    for bucket in (0, 1):
+        assert f"bucket {bucket}: max_abs " in out and "> 1.0e-04 (fp32 gate, onnxruntime)" in out
+        assert f"bucket {bucket}: agreement layer 1 " in out
+    assert "full trajectory (6 steps): max_abs" in out
+    assert json.loads((artifact_copy / "manifest.json").read_text())["stages"]["check"]["passed"] is False
+
+
+def test_perturbed_weights_fail_with_exit_1_naming_the_bucket_and_metric(artifact_copy, capsys):
+    perturb_float_weights(artifact_copy / "onnx", scale=1e-3)
+    rerecord_export(artifact_copy)
+    assert main(["check", "--out", str(artifact_copy), "--no-trajectory"]) == EXIT_CHECK_FAILED
+    failures = _report(artifact_copy)["failures"]
+    assert any(f.startswith("bucket 0: max_abs ") and f.endswith("(fp32 gate, onnxruntime)") for f in failures)
+    assert any(f.startswith("bucket 1: max_abs ") for f in failures)
+
+
+# ------------------------------------------------------------------------------------------------ unusable input: exit 2
+def test_missing_folder_exits_2(tmp_path, capsys):
+    assert main(["check", "--out", str(tmp_path / "nowhere")]) == EXIT_BAD_INPUT
+    assert "no manifest.json" in capsys.readouterr().err
+
+
+def test_graph_changed_after_export_exits_2_as_stale(artifact_copy, capsys):
+    with open(artifact_copy / "onnx" / "b1.onnx", "ab") as handle:
+        handle.write(b"\0")
+    assert main(["check", "--out", str(artifact_copy)]) == EXIT_BAD_INPUT
+    assert "b1.onnx: sha256 differs from the manifest" in capsys.readouterr().err
+
+
+def test_missing_engine_exits_2_and_says_how_to_build_it(artifact_copy, capsys):
+    assert main(["check", "--out", str(artifact_copy), "--backend", "ort"]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "no ort engine for b0.onnx" in err and "--backend ort" in err
+
+
+# ------------------------------------------------------------------------------------------------ metrics and gates
+def test_identical_outputs_have_zero_error_unit_cosine_and_infinite_psnr():
+    ref = np.linspace(-2, 2, 64, dtype=np.float32).reshape(4, 16)
+    metrics = Metrics.of(ref, ref.copy())
+    assert (metrics.max_abs, metrics.mean_abs, metrics.rel_err, metrics.psnr) == (0, 0, 0, None)
+    assert metrics.cosine == pytest.approx(1.0, abs=1e-12)
+
+
+def test_metrics_follow_polygraphys_psnr_and_relative_error_definitions():
+    ref = np.array([1.0, -2.0, 0.5, 2.0], dtype=np.float32)
+    got = ref + np.array([0.0, 0.1, 0.0, -0.1], dtype=np.float32)
+    metrics = Metrics.of(ref, got)
+    assert metrics.max_abs == pytest.approx(0.1) and metrics.rel_err == pytest.approx(0.05)
+    assert metrics.psnr == pytest.approx(20 * np.log10(2.0) - 10 * np.log10(0.005), abs=1e-4)
+
+
+def test_agreement_compares_kept_indices_as_sets_per_row():
+    ref = [np.array([[0, 1, 2, 3], [4, 5, 6, 7]])]
+    assert index_agreement(ref, [np.array([[3, 2, 1, 0], [4, 5, 6, 9]])]) == pytest.approx(7 / 8)
+
+
+def test_agreement_counts_tokens_kept_by_either_side():
+    ref = [np.array([[0, 1, 2, 3]])]
+    assert index_agreement(ref, [np.array([[0, 1, 2, 3, 4, 5, 6, 7]])]) == pytest.approx(0.5)
+
+
+def test_gate_failure_names_bucket_metric_value_bound_and_backend():
+    failures = GATES["fp32"].failures("bucket 1", Metrics(3.2e-2, 1e-3, 1e-2, 0.99, 40.0), {1: 1.0, 2: 0.5},
+                                      backend="onnxruntime")
+    assert failures == ("bucket 1: max_abs 3.2e-02 > 1.0e-04 (fp32 gate, onnxruntime)",
+                        "bucket 1: agreement layer 2 50.00% < 100% (fp32 gate, onnxruntime)")
+    fp16 = GATES["fp16"].failures("bucket 0", Metrics(1.0, 0.1, 0.5, 0.99, 25.0), {1: 1.0})
+    assert fp16 == ("bucket 0: cosine 0.990000 < 0.9999 (fp16 gate)", "bucket 0: psnr 25.0 dB < 45 dB (fp16 gate)")
+
+
+def test_fp16_agreement_floor_tolerates_one_flipped_token_per_step_only_where_k_is_small():
+    gate = GATES["fp16"]
+    assert gate.agreement_floor(160) == pytest.approx(1 - 1 / 160) and gate.agreement_floor(4000) == 0.999
+    ok = Metrics(0.0, 0.0, 0.0, 1.0, None)
+    assert gate.failures("bucket 1", ok, {4: 0.9984}, k=[256, 160, 160, 160, 160, 160]) == ()
+    assert gate.failures("bucket 1", ok, {4: 0.9984}, k=[4096] + [4000] * 5) == (
+        "bucket 1: agreement layer 4 99.84% < 99.9% (fp16 gate)",)
+    assert GATES["fp32"].agreement_floor(160) == 1.0 and isinstance(GATES["bf16"], Gate)

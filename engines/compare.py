@@ -405,7 +405,6 @@ def run_check(ws, backends: Sequence[Any] = ("onnxruntime",), config: CheckConfi
     from shiva_export.engines.runners import get_engine_set, library_versions
     from shiva_export.engines.trajectory import capture_trajectory, export_config, save_bucket_data
     from shiva_export.io import atomic_directory, sha256_json, write_json
-    from shiva_export.pipeline import model_identity
 
     schedule = ws.schedule()
     cfg = export_config(ws)
@@ -417,9 +416,10 @@ def run_check(ws, backends: Sequence[Any] = ("onnxruntime",), config: CheckConfi
         raise ConfigError(f"backend given twice: {names}")
     gate, trajectory_gate = _gate(GATES, cfg.dtype), _gate(TRAJECTORY_GATES, cfg.dtype)
     versions = library_versions()
+    # The export's inputs hash covers the schedule, the shapes and the model/checkpoint identity of the reference.
     inputs = sha256_json({"engines": {e.name: e.identity() for e in engine_sets}, "config": config.to_json(),
-                          "schedule": schedule.schedule_hash, "gates": [gate.to_json(), trajectory_gate.to_json()],
-                          "versions": versions, **model_identity(ws)})
+                          "export": ws.manifest.require("export").get("inputs_hash"), "schedule": schedule.schedule_hash,
+                          "gates": [gate.to_json(), trajectory_gate.to_json()], "versions": versions})
     if not force and ws.manifest.is_fresh(CHECK_STAGE, inputs):
         logger.info("check: check.json is up to date for these engines and seed, reused (--force to re-run)")
         return CheckReport.from_json(json.loads(ws.path(CHECK_FILE).read_text()), reused=True)

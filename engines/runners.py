@@ -83,7 +83,9 @@ class OnnxGraphs(EngineSet):
     """The exported ONNX graphs run by ONNX Runtime directly (no engine build), sharing one weights copy."""
 
     def __init__(self, ws, provider: str = "cpu", provider_options: dict | None = None,
-                 intra_op_num_threads: int | None = None):
+                 intra_op_num_threads: int | None = None, share_weights: bool = True):
+        """share_weights: one in-memory copy of weights.bin for every session (ORT then skips prepacking its
+        MatMul weights, see engines.backends.ort); False lets each session load and prepack its own, for speed."""
         super().__init__(ws)
         from shiva_export.engines.backends.ort import SharedWeights, _require_provider
 
@@ -92,7 +94,7 @@ class OnnxGraphs(EngineSet):
         self.name = "onnxruntime" if provider == "cpu" else f"onnxruntime-{provider}"
         self.provider_options = provider_options
         self.threads = intra_op_num_threads
-        self.weights = SharedWeights()
+        self.weights = SharedWeights() if share_weights else None
 
     def _runner(self, path: Path, name: str):
         from shiva_export.engines.backends.ort import OrtRunner, SessionFromOnnxPath
@@ -127,7 +129,14 @@ class OnnxGraphs(EngineSet):
 
 
 class BuiltEngines(EngineSet):
-    """Engines built by `engines.build` for a registered backend (`ort`, `trt`, `trt-rtx`)."""
+    """Engines built for a registered backend (`ort`, `trt`, `trt-rtx`), found through the manifest.
+
+    Where: the manifest's ``engine`` stage (``engines[<backend>]``: records with ``bucket`` and ``engine``, the path
+    relative to the folder, as `pipeline.run_engines` writes them); without that record, where `engines.build` puts
+    them (``onnx/engines/<backend>/bK<suffix>``). Debug and dense engines, if someone built them, sit beside the
+    bucket engines as ``bK.debug<suffix>`` and ``dense<suffix>``. Every engine is refused unless its metadata
+    sidecar says it was built by this backend from the graph the manifest lists (`metadata.verify_metadata`).
+    """
 
     def __init__(self, ws, backend_name: str, **runner_kwargs: Any):
         super().__init__(ws)
@@ -142,52 +151,83 @@ class BuiltEngines(EngineSet):
             from shiva_export.engines.backends.ort import SharedWeights
 
             self.runner_kwargs["weights"] = SharedWeights()
+        recorded = ((ws.manifest.stage("engine") or {}).get("engines") or {}).get(self.name) or []
+        self._recorded = {int(r["bucket"]): ws.path(r["engine"]) for r in recorded if "bucket" in r and "engine" in r}
         self._verified: dict[Path, str] = {}
 
-    def _engine(self, onnx_path: Path, expected_sha: str | None, must_exist: bool = True) -> Path | None:
+    def _default_path(self, onnx_path: Path) -> Path:
         from shiva_export.engines.build import engine_path_for
+
+        return engine_path_for(self.ws.path(ONNX_DIR), self.backend, onnx_path)
+
+    def _bucket_engine_path(self, bucket: int) -> Path:
+        return self._recorded.get(bucket) or self._default_path(self.graph_path(bucket))
+
+    def _beside(self, stem: str) -> Path:
+        """`<folder of the bucket engines>/<stem><suffix>`."""
+        first = self._bucket_engine_path(min(self.graphs))
+        return first.with_name(stem + self.backend.engine_suffix)
+
+    def _verify(self, engine: Path, onnx_name: str, expected_sha: str | None) -> Path:
         from shiva_export.engines.metadata import verify_metadata
 
-        engine = engine_path_for(self.ws.path(ONNX_DIR), self.backend, onnx_path)
-        if not engine.is_file():
-            if must_exist:
-                raise ArtifactError(f"{engine}: no {self.backend.name} engine for {onnx_path.name}; build it with "
-                                    f"`python -m shiva_export engine --backend {self.backend.name} --out {self.ws.root}`")
-            return None
         if engine not in self._verified:
             expected = {"backend": self.backend.name}
             if expected_sha:
                 expected["onnx_sha256"] = expected_sha
-            metadata = verify_metadata(engine, expected)   # StaleArtifactError if built from another graph
+            metadata = verify_metadata(engine, expected)   # StaleArtifactError: built from another graph
             self._verified[engine] = metadata.engine_sha256
         return engine
 
+    def _bucket_engine(self, bucket: int) -> Path:
+        graph = self.graphs[bucket] if bucket in self.graphs else self.graph_path(bucket)
+        engine = self._bucket_engine_path(bucket)
+        if not engine.is_file():
+            raise ArtifactError(f"{engine}: no {self.name} engine for {graph['file']}; build it with "
+                                f"`python -m shiva_export build --backend {self.name} --out {self.ws.root}`")
+        return self._verify(engine, graph["file"], graph["sha256"])
+
+    def _optional_engine(self, stem: str, onnx_name: str, expected_sha: str | None) -> Path | None:
+        engine = self._beside(stem)
+        return self._verify(engine, onnx_name, expected_sha) if engine.is_file() else None
+
     def runner(self, bucket: int):
-        engine = self._engine(self.graph_path(bucket), self.graphs[bucket]["sha256"])
-        return self.backend.make_runner(engine, name=f"{self.name}:b{bucket}", **self.runner_kwargs)
+        return self.backend.make_runner(self._bucket_engine(bucket), name=f"{self.name}:b{bucket}",
+                                        **self.runner_kwargs)
 
     def _debug_engine(self, bucket: int) -> Path | None:
         graph = self.graphs.get(bucket, {})
         if not graph.get("debug_file"):
             return None
-        return self._engine(self.graph_path(bucket, debug=True), graph.get("debug_sha256"), must_exist=False)
+        return self._optional_engine(f"b{bucket}.debug", graph["debug_file"], graph.get("debug_sha256"))
 
     def index_runner(self, bucket: int):
         engine = self._debug_engine(bucket)
-        return None if engine is None else self.backend.make_runner(engine, name=f"{self.name}:b{bucket}.debug",
-                                                                    **self.runner_kwargs)
+        if engine is not None:
+            return self.backend.make_runner(engine, name=f"{self.name}:b{bucket}.debug", **self.runner_kwargs)
+        if self.name == "ort" and self.graphs.get(bucket, {}).get("debug_file"):
+            # An ORT "engine" is the ONNX graph itself: its debug twin in the same provider is the same engine
+            # with the index outputs kept.
+            from shiva_export.engines.backends.ort import OrtRunner, SessionFromOnnxPath
+
+            kwargs = {k: v for k, v in self.runner_kwargs.items()
+                      if k in ("provider", "weights", "provider_options", "intra_op_num_threads")}
+            loader = SessionFromOnnxPath(self.graph_path(bucket, debug=True), **kwargs)
+            return OrtRunner(loader, name=f"{self.name}:b{bucket}.debug")
+        return None
 
     def index_note(self, bucket: int) -> str | None:
-        if self._debug_engine(bucket) is not None:
+        if self.index_runner(bucket) is not None:
             return None
         return (f"the {self.name} engine is built from b{bucket}.onnx, which has no index outputs; build one from "
-                f"b{bucket}.debug.onnx to measure token agreement on {self.name}")
+                f"b{bucket}.debug.onnx (as b{bucket}.debug{self.backend.engine_suffix} beside it) to measure token "
+                f"agreement on {self.name}")
 
     def _dense_engine(self) -> Path | None:
         dense = self.ws.manifest.require("export").get("dense") or {}
         if not dense.get("file"):
             return None
-        return self._engine(self.ws.path(f"{ONNX_DIR}/{dense['file']}"), dense.get("sha256"), must_exist=False)
+        return self._optional_engine(Path(dense["file"]).stem, dense["file"], dense.get("sha256"))
 
     def dense_runner(self):
         engine = self._dense_engine()
@@ -195,12 +235,14 @@ class BuiltEngines(EngineSet):
                                                                     **self.runner_kwargs)
 
     def dense_note(self) -> str | None:
-        return None if self._dense_engine() is not None else \
-            f"no {self.name} engine for dense.onnx (engines.build builds the bucket graphs only)"
+        if self._dense_engine() is not None:
+            return None
+        return (f"no {self.name} engine for dense.onnx beside the bucket engines "
+                f"({self._beside('dense').relative_to(self.ws.root)}); build one to bench {self.name}")
 
     def identity(self) -> dict[str, str]:
         for bucket in self.graphs:
-            self._engine(self.graph_path(bucket), self.graphs[bucket]["sha256"])
+            self._bucket_engine(bucket)
             self._debug_engine(bucket)
         self._dense_engine()
         files = {entry["path"]: entry["sha256"] for entry in self.ws.manifest.require("export")["files"]}

@@ -150,7 +150,7 @@ def export_bucket(transformer, k: Sequence[int] | None, cfg: ExportConfig) -> ir
             raise ConfigError(f"CFG-consistent selection needs an even batch, got --batch {cfg.batch}")
         module = StaticBucket(transformer, k, cfg.debug_indices).eval()
         names = output_names(state.num_layers, state.pruned_layers, cfg.debug_indices)
-    feed = example_feed(transformer.config, cfg)
+    feed = {name: value.to(transformer.device) for name, value in example_feed(transformer.config, cfg).items()}
     with _quiet_exporter(), torch.no_grad():
         program = torch.onnx.export(module, (), kwargs=feed, dynamo=True, opset_version=cfg.opset,
                                     input_names=list(INPUT_NAMES), output_names=names, optimize=True)

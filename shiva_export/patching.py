@@ -18,7 +18,8 @@ from diffusers.hooks import HookRegistry, ModelHook
 
 from shiva_export.errors import ConfigError
 from shiva_export.router import RouterBank
-from shiva_export.topk import DifferentiableTopK, check_k, check_ratio, gather_rows, hard_topk_indices, scatter_rows
+from shiva_export.topk import (DifferentiableTopK, check_k, check_ratio, gather_rows, hard_topk_indices, output_gate,
+                               scatter_rows)
 
 PRUNING_HOOK = "shiva.token_pruning"
 SUPPORTED_BLOCKS = ("JointTransformerBlock",)
@@ -36,6 +37,7 @@ class PruningConfig:
     tau_sel: float = 0.1
     score_noise: float = 0.1       # in units of the batch's score std, training only
     soft_rank_chunk: int = 1024
+    ste_gate: Literal["input", "output"] = "input"   # train mode: D5 input gate, or topk.output_gate on the update
 
 
 @dataclasses.dataclass
@@ -103,11 +105,13 @@ class TokenPruningHook(ModelHook):
             k = max(1, int(torch.floor(num_tokens * ratio.detach().float().mean()).item()))
             self.topk.tau_rank, self.topk.tau_sel = state.tau_rank, state.tau_sel
             self.topk.chunk = state.config.soft_rank_chunk
-            kept, passed, indices, pi = self.topk(hidden, scores, ratio, k)
+            kept, passed, indices, pi = self.topk(hidden, scores, ratio, k, gate=state.config.ste_gate)
             state.pi[self.layer] = pi
 
         call["hidden_states"] = kept
         context_out, kept_out = self.fn_ref.original_forward(**call)
+        if state.mode == "train" and state.config.ste_gate == "output":
+            kept_out = output_gate(kept, kept_out, pi, indices)
         if state.record:
             state.indices[self.layer] = indices
             state.processed_tokens[self.layer] = kept.shape[1]

@@ -147,8 +147,12 @@ class DifferentiableTopK(torch.nn.Module):
         self.tau_rank, self.tau_sel, self.chunk = tau_rank, tau_sel, chunk
 
     def forward(self, x: torch.Tensor, scores: torch.Tensor, ratio: torch.Tensor | float, k: int | None = None,
-                surrogate: bool = True):
-        """x [B,N,D], scores [B,N], ratio scalar or [B] -> (x_kept [B,k,D], x_pass [B,N,D], indices [B,k], pi)."""
+                surrogate: bool = True, gate: str = "input"):
+        """x [B,N,D], scores [B,N], ratio scalar or [B] -> (x_kept [B,k,D], x_pass [B,N,D], indices [B,k], pi).
+
+        gate="input" applies the D5 gates here; gate="output" returns the plain split and pi, and the caller gates
+        the block's update with ``output_gate`` once the block has run.
+        """
         num_tokens = x.shape[1]
         ratio = torch.as_tensor(ratio, dtype=torch.float32, device=x.device)
         check_ratio(ratio)
@@ -159,7 +163,22 @@ class DifferentiableTopK(torch.nn.Module):
         if not surrogate:
             return kept, x, indices, None
         pi = inclusion_probability(soft_rank(scores.float(), self.tau_rank, self.chunk), ratio, self.tau_sel)
+        if gate == "output":
+            return kept, x, indices, pi
         gate = (pi - pi.detach()).to(x.dtype)                           # zero in value, pi in gradient
         kept = kept * (1 + torch.gather(gate, 1, indices)).unsqueeze(-1)
         passed = x * (1 - gate).unsqueeze(-1)
         return kept, passed, indices, pi
+
+
+def output_gate(kept_in: torch.Tensor, kept_out: torch.Tensor, pi: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """STE gate on a block's update for the kept tokens: value kept_out exactly, dL/dpi_i = <dL/dout_i, out_i - in_i>.
+
+    The alternative to D5's input gate for pre-norm blocks: AdaLN makes a block's branch invariant to the scale of
+    its input, so under the input gate the surrogate's exact gradient is zero and Eq. 7's one-path estimate reduces
+    to +-<grad, x_i> (the residual stream), which says nothing about the block's value for the token. Gating the
+    update gives each kept token the first-order loss change of skipping the block; dropped tokens get none.
+    """
+    selected = torch.gather(pi, 1, indices)
+    gate = (selected - selected.detach()).to(kept_out.dtype).unsqueeze(-1)   # zero in value, pi in gradient
+    return kept_out + gate * (kept_out - kept_in)

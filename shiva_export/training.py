@@ -65,6 +65,7 @@ class TrainConfig:
     policy_steps: int = 1000          # stage 2: policy learning, logit noise
     joint_steps: int = 3000           # stage 3: joint tuning with DoRA adapters
     lr_warmup_steps: int = 200        # linear LR warm-up at the start of each stage (paper: 200)
+    lr_decay: Literal["none", "cosine"] = "cosine"  # after the warm-up, per stage (paper: unspecified)
     # optimisation (AdamW)
     lr_router: float = 3e-4
     lr_policy: float = 1e-4
@@ -80,6 +81,7 @@ class TrainConfig:
     tau_rank_end: float = 0.05
     tau_sel_start: float = 0.1
     tau_sel_end: float = 0.02
+    ste_gate: Literal["input", "output"] = "output"  # where the STE gate sits (see topk.output_gate; D5 = input)
     score_noise: float = 0.1          # sigma in units of the batch's score std (D12)
     logit_noise: float = 1.0          # stage 2: r = sigmoid(logit + N(0, sigma^2)) (Eq. 29)
     budget_beta: float = 0.2          # EMA weight of the new batch mean (Eq. 12)
@@ -139,6 +141,10 @@ class TrainConfig:
             raise ConfigError("eval_steps and eval_samples must be >= 1")
         if self.timestep_shift <= 0:
             raise ConfigError(f"timestep_shift {self.timestep_shift:g} must be > 0")
+        if self.lr_decay not in ("none", "cosine"):
+            raise ConfigError(f"lr_decay {self.lr_decay!r}; expected none or cosine")
+        if self.ste_gate not in ("input", "output"):
+            raise ConfigError(f"ste_gate {self.ste_gate!r}; expected input or output")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"precision {self.precision!r}; expected auto, fp32 or bf16")
 
@@ -167,11 +173,22 @@ class TrainConfig:
         return (self.tau_rank_end + (self.tau_rank_start - self.tau_rank_end) * weight,
                 self.tau_sel_end + (self.tau_sel_start - self.tau_sel_end) * weight)
 
+    def stage_length(self, stage: int) -> int:
+        return (self.warmup_steps, self.policy_steps, self.joint_steps)[stage - 1]
+
     def lr_scale(self, step: int) -> float:
-        """Linear warm-up from the first step of each stage."""
-        if not self.lr_warmup_steps:
-            return 1.0
-        return min(1.0, (step - self.stage_start(self.stage(step)) + 1) / self.lr_warmup_steps)
+        """Linear warm-up from the first step of each stage, then (lr_decay="cosine") a cosine decay towards 0.
+
+        The decay damps the budget loop at the end of a stage: the EMA and Adam's momentum lag the policy, so at a
+        constant rate the mean keep ratio keeps circling the target instead of settling on it.
+        """
+        stage = self.stage(step)
+        done, length = step - self.stage_start(stage), self.stage_length(stage)
+        warm = self.lr_warmup_steps
+        scale = min(1.0, (done + 1) / warm) if warm else 1.0
+        if self.lr_decay == "cosine" and done >= warm and length > warm:
+            scale *= 0.5 * (1 + math.cos(math.pi * (done - warm) / (length - warm)))
+        return scale
 
     def to_json(self) -> dict:
         return {"schema": 1, **dataclasses.asdict(self), "dense_layers": list(self.dense_layers)}
@@ -418,7 +435,7 @@ class Trainer:
         self.budget = BudgetLoss(config.target_keep, config.budget_beta, config.lambda_budget).to(self.device)
         self.state = apply_token_pruning(self.transformer, self.routers, PruningConfig(
             dense_layers=config.dense_layers, tau_rank=config.tau_rank_start, tau_sel=config.tau_sel_start,
-            score_noise=config.score_noise))
+            score_noise=config.score_noise, ste_gate=config.ste_gate))
         self.transformer.to(self.device)
         self.routers.float()
         self.peft = None

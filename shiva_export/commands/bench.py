@@ -26,6 +26,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     group.add_argument("--seed", type=int, default=BenchConfig.seed, help="seeds the (random) inputs")
     group.add_argument("--backend", action="append", choices=[*ENGINE_SET_NAMES, "ort-cpu"], default=None,
                        help="engine set to time; repeat for several (default: every backend available here)")
+    group.add_argument("--force", action="store_true", help="measure again even if bench.json is fresh")
     parser.set_defaults(func=run)
     return parser
 
@@ -36,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
 
     config = BenchConfig(warmup=args.warmup, runs=args.runs, loop_runs=args.loop_runs, seed=args.seed)
     ws = Workspace(args.out)
-    report = run_bench(ws, config, backends=args.backend)
+    report = run_bench(ws, config, backends=args.backend, force=args.force)
     print(render_markdown(report.to_json()))
-    print(f"{ws.path('bench.json')}")
+    print(f"{ws.path('bench.json')}" + (" (reused: same graphs, device and settings; --force measures again)"
+                                         if report.reused else ""))
     return 0

@@ -7,9 +7,6 @@ import time
 
 from shiva_export.commands._args import add_artifact_args, artifact_config
 
-BACKEND_ALIASES = {"onnxruntime": "ort", "ort": "ort", "tensorrt": "trt", "trt": "trt",
-                   "tensorrt-rtx": "trt-rtx", "trt-rtx": "trt-rtx"}
-
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -32,6 +29,11 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     backends = pipeline.resolve_backends(args.backend)
     ws = pipeline.start(args.out, artifact_config(args, default_router=True))
+    from shiva_export.report import render_summary
+
     result = pipeline.build(ws, backends=backends, runs=args.runs, force=args.force)
-    print(pipeline.render_summary(ws, result, seconds=time.perf_counter() - started))
+    print(render_summary(ws.manifest))
+    reused = f"; reused: {', '.join(result.reused)}" if result.reused else ""
+    print(f"  stages      ran: {', '.join(result.ran) or 'none'}{reused}")
+    print(f"  wall time   {time.perf_counter() - started:.1f} s; report: {ws.root / 'report' / 'report.md'}")
     return 0 if result.passed else 1

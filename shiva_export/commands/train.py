@@ -9,11 +9,11 @@ import json
 # TrainConfig fields by concern (P11); every field is an option, with TrainConfig's default.
 GROUPS = {
     "budget": ("target_keep", "r_min", "r_max", "dense_layers"),
-    "stages": ("warmup_steps", "policy_steps", "joint_steps", "lr_warmup_steps"),
+    "stages": ("warmup_steps", "policy_steps", "joint_steps", "lr_warmup_steps", "lr_decay"),
     "optimisation": ("lr_router", "lr_policy", "lr_adapter", "weight_decay", "global_batch", "micro_batch",
                      "precision", "seed"),
     "method": ("tau_rank_start", "tau_rank_end", "tau_sel_start", "tau_sel_end", "score_noise", "logit_noise",
-               "budget_beta", "lambda_budget", "lambda_distill", "lambda_diffusion", "distill_every",
+               "budget_beta", "lambda_budget", "ste_gate", "lambda_distill", "lambda_diffusion", "distill_every",
                "router_hidden_dim", "router_group_size", "policy_hidden_dim", "adapter_rank", "adapter_alpha"),
     "data": ("data", "height", "width", "context_tokens", "data_free_contrast", "timestep_shift", "cfg_dropout"),
     "evaluation": ("eval_steps", "eval_samples"),
@@ -80,7 +80,9 @@ def add_parser(subparsers) -> None:
             field = fields[name]
             default = field.default
             shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-            kwargs = {"choices": ("auto", "fp32", "bf16")} if name == "precision" else {"type": _option_type(field)}
+            choices = {"precision": ("auto", "fp32", "bf16"), "ste_gate": ("input", "output"),
+                       "lr_decay": ("none", "cosine")}
+            kwargs = {"choices": choices[name]} if name in choices else {"type": _option_type(field)}
             group.add_argument(f"--{name.replace('_', '-')}", dest=name, default=argparse.SUPPRESS,
                                help=f"{HELP.get(name, name.replace('_', ' '))} (default: {shown})", **kwargs)
     run = parser.add_argument_group("run", "where and how this invocation runs (not hyperparameters)")

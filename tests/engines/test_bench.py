@@ -53,7 +53,8 @@ def test_bench_names_the_device_and_library_versions_and_renders_markdown(benche
     assert {"onnxruntime", "torch", "numpy"} <= set(data["versions"])
     markdown = (root / "bench.md").read_text()
     assert f"Device: **{data['device']['name']}**" in markdown
-    assert "| onnxruntime | loop |" in markdown and "FLOP-bound" in markdown and markdown in out
+    assert "| onnxruntime | loop |" in markdown and "| onnxruntime | cpu | pruned | bucket 1 |" in markdown
+    assert "FLOP-bound" in markdown and markdown in out
 
 
 def test_bench_stage_is_recorded_in_the_manifest(benched):
@@ -73,3 +74,11 @@ def test_timing_percentiles_use_nearest_rank():
     timing = Timing.of([float(v) for v in range(1, 101)])
     assert (timing.mean_ms, timing.p50_ms, timing.p95_ms, timing.p99_ms) == (50.5, 50.0, 95.0, 99.0)
     assert (timing.min_ms, timing.max_ms, timing.runs) == (1.0, 100.0, 100)
+
+
+def test_bench_is_reused_when_graphs_device_and_settings_are_unchanged(benched, capsys):
+    root, _, _ = benched
+    before = json.loads((root / "manifest.json").read_text())["stages"]["bench"]["finished"]
+    assert main(["bench", "--out", str(root), "--warmup", "1", "--runs", "3", "--loop-runs", "1"]) == EXIT_OK
+    assert "reused: same graphs, device and settings" in capsys.readouterr().out
+    assert json.loads((root / "manifest.json").read_text())["stages"]["bench"]["finished"] == before

@@ -21,14 +21,12 @@ from shiva_export.io import sha256_file, write_json
 
 @pytest.fixture(scope="session")
 def checked(tiny_artifact, tmp_path_factory):
-    """A copy of the tiny artifact with ORT links built by engines.build, checked once on two engine sets:
+    """A copy of the tiny artifact with ORT engines built by the engine stage, checked once on two engine sets:
     the exported graphs on ORT CPU (`onnxruntime`) and the built `ort` engines. -> (folder, exit code, stdout)."""
-    from shiva_export.engines.build import OnnxSource, build_engines
+    from shiva_export import pipeline
 
     root = Path(shutil.copytree(tiny_artifact, tmp_path_factory.mktemp("checked") / "artifact"))
-    export = json.loads((root / "manifest.json").read_text())["stages"]["export"]
-    build_engines(root / "onnx", "ort", sources=[OnnxSource(root / "onnx" / g["file"], g["sha256"])
-                                                 for g in export["graphs"]])
+    pipeline.run_engines(pipeline.Workspace(root), "ort")
     out = io.StringIO()   # capsys is function-scoped
     with contextlib.redirect_stdout(out):
         code = main(["check", "--out", str(root), "--backend", "onnxruntime", "--backend", "ort"])
@@ -86,13 +84,31 @@ def test_ort_cpu_passes_every_gate_on_tiny_sd35_fp32_with_full_agreement(checked
     assert "PASSED: every gate" in out and "| onnxruntime | full loop | 6 |" in out
 
 
-def test_built_ort_engines_plug_in_by_name_and_report_agreement_none_with_the_reason(checked):
+def test_built_ort_engines_plug_in_by_name_and_measure_agreement_on_their_debug_twins(checked):
     root, code, _ = checked
     built = [b for b in _report(root)["buckets"] if b["backend"] == "ort"]
     assert len(built) == 2 and all(b["passed"] for b in built)
-    for bucket in built:
-        assert bucket["agreement"] is None
-        assert f"built from b{bucket['bucket']}.onnx, which has no index outputs" in bucket["agreement_note"]
+    assert all(share == 1.0 for b in built for share in b["agreement"].values())
+
+
+def test_engine_set_without_index_outputs_reports_agreement_none_with_the_reason(artifact_copy):
+    from shiva_export.engines.compare import CheckConfig, run_check
+    from shiva_export.engines.runners import OnnxGraphs
+    from shiva_export.pipeline import Workspace
+
+    class ProductionGraphsOnly(OnnxGraphs):      # like a TensorRT engine built from bK.onnx
+        def index_runner(self, bucket):
+            return None
+
+        def index_note(self, bucket):
+            return f"b{bucket}.onnx has no index outputs"
+
+    ws = Workspace(artifact_copy)
+    engines = ProductionGraphsOnly(ws)
+    engines.name = "no-indices"
+    report = run_check(ws, backends=[engines], config=CheckConfig(full_trajectory=False))
+    assert report and [b.agreement for b in report.buckets] == [None, None]
+    assert [b.agreement_note for b in report.buckets] == ["b0.onnx has no index outputs", "b1.onnx has no index outputs"]
 
 
 def test_check_stage_is_recorded_with_graph_and_engine_hashes_and_reused_when_unchanged(checked, capsys):
@@ -213,7 +229,16 @@ def test_graph_changed_after_export_exits_2_as_stale(artifact_copy, capsys):
 def test_missing_engine_exits_2_and_says_how_to_build_it(artifact_copy, capsys):
     assert main(["check", "--out", str(artifact_copy), "--backend", "ort"]) == EXIT_BAD_INPUT
     err = capsys.readouterr().err
-    assert "no ort engine for b0.onnx" in err and "--backend ort" in err
+    assert "no ort engine for b0.onnx" in err and "build --backend ort" in err
+
+
+def test_engine_built_from_another_graph_exits_2_as_stale(checked, tmp_path, capsys):
+    root = Path(shutil.copytree(checked[0], tmp_path / "artifact"))
+    engines = root / "onnx" / "engines" / "ort"
+    for name in ("b0.onnxref", "b0.onnxref.meta.json"):        # bucket 0's engine now is bucket 1's
+        shutil.copy(engines / name.replace("b0", "b1"), engines / name)
+    assert main(["check", "--out", str(root), "--backend", "ort", "--force"]) == EXIT_BAD_INPUT
+    assert "engine is stale or from another export: onnx_sha256 expected" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------ metrics and gates

@@ -1,0 +1,309 @@
+"""Claims about `train` (shiva_export/training.py, checkpoint.py, training_data.py, commands/train.py) on CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from shiva_export import checkpoint as ckpt
+from shiva_export import cli
+from shiva_export.errors import ArtifactError, ConfigError
+from shiva_export.models import load_transformer
+from shiva_export.training import RunOptions, TrainConfig, train
+from shiva_export.training_data import write_latent_dataset
+
+TINY = "tiny-sd35"
+# The demo run behind the quality claims: data-free, default resolution (256 image tokens), short stages. The
+# policy learning rate is raised for a run this short (1e-4 moves the schedule too little in ~100 steps); the
+# integral budget term then keeps the long-run mean on target (see the budget test).
+DEMO = {"--target-keep": "0.6", "--warmup-steps": "60", "--policy-steps": "60", "--joint-steps": "60",
+        "--lr-warmup-steps": "10", "--global-batch": "4", "--micro-batch": "4", "--eval-steps": "8",
+        "--lr-policy": "3e-3", "--budget-integral": "0.1"}
+# Tiny runs for the mechanics (resume, processes, data): a few steps over all three stages.
+MECHANICS = TrainConfig(warmup_steps=2, policy_steps=2, joint_steps=3, lr_warmup_steps=2, global_batch=4,
+                        micro_batch=1, eval_steps=2, eval_samples=1, height=128, width=128, lr_policy=1e-3)
+DEMO_TIME_LIMIT_S = 180          # the issue's bound for the three stages on a 2-core CPU
+PROCESS_TOLERANCE = 1e-4         # 2 gloo processes vs 1 process: same math, different float summation order
+
+
+def run_cli(*argv: str) -> int:
+    return cli.main(["train", *argv, "--no-progress"])
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "ckpt"
+    start = time.perf_counter()
+    code = run_cli("--model", TINY, "--out", str(out), *[part for item in DEMO.items() for part in item])
+    wall = time.perf_counter() - start
+    assert code == 0
+    return {"out": out, "wall": wall, "summary": json.loads((out / ckpt.SUMMARY_FILE).read_text())}
+
+
+def tensors_of(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for name in (ckpt.ROUTER_FILE, ckpt.POLICY_FILE, ckpt.ADAPTER_FILE, ckpt.STATE_FILE):
+        if (folder / name).is_file():
+            out.update({f"{name}/{key}": value for key, value in ckpt.read_tensors(folder / name).items()})
+    return out
+
+
+# ------------------------------------------------------------------------------------------ the demo run
+
+
+def test_three_stages_finish_within_the_time_bound_and_write_a_complete_checkpoint(demo):
+    out, summary = demo["out"], demo["summary"]
+    assert demo["wall"] < DEMO_TIME_LIMIT_S, f"the three stages took {demo['wall']:.0f} s"
+    for name in (ckpt.CONFIG_FILE, ckpt.ROUTER_FILE, ckpt.POLICY_FILE, ckpt.ADAPTER_FILE, ckpt.STATE_FILE,
+                 ckpt.STATE_JSON, ckpt.LOG_FILE, ckpt.SUMMARY_FILE):
+        assert (out / name).is_file(), name
+    config = ckpt.read_config(out)
+    assert config["model"]["num_layers"] == 6 and config["model"]["name"] == TINY
+    assert config["model"]["model_hash"] == summary["model_hash"]
+    assert config["train"]["lr_router"] == 3e-4 and config["train"]["tau_rank_start"] == 0.2
+    assert config["adapters"]["rank"] == 32 and config["adapters"]["use_dora"] is True
+    log = ckpt.read_jsonl(out / ckpt.LOG_FILE)
+    assert [record["step"] for record in log] == list(range(1, 181))
+    assert [record["stage"] for record in log] == [1] * 60 + [2] * 60 + [3] * 60
+    assert log[0]["tau_rank"] == pytest.approx(0.2) and log[-1]["tau_rank"] == pytest.approx(0.05)
+    assert log[0]["tau_sel"] == pytest.approx(0.1) and log[-1]["tau_sel"] == pytest.approx(0.02)
+    assert all({"loss", "distill", "budget", "batch_keep", "ema_keep"} <= set(record) for record in log)
+    assert summary["steps"]["done"] == 180 and summary["wall_time_s"] > 0
+
+
+def test_long_run_mean_keep_ratio_ends_within_0_03_of_the_target(demo):
+    summary = demo["summary"]
+    assert abs(summary["mean_keep"] - 0.6) <= 0.03, summary["mean_keep"]
+    assert abs(summary["mean_keep_ema"] - 0.6) <= 0.03, summary["mean_keep_ema"]
+    assert summary["checks"]["mean_keep_within_0.03"]
+
+
+def test_after_stage2_learned_router_beats_random_and_grid_selection_at_the_same_budget(demo):
+    errors = demo["summary"]["after_stage2"]
+    assert errors["learned"] < errors["random"], errors
+    assert errors["learned"] < errors["grid"], errors
+
+
+def test_after_stage3_output_error_is_at_least_30pct_below_the_untrained_router(demo):
+    errors = demo["summary"]["after_stage3"]
+    assert errors["learned"] <= 0.7 * errors["untrained_router"], errors
+    assert errors["reduction_vs_untrained"] >= 0.30
+
+
+def test_learned_schedule_is_not_flat_across_timesteps(demo):
+    schedule = demo["summary"]["schedule"]
+    per_step = schedule["mean_keep"]
+    assert len(per_step) == 8
+    assert max(per_step) - min(per_step) >= 0.05, per_step
+    assert demo["summary"]["checks"]["schedule_not_flat"]
+
+
+def test_summary_is_printed_and_saved_with_every_figure(demo):
+    summary = demo["summary"]
+    for key in ("mean_keep", "mean_keep_ema", "flop_ratio_at_sampler", "wall_time_s", "after_stage2",
+                "after_stage3", "schedule", "checks"):
+        assert key in summary
+    assert 0 < summary["flop_ratio_at_sampler"] < 1
+    assert all(summary["checks"].values()), summary["checks"]
+
+
+# ------------------------------------------------------------------------------------------ loading checkpoints
+
+
+def test_load_router_checkpoint_restores_the_trained_router_and_policy(demo):
+    model, source = load_transformer(TINY)
+    routers, policy, config = ckpt.load_router_checkpoint(demo["out"], model, source)
+    saved = ckpt.read_tensors(demo["out"] / ckpt.ROUTER_FILE)
+    assert all(torch.equal(routers.state_dict()[key], value) for key, value in saved.items())
+    timesteps = torch.tensor(demo["summary"]["schedule"]["timesteps"])
+    table = policy.ratios(timesteps)
+    assert table[:, 1:].mean(dim=1).tolist() == pytest.approx(demo["summary"]["schedule"]["mean_keep"], abs=1e-3)
+    assert config["has_adapters"] and len(config["checkpoint_hash"]) == 64
+
+
+def test_checkpoint_for_another_model_is_refused_naming_both(demo, tmp_path):
+    other, other_source = load_transformer("tiny-sd3")
+    with pytest.raises(ConfigError, match=r"tiny-sd35.*num_layers=6.*given model has num_layers=4"):
+        ckpt.load_router_checkpoint(demo["out"], other, other_source)
+    copy = tmp_path / "ckpt"
+    shutil.copytree(demo["out"], copy)
+    config = json.loads((copy / ckpt.CONFIG_FILE).read_text())
+    config["model"]["model_hash"] = "f" * 64
+    (copy / ckpt.CONFIG_FILE).write_text(json.dumps(config))
+    model, source = load_transformer(TINY)
+    with pytest.raises(ConfigError, match=rf"hash ffffffffffff.*has hash {source.model_hash[:12]}"):
+        ckpt.load_router_checkpoint(copy, model, source)
+
+
+def test_resume_with_another_model_exits_2(demo, capsys):
+    assert run_cli("--model", "tiny-sd3", "--out", str(demo["out"]), "--resume") == 2
+    assert "tiny-sd35" in capsys.readouterr().err
+
+
+def test_checkpoints_load_without_unpickling(demo, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a checkpoint must never be unpickled")
+
+    monkeypatch.setattr(torch, "load", refuse)
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    model, source = load_transformer(TINY)
+    ckpt.load_router_checkpoint(demo["out"], model, source)
+    ckpt.load_adapters(demo["out"], model, source)
+
+
+def test_load_adapters_merges_dora_into_plain_linear_layers(demo):
+    from peft import get_peft_model, set_peft_model_state_dict
+
+    inputs = {"hidden_states": torch.randn(1, 16, 32, 32), "encoder_hidden_states": torch.randn(1, 24, 64),
+              "pooled_projections": torch.randn(1, 64), "timestep": torch.tensor([500.0])}
+    config = ckpt.read_config(demo["out"])
+    wrapped, _ = load_transformer(TINY)
+    peft_model = get_peft_model(wrapped, ckpt.lora_config(config["adapters"]))
+    set_peft_model_state_dict(peft_model, ckpt.read_tensors(demo["out"] / ckpt.ADAPTER_FILE))
+    base, source = load_transformer(TINY)
+    with torch.no_grad():
+        expected = peft_model(**inputs).sample
+        dense = base(**inputs).sample
+    merged = ckpt.load_adapters(demo["out"], base, source)
+    assert not any(type(module).__module__.startswith("peft") for module in merged.modules())
+    assert type(merged.transformer_blocks[1].attn.to_q) is torch.nn.Linear
+    with torch.no_grad():
+        actual = merged(**inputs).sample
+    assert not torch.allclose(expected, dense, atol=1e-4)           # the adapters did learn something
+    torch.testing.assert_close(actual, expected, atol=2e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------ resume, processes
+
+
+def test_resume_after_a_stop_is_bit_exact_on_cpu(tmp_path):
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    train(TINY, MECHANICS, RunOptions(out=whole, progress=False))
+    stopped = train(TINY, MECHANICS, RunOptions(out=parts, progress=False, stop_after=5))   # mid stage 3
+    assert stopped["stopped_at"] == 5 and (parts / ckpt.ADAPTER_FILE).is_file()
+    train(TINY, MECHANICS, RunOptions(out=parts, progress=False, resume=True))
+    expected, actual = tensors_of(whole), tensors_of(parts)
+    assert expected.keys() == actual.keys()
+    assert [key for key in expected if not torch.equal(expected[key], actual[key])] == []
+    assert ckpt.read_jsonl(whole / ckpt.LOG_FILE) == ckpt.read_jsonl(parts / ckpt.LOG_FILE)
+    first, second = (json.loads((p / ckpt.SUMMARY_FILE).read_text()) for p in (whole, parts))
+    assert first["after_stage3"] == second["after_stage3"] and first["after_stage2"] == second["after_stage2"]
+
+
+def test_two_gloo_processes_match_one_process_with_twice_the_accumulation(tmp_path):
+    single, double = tmp_path / "single", tmp_path / "double"
+    train(TINY, MECHANICS, RunOptions(out=single, progress=False))           # 1 process: 4 accumulation steps
+    options = ["--model", TINY, "--out", str(double), "--warmup-steps", "2", "--policy-steps", "2",
+               "--joint-steps", "3", "--lr-warmup-steps", "2", "--global-batch", "4", "--micro-batch", "1",
+               "--eval-steps", "2", "--eval-samples", "1", "--height", "128", "--width", "128",
+               "--lr-policy", "1e-3", "--no-progress", "--device", "cpu"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             "-m", "shiva_export", "train", *options], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((double / ckpt.SUMMARY_FILE).read_text())
+    assert summary["world_size"] == 2
+    assert ckpt.read_config(double)["train"] == ckpt.read_config(single)["train"]
+    expected, actual = tensors_of(single), tensors_of(double)
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        if key.endswith("rng.cpu"):
+            continue
+        torch.testing.assert_close(actual[key], expected[key], atol=PROCESS_TOLERANCE, rtol=PROCESS_TOLERANCE,
+                                   msg=lambda message: f"{key}: {message}")
+    for one, two in zip(ckpt.read_jsonl(single / ckpt.LOG_FILE), ckpt.read_jsonl(double / ckpt.LOG_FILE)):
+        assert two["batch_keep"] == pytest.approx(one["batch_keep"], abs=PROCESS_TOLERANCE)
+        assert two["distill"] == pytest.approx(one["distill"], rel=1e-3)
+
+
+def test_interrupted_checkpoint_write_leaves_the_last_good_checkpoint(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    out = tmp_path / "ckpt"
+    train(TINY, MECHANICS, RunOptions(out=out, progress=False, stop_after=1))
+    before = tensors_of(out)
+    real_save, calls = safetensors.torch.save_file, []
+
+    def crash_midway(*args, **kwargs):
+        calls.append(args[1])
+        if len(calls) == 3:
+            raise KeyboardInterrupt("simulated kill during the checkpoint write")
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", crash_midway)
+    with pytest.raises(KeyboardInterrupt):
+        train(TINY, MECHANICS, RunOptions(out=out, progress=False, resume=True, stop_after=2))
+    monkeypatch.undo()
+    assert len(calls) == 3
+    assert json.loads((out / ckpt.STATE_JSON).read_text())["step"] == 1
+    after = tensors_of(out)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]          # no partial folder left behind
+    resumed = train(TINY, MECHANICS, RunOptions(out=out, progress=False, resume=True, stop_after=2))
+    assert resumed["stopped_at"] == 2
+
+
+# ------------------------------------------------------------------------------------------ data and bad input
+
+
+def tiny_dataset(root: Path, count: int = 6, context_dim: int = 64) -> Path:
+    generator = torch.Generator().manual_seed(0)
+    return write_latent_dataset(root, torch.randn(count, 16, 16, 16, generator=generator),
+                                torch.randn(count, 24, context_dim, generator=generator),
+                                torch.randn(count, 64, generator=generator), shard_size=4,
+                                null_embeddings=(torch.zeros(24, context_dim), torch.zeros(64)))
+
+
+def test_training_on_the_documented_data_format_adds_the_flow_matching_loss(tmp_path):
+    data = tiny_dataset(tmp_path / "data")
+    assert sorted(p.name for p in data.iterdir()) == ["index.json", "null.safetensors", "shard-00000.safetensors",
+                                                      "shard-00001.safetensors"]
+    config = TrainConfig(warmup_steps=1, policy_steps=1, joint_steps=1, lr_warmup_steps=1, global_batch=2,
+                         micro_batch=1, eval_steps=2, eval_samples=1, data=str(data))
+    summary = train(TINY, config, RunOptions(out=tmp_path / "ckpt", progress=False))
+    log = ckpt.read_jsonl(tmp_path / "ckpt" / ckpt.LOG_FILE)
+    assert all(record["diffusion"] > 0 for record in log)
+    assert summary["num_image_tokens"] == 64                      # 16x16 latents, patch 2
+    saved = ckpt.read_config(tmp_path / "ckpt")["train"]
+    assert (saved["height"], saved["width"], saved["context_tokens"]) == (128, 128, 24)
+
+
+@pytest.mark.parametrize("keep", ["0", "-0.2", "1.5"])
+def test_target_keep_outside_0_1_exits_2(tmp_path, capsys, keep):
+    assert run_cli("--model", TINY, "--out", str(tmp_path / "c"), "--target-keep", keep) == 2
+    assert "outside (0, 1]" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+
+
+def test_missing_data_folder_exits_2(tmp_path, capsys):
+    assert run_cli("--model", TINY, "--out", str(tmp_path / "c"), "--data", str(tmp_path / "nowhere")) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_data_with_another_embedding_width_exits_2_naming_both_widths(tmp_path, capsys):
+    data = tiny_dataset(tmp_path / "data", context_dim=32)
+    assert run_cli("--model", TINY, "--out", str(tmp_path / "c"), "--data", str(data)) == 2
+    err = capsys.readouterr().err
+    assert "context_dim is 32" in err and "joint_attention_dim (text embedding width) is 64" in err
+
+
+def test_resume_and_fresh_runs_refuse_the_wrong_folder(tmp_path, capsys):
+    with pytest.raises(ArtifactError, match="no checkpoint to resume"):
+        train(TINY, MECHANICS, RunOptions(out=tmp_path / "none", resume=True, progress=False))
+    out = tmp_path / "ckpt"
+    train(TINY, MECHANICS, RunOptions(out=out, progress=False, stop_after=1))
+    with pytest.raises(ConfigError, match="already holds a checkpoint"):
+        train(TINY, MECHANICS, RunOptions(out=out, progress=False))
+    assert run_cli("--out", str(out), "--resume", "--lr-router", "1e-3") == 2
+    assert "lr_router=0.001 (checkpoint: 0.0003)" in capsys.readouterr().err

@@ -94,7 +94,7 @@ class OnnxGraphs(EngineSet):
         self.name = "onnxruntime" if provider == "cpu" else f"onnxruntime-{provider}"
         self.provider_options = provider_options
         self.threads = intra_op_num_threads
-        self.weights = SharedWeights() if share_weights else None
+        self.weights = SharedWeights(device=provider) if share_weights else None
 
     def _runner(self, path: Path, name: str):
         from shiva_export.engines.backends.ort import OrtRunner, SessionFromOnnxPath
@@ -150,7 +150,7 @@ class BuiltEngines(EngineSet):
         if backend_name == "ort" and "weights" not in self.runner_kwargs:
             from shiva_export.engines.backends.ort import SharedWeights
 
-            self.runner_kwargs["weights"] = SharedWeights()
+            self.runner_kwargs["weights"] = SharedWeights(device=self.runner_kwargs.get("provider", "cpu"))
         recorded = ((ws.manifest.stage("engine") or {}).get("engines") or {}).get(self.name) or []
         self._recorded = {int(r["bucket"]): ws.path(r["engine"]) for r in recorded if "bucket" in r and "engine" in r}
         self._verified: dict[Path, str] = {}

@@ -161,13 +161,17 @@ def export_bucket(transformer, k: Sequence[int] | None, cfg: ExportConfig) -> ir
 
 def tensorrt_safety_passes(model: ir.Model, dtype: str) -> None:
     """Rewrite what TensorRT rejects or computes badly; every pass checks its own postcondition."""
+    from shiva_export.passes.precision import Fp32IslandsPass
     from shiva_export.passes.topk import SplitLargeTopKPass
 
-    SplitLargeTopKPass()(model)
-    if dtype != "fp32":
-        from shiva_export.passes.precision import Fp32IslandsPass
-
-        Fp32IslandsPass()(model)
+    passes = [SplitLargeTopKPass()] + ([Fp32IslandsPass()] if dtype != "fp32" else [])
+    for graph_pass in passes:
+        try:
+            graph_pass(model)
+        except (ir.passes.PassError, ir.passes.InvariantError) as err:  # onnx_ir wraps the pass's own StaticGraphError: surface that one
+            if isinstance(err.__cause__, StaticGraphError):
+                raise err.__cause__ from None
+            raise
 
 
 def _tensor_key(tensor: ir.TensorProtocol, data: bytes) -> str:

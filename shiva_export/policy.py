@@ -57,12 +57,18 @@ class AdaptiveRatioPolicy(nn.Module):
         layer_term = self.layer_mlp(self.layer_table(layers)).reshape(1, -1)                  # [1, L]
         return time_term + layer_term + self.anchor
 
-    def forward(self, timesteps: torch.Tensor, logit_noise: float = 0.0, generator: torch.Generator | None = None
-                ) -> torch.Tensor:
-        """Ratios [T, L]; logit_noise > 0 adds N(0, sigma^2) to the logits (stage 2 exploration, Eq. 29)."""
+    def forward(self, timesteps: torch.Tensor, logit_noise: float = 0.0, generator: torch.Generator | None = None,
+                noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Ratios [T, L]; logit_noise > 0 adds N(0, sigma^2) to the logits (stage 2 exploration, Eq. 29).
+
+        ``noise``: the standard-normal draw to use (broadcast to [T, L]) instead of drawing one from ``generator``,
+        for callers that need the draw itself (training's score-function term).
+        """
         logits = self.logits(timesteps)
         if logit_noise:
-            noise = torch.randn(logits.shape, generator=generator, device=logits.device if generator is None else "cpu")
+            if noise is None:
+                noise = torch.randn(logits.shape, generator=generator,
+                                    device=logits.device if generator is None else "cpu")
             logits = logits + logit_noise * noise.to(logits.device)
         ratios = torch.sigmoid(logits).clamp(self.r_min, 1.0)
         if self.keep_all:  # logit(1) is infinite: a target of 1 means "never prune", not sigmoid(6) = 0.9975

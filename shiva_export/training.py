@@ -84,6 +84,7 @@ class TrainConfig:
     ste_gate: Literal["input", "output"] = "output"  # where the STE gate sits (see topk.output_gate; D5 = input)
     score_noise: float = 0.1          # sigma in units of the batch's score std (D12)
     logit_noise: float = 1.0          # stage 2: r = sigmoid(logit + N(0, sigma^2)) (Eq. 29)
+    policy_score_weight: float = 1.0  # stage 2: score-function estimate of the policy's loss gradient (0: STE only)
     budget_beta: float = 0.2          # EMA weight of the new batch mean (Eq. 12)
     lambda_budget: float = 1.0
     lambda_distill: float = 1.0
@@ -127,7 +128,7 @@ class TrainConfig:
         temps = (self.tau_rank_start, self.tau_rank_end, self.tau_sel_start, self.tau_sel_end)
         if min(temps) <= 0:
             raise ConfigError(f"temperatures {temps} must be > 0")
-        if min(self.score_noise, self.logit_noise, self.lambda_budget, self.lambda_distill,
+        if min(self.score_noise, self.logit_noise, self.policy_score_weight, self.lambda_budget, self.lambda_distill,
                self.lambda_diffusion) < 0:
             raise ConfigError("noise scales and loss weights must be >= 0")
         if not 0 < self.budget_beta <= 1:
@@ -385,12 +386,18 @@ class GridScorer(torch.nn.Module):
 
 @dataclasses.dataclass
 class MicroBatch:
-    """One micro-batch's draws: its generator (still in use by the hooks' score noise) and inputs."""
+    """One micro-batch: its generator (still in use by the hooks' score noise), timesteps and keep ratios [b, L].
+
+    In stage 2, ``noise`` is its logit-noise draw [L] and ``logits`` the policy's clean logits [L] (with grad), for
+    the score-function term.
+    """
 
     index: int
     generator: torch.Generator
     timesteps: torch.Tensor
     ratios: torch.Tensor
+    noise: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
 
 
 # ----------------------------------------------------------------------------------------------- trainer
@@ -444,6 +451,7 @@ class Trainer:
         self.step = 0
         self.evals: dict[str, dict[str, float]] = {}
         self.log: list[dict] = []
+        self.score_baseline = torch.zeros(2, config.micro_batches, dtype=torch.float64)  # [mean loss, seen]
         self.wall_time = 0.0
         self.distilled = distill_layers(self.num_layers, config.distill_every)
 
@@ -524,7 +532,10 @@ class Trainer:
     # -- one optimizer step ----------------------------------------------------------------------------------
 
     def _micro_batches(self, step: int, stage: int) -> list[MicroBatch]:
-        """This process's micro-batches: global index g = a * world + rank, stratum g of G (D11)."""
+        """This process's micro-batches: global index g = a * world + rank, timestep stratum g of G (D11).
+
+        All samples of a micro-batch share one timestep and one logit-noise draw, hence one k per layer.
+        """
         cfg = self.config
         total = cfg.micro_batches
         ratio_order = torch.randperm(total, generator=keyed_generator(cfg.seed, step, "ratio-strata"))
@@ -532,18 +543,23 @@ class Trainer:
         for a in range(self.accumulation):
             g = a * self.dist.world_size + self.dist.rank
             generator = keyed_generator(cfg.seed, step, g)
-            u = (g + torch.rand(cfg.micro_batch, generator=generator)) / total
-            timesteps = shifted_timesteps(u, cfg.timestep_shift)
+            u = (g + torch.rand(1, generator=generator)) / total
+            timestep = shifted_timesteps(u, cfg.timestep_shift)
+            noise = logits = None
             if stage == 1:
                 ratio = stratified_ratios(1, cfg.r_min, cfg.r_max, generator, offset=int(ratio_order[g]),
                                           total_strata=total)
-                ratios = torch.ones(cfg.micro_batch, self.num_layers)
+                ratios = torch.ones(1, self.num_layers)
                 ratios[:, self.pruned_layers] = ratio.clamp(max=1.0)
                 ratios = ratios.to(self.device)
+            elif stage == 2 and cfg.logit_noise:
+                noise = torch.randn(self.num_layers, generator=generator).to(self.device)
+                ratios = self.policy(timestep.to(self.device), logit_noise=cfg.logit_noise, noise=noise)
+                logits = self.policy.logits(timestep.to(self.device))[0]
             else:
-                noise = cfg.logit_noise if stage == 2 else 0.0
-                ratios = self.policy(timesteps.to(self.device), logit_noise=noise, generator=generator)
-            out.append(MicroBatch(g, generator, timesteps, ratios))
+                ratios = self.policy(timestep.to(self.device))
+            out.append(MicroBatch(g, generator, timestep.expand(cfg.micro_batch),
+                                  ratios.expand(cfg.micro_batch, -1), noise, logits))
         return out
 
     def _inputs(self, step: int, micro: MicroBatch) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
@@ -587,6 +603,26 @@ class Trainer:
                                                                                                     device=self.device)
         return {"distill": distill, "diffusion": diffusion}
 
+    def _score_term(self, micro: MicroBatch, loss: float) -> torch.Tensor:
+        """Score-function (likelihood-ratio) surrogate: its gradient wrt the clean logits is (L - b) eps / sigma.
+
+        With r = sigmoid(logit + sigma eps), E[(L - b) eps] / sigma is the gradient of the expected loss wrt the
+        logit, so the policy sees how the losses actually change with the keep ratio (a second-order effect that
+        the first-order STE gradient through pi mostly misses under distillation). b is a running mean of the
+        loss of the same timestep stratum, which removes the loss's dependence on t from the estimate.
+        """
+        cfg, g = self.config, micro.index
+        advantage = loss - float(self.score_baseline[0, g]) if self.score_baseline[1, g] else 0.0
+        pruned = self.pruned_layers
+        return cfg.policy_score_weight * advantage * (micro.noise[pruned] * micro.logits[pruned]).sum() / cfg.logit_noise
+
+    def _update_baseline(self, observed: torch.Tensor) -> None:
+        """Running mean (momentum 0.9) of each stratum's loss, from this step's micro-batches on every process."""
+        seen, new = self.score_baseline[1] > 0, observed[1] > 0
+        blended = torch.where(seen, 0.9 * self.score_baseline[0] + 0.1 * observed[0], observed[0])
+        self.score_baseline[0] = torch.where(new, blended, self.score_baseline[0])
+        self.score_baseline[1] = torch.where(new, torch.ones_like(observed[1]), self.score_baseline[1])
+
     def _mean_pruned(self, ratios: torch.Tensor) -> torch.Tensor:
         return ratios[:, self.pruned_layers].mean()
 
@@ -615,12 +651,21 @@ class Trainer:
             budget_value = float(budget.detach())
 
         sums = torch.zeros(2, device=self.device)
+        observed = torch.zeros(2, total, dtype=torch.float64)     # [loss, seen] per micro-batch, for the baseline
         for micro in micros:
+            scored = micro.noise is not None and cfg.policy_score_weight > 0
+            if scored:  # the policy learns the losses' response to its ratios from the score term below
+                micro = dataclasses.replace(micro, ratios=micro.ratios.detach())
             losses = self._losses(step, micro, tau_rank, tau_sel)
             loss = cfg.lambda_distill * losses["distill"] + cfg.lambda_diffusion * losses["diffusion"]
+            if scored:
+                loss = loss + self._score_term(micro, float(loss.detach()))
+                observed[:, micro.index] = torch.tensor([float(loss.detach()), 1.0], dtype=torch.float64)
             (loss / total).backward()
             sums += torch.stack([losses["distill"].detach(), losses["diffusion"].detach()]).float()
         sums = all_reduce_sum(sums, self.dist) / total
+        if stage == 2 and cfg.policy_score_weight > 0:
+            self._update_baseline(all_reduce_sum(observed.to(self.device), self.dist).cpu())
         sum_gradients(self.trainable, self.dist)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -777,7 +822,8 @@ class Trainer:
         if self.dist.is_main:
             from peft import get_peft_model_state_dict
 
-            state = {"ema": self.budget.ema.detach().clone(), "rng.cpu": torch.get_rng_state()}
+            state = {"ema": self.budget.ema.detach().clone(), "score_baseline": self.score_baseline.clone(),
+                     "rng.cpu": torch.get_rng_state()}
             if self.device.type == "cuda":
                 state["rng.cuda"] = torch.cuda.get_rng_state(self.device)
             groups: list[dict] = []
@@ -814,6 +860,7 @@ class Trainer:
             if result.unexpected_keys:
                 raise ConfigError(f"{path / ckpt.ADAPTER_FILE}: unexpected adapter tensors {result.unexpected_keys[:3]}")
         self.budget.ema.copy_(state["ema"])
+        self.score_baseline.copy_(state["score_baseline"])
         torch.set_rng_state(state["rng.cpu"])
         if "rng.cuda" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng.cuda"], self.device)

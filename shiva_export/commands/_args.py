@@ -36,7 +36,7 @@ def add_artifact_args(parser: argparse.ArgumentParser) -> None:
     add_out_arg(parser)
 
 
-def artifact_config(args: argparse.Namespace, default_router: bool = False) -> ArtifactConfig:
+def artifact_config(args: argparse.Namespace, default_router: bool = True) -> ArtifactConfig:
     """default_router: without --router, use the checkpoint shipped for a preset (if the package has one)."""
     router = args.router
     if router is None and default_router:

@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     backends = pipeline.resolve_backends(args.backend)
-    ws = pipeline.start(args.out, artifact_config(args, default_router=True))
+    ws = pipeline.start(args.out, artifact_config(args))
     from shiva_export.report import render_summary
 
     result = pipeline.build(ws, backends=backends, runs=args.runs, force=args.force)

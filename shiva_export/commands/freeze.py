@@ -20,22 +20,13 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def _k_summary(k: tuple[int, ...]) -> str:
-    """Run-length k-vector: 4096,2496x23 for one dense block then 23 blocks at 2496."""
-    parts, start = [], 0
-    for end in range(1, len(k) + 1):
-        if end == len(k) or k[end] != k[start]:
-            parts.append(f"{k[start]}" + (f"x{end - start}" if end - start > 1 else ""))
-            start = end
-    return ",".join(parts)
-
-
 def _flops(value: float) -> str:
     return f"{value / 1e12:.3f} TFLOPs" if value >= 1e11 else f"{value / 1e9:.3f} GFLOPs"
 
 
 def run(args: argparse.Namespace) -> int:
     from shiva_export import pipeline
+    from shiva_export.report import format_k
 
     ws = pipeline.start(args.out, artifact_config(args))
     pipeline.run_freeze(ws, force=args.force)
@@ -44,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"{ws.path(pipeline.SCHEDULE_FILE)}: {schedule.num_steps} steps, {len(schedule.buckets)} bucket(s), "
           f"N={schedule.num_tokens}, schedule_hash {schedule.schedule_hash[:12]}")
     for bucket in schedule.buckets:
-        print(f"  bucket {bucket.index}: steps {bucket.steps[0]}-{bucket.steps[-1]}  k={_k_summary(bucket.k)}  "
+        print(f"  bucket {bucket.index}: steps {bucket.steps[0]}-{bucket.steps[-1]}  k={format_k(bucket.k)}  "
               f"{_flops(bucket.flops_per_step)}/step")
     print(f"  keep ratio: learned {summary.learned_keep_ratio:.3f}, aligned {summary.aligned_keep_ratio:.3f}, "
           f"realised {summary.realised_keep_ratio:.3f}")

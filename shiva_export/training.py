@@ -5,11 +5,23 @@ Stage 1 (router warm-up): the policy is bypassed; every micro-batch gets a keep 
 the router keeps training. Stage 3 (joint tuning): no logit noise; DoRA adapters (peft) on every attention/FFN
 linear of the blocks train with the router and the policy; the base weights stay frozen.
 
-Losses: normalised feature distillation (Eq. 31) from the frozen teacher every ``distill_every`` blocks plus the
-output, the flow-matching loss when real data is given, and the budget loss (Eq. 13). The teacher is the same
-backbone with the pruning hooks in dense mode and, in stage 3, the adapters switched off through peft's
-``disable_adapter()``: no second copy of the weights (a 2.5B backbone would double its memory per GPU), and since
-the base weights are frozen it is exactly the original model.
+Losses: distillation from the frozen teacher (Eq. 31: LayerNorm'd features after every ``distill_every``-th block,
+plus the output as a relative MSE), the flow-matching loss when real data is given, and the budget loss (Eq. 13).
+The teacher is the same backbone with the pruning hooks in dense mode and, in stage 3, the adapters switched off by
+peft's ``disable_adapter()``: no second copy of the weights (a 2.5B backbone would double its memory per GPU), and
+since the base weights are frozen it is exactly the original model.
+
+Where we depart from the paper or D5, each for a measured reason on tiny-sd35 (numbers in the closing report):
+    * ste_gate="output": the STE gate sits on the block's update of the kept tokens (topk.output_gate), not on the
+      block input (D5). AdaLN blocks are invariant to the scale of their input, so D5's surrogate has an exactly zero
+      ideal gradient and its one-path estimate is +-<grad, x> of the residual stream; with it the router did not
+      beat random selection, with the output gate it does.
+    * policy_score_weight: in stage 2 the policy also learns from an antithetic score-function estimate built on the
+      logit noise the stage already injects. The STE gradient to the ratio is first order and, under distillation,
+      about 30x smaller than the loss's real response to the ratio.
+    * joint_policy="anchor": in stage 3 (no logit noise, so no score term) only the policy's anchor trains: the
+      budget loop then has a low gain and settles, instead of Adam circling the target with the whole policy.
+    * lr_decay="cosine" after each stage's warm-up, which also damps the budget loop at the end of a stage.
 
 Determinism: every random draw comes from a generator keyed by (seed, step, global micro-batch index), so results do
 not depend on how micro-batches are spread over processes and accumulation steps (up to float summation order),
@@ -85,6 +97,7 @@ class TrainConfig:
     score_noise: float = 0.1          # sigma in units of the batch's score std (D12)
     logit_noise: float = 1.0          # stage 2: r = sigmoid(logit + N(0, sigma^2)) (Eq. 29)
     policy_score_weight: float = 1.0  # stage 2: score-function estimate of the policy's loss gradient (0: STE only)
+    joint_policy: Literal["anchor", "all"] = "anchor"  # stage 3 trains the policy's anchor only, or all of it
     budget_beta: float = 0.2          # EMA weight of the new batch mean (Eq. 12)
     lambda_budget: float = 1.0
     lambda_distill: float = 1.0
@@ -128,6 +141,9 @@ class TrainConfig:
         temps = (self.tau_rank_start, self.tau_rank_end, self.tau_sel_start, self.tau_sel_end)
         if min(temps) <= 0:
             raise ConfigError(f"temperatures {temps} must be > 0")
+        if self.policy_steps and self.policy_score_weight and self.logit_noise and self.micro_batches % 2:
+            raise ConfigError(f"the stage-2 score term pairs micro-batches: global_batch / micro_batch = "
+                              f"{self.micro_batches} must be even (or set policy_score_weight 0)")
         if min(self.score_noise, self.logit_noise, self.policy_score_weight, self.lambda_budget, self.lambda_distill,
                self.lambda_diffusion) < 0:
             raise ConfigError("noise scales and loss weights must be >= 0")
@@ -142,6 +158,8 @@ class TrainConfig:
             raise ConfigError("eval_steps and eval_samples must be >= 1")
         if self.timestep_shift <= 0:
             raise ConfigError(f"timestep_shift {self.timestep_shift:g} must be > 0")
+        if self.joint_policy not in ("anchor", "all"):
+            raise ConfigError(f"joint_policy {self.joint_policy!r}; expected anchor or all")
         if self.lr_decay not in ("none", "cosine"):
             raise ConfigError(f"lr_decay {self.lr_decay!r}; expected none or cosine")
         if self.ste_gate not in ("input", "output"):
@@ -318,9 +336,14 @@ def normalized_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor
     return (F.layer_norm(student.float(), width) - F.layer_norm(teacher.float(), width)).pow(2).mean()
 
 
-def output_tokens(sample: torch.Tensor) -> torch.Tensor:
-    """[B, C, H, W] model output -> [B, H*W, C], so Eq. 31's LayerNorm runs over channels per position."""
-    return sample.flatten(2).transpose(1, 2)
+def relative_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """||y_s - y_t||^2 / ||y_t||^2: the output term of the distillation (its form is unspecified by the paper).
+
+    Unlike a LayerNorm'd output, this keeps each position's scale, which is what the sampler integrates, and it is
+    the error the summary reports.
+    """
+    teacher = teacher.float()
+    return (student.float() - teacher).pow(2).sum() / teacher.pow(2).sum().clamp_min(1e-12)
 
 
 @contextlib.contextmanager
@@ -393,6 +416,7 @@ class MicroBatch:
     """
 
     index: int
+    sample_index: int                 # which inputs it draws: its own index, or its antithetic pair's
     generator: torch.Generator
     timesteps: torch.Tensor
     ratios: torch.Tensor
@@ -451,9 +475,9 @@ class Trainer:
         self.step = 0
         self.evals: dict[str, dict[str, float]] = {}
         self.log: list[dict] = []
-        self.score_baseline = torch.zeros(2, config.micro_batches, dtype=torch.float64)  # [mean loss, seen]
         self.wall_time = 0.0
         self.distilled = distill_layers(self.num_layers, config.distill_every)
+        self.antithetic = config.policy_score_weight > 0 and config.logit_noise > 0
 
     # -- setup -----------------------------------------------------------------------------------------------
 
@@ -466,8 +490,8 @@ class Trainer:
 
     def _resolve_sizes(self, config: TrainConfig, mcfg) -> TrainConfig:
         """Fill height/width/context_tokens from the data (or the model's defaults) and refuse conflicts."""
-        actual = {"height": self.data.latent_hw[0] * VAE_SCALE_FACTOR, "width": self.data.latent_hw[1] * VAE_SCALE_FACTOR,
-                  "context_tokens": self.data.context_tokens}
+        height, width = (size * VAE_SCALE_FACTOR for size in self.data.latent_hw)
+        actual = {"height": height, "width": width, "context_tokens": self.data.context_tokens}
         for name, value in actual.items():
             given = getattr(config, name)
             if given is not None and given != value:
@@ -505,7 +529,8 @@ class Trainer:
         cfg = self.config
         groups = [{"name": "router", "params": list(self.routers.parameters()), "lr": cfg.lr_router}]
         if stage >= 2:
-            groups.append({"name": "policy", "params": list(self.policy.parameters()), "lr": cfg.lr_policy})
+            params = [p for p in self.policy.parameters() if p.requires_grad]
+            groups.append({"name": "policy", "params": params, "lr": cfg.lr_policy})
         if stage >= 3:
             groups.append({"name": "adapters", "params": self.adapter_parameters(), "lr": cfg.lr_adapter})
         return groups
@@ -514,7 +539,9 @@ class Trainer:
         """A fresh AdamW per stage (each stage re-warms its learning rate); adapters appear at stage 3."""
         if stage == 3 and self.peft is None:
             self._attach_adapters()
-        self.policy.requires_grad_(stage >= 2)
+        for param in self.policy.parameters():
+            param.requires_grad_(stage == 2 or (stage == 3 and (self.config.joint_policy == "all"
+                                                                or param is self.policy.anchor)))
         self.optimizer = torch.optim.AdamW(self._param_groups(stage), weight_decay=self.config.weight_decay)
         self.optimizer_stage = stage
 
@@ -534,16 +561,20 @@ class Trainer:
     def _micro_batches(self, step: int, stage: int) -> list[MicroBatch]:
         """This process's micro-batches: global index g = a * world + rank, timestep stratum g of G (D11).
 
-        All samples of a micro-batch share one timestep and one logit-noise draw, hence one k per layer.
+        All samples of a micro-batch share one timestep and one logit-noise draw, hence one k per layer. In stage 2
+        (score term on) micro-batches 2p and 2p + 1 form an antithetic pair: stratum p of G / 2, the same inputs and
+        selection noise, logit noise +eps and -eps.
         """
         cfg = self.config
         total = cfg.micro_batches
         ratio_order = torch.randperm(total, generator=keyed_generator(cfg.seed, step, "ratio-strata"))
+        paired = stage == 2 and self.antithetic
         out = []
         for a in range(self.accumulation):
             g = a * self.dist.world_size + self.dist.rank
-            generator = keyed_generator(cfg.seed, step, g)
-            u = (g + torch.rand(1, generator=generator)) / total
+            source = g // 2 if paired else g
+            generator = keyed_generator(cfg.seed, step, *(("pair", source) if paired else (g,)))
+            u = (source + torch.rand(1, generator=generator)) / (total // 2 if paired else total)
             timestep = shifted_timesteps(u, cfg.timestep_shift)
             noise = logits = None
             if stage == 1:
@@ -554,11 +585,13 @@ class Trainer:
                 ratios = ratios.to(self.device)
             elif stage == 2 and cfg.logit_noise:
                 noise = torch.randn(self.num_layers, generator=generator).to(self.device)
+                if paired and g % 2:
+                    noise = -noise
                 ratios = self.policy(timestep.to(self.device), logit_noise=cfg.logit_noise, noise=noise)
                 logits = self.policy.logits(timestep.to(self.device))[0]
             else:
                 ratios = self.policy(timestep.to(self.device))
-            out.append(MicroBatch(g, generator, timestep.expand(cfg.micro_batch),
+            out.append(MicroBatch(g, source, generator, timestep.expand(cfg.micro_batch),
                                   ratios.expand(cfg.micro_batch, -1), noise, logits))
         return out
 
@@ -566,7 +599,8 @@ class Trainer:
         """Transformer inputs at the micro-batch's timesteps, and the flow-matching target (data only)."""
         cfg = self.config
         generator = micro.generator
-        positions = [(step * cfg.micro_batches + micro.index) * cfg.micro_batch + i for i in range(cfg.micro_batch)]
+        first = (step * cfg.micro_batches + micro.sample_index) * cfg.micro_batch
+        positions = list(range(first, first + cfg.micro_batch))
         batch = self.data.batch(positions, generator)
         x0 = batch.latents
         noise = torch.randn(x0.shape, generator=generator)
@@ -583,7 +617,8 @@ class Trainer:
             context = torch.where(drop.reshape(-1, 1, 1), null_context, context)
             pooled = torch.where(drop.reshape(-1, 1), null_pooled, pooled)
         dtype = self.transformer.dtype
-        inputs = {"hidden_states": noisy.to(self.device, dtype), "encoder_hidden_states": context.to(self.device, dtype),
+        inputs = {"hidden_states": noisy.to(self.device, dtype),
+                  "encoder_hidden_states": context.to(self.device, dtype),
                   "pooled_projections": pooled.to(self.device, dtype), "timestep": micro.timesteps.to(self.device)}
         return inputs, target
 
@@ -596,32 +631,27 @@ class Trainer:
                              score_noise=self.config.score_noise, generator=micro.generator), \
                 self._autocast(), captured_block_outputs(self.transformer, self.distilled) as student:
             student_out = self.transformer(**inputs).sample
-        distill = normalized_mse(output_tokens(student_out), output_tokens(teacher_out))
+        distill = relative_mse(student_out, teacher_out)
         for layer in self.distilled:
             distill = distill + normalized_mse(student[layer], teacher[layer])
         diffusion = F.mse_loss(student_out.float(), target.float()) if target is not None else torch.zeros((),
                                                                                                     device=self.device)
         return {"distill": distill, "diffusion": diffusion}
 
-    def _score_term(self, micro: MicroBatch, loss: float) -> torch.Tensor:
-        """Score-function (likelihood-ratio) surrogate: its gradient wrt the clean logits is (L - b) eps / sigma.
+    def _score_term(self, micros: Sequence[MicroBatch], losses: torch.Tensor) -> torch.Tensor:
+        """Antithetic score-function surrogate for the policy: its gradient wrt micro-batch g's clean logits is
+        (L_g - L_g') / 2 * eps_g / sigma, g' = g xor 1 the partner with the same inputs and the opposite noise.
 
-        With r = sigmoid(logit + sigma eps), E[(L - b) eps] / sigma is the gradient of the expected loss wrt the
-        logit, so the policy sees how the losses actually change with the keep ratio (a second-order effect that
-        the first-order STE gradient through pi mostly misses under distillation). b is a running mean of the
-        loss of the same timestep stratum, which removes the loss's dependence on t from the estimate.
+        With r = sigmoid(logit + sigma eps), E[L eps] / sigma is the gradient of the expected loss wrt the logit,
+        so the policy sees how the losses actually change with the keep ratio. The STE gradient through pi is first
+        order and nearly blind to this under distillation: a kept token that matches the teacher has a near-zero
+        loss gradient, yet dropping it costs ||update||^2. Pairs share inputs, timestep and selection noise, so
+        their loss difference is due to the ratios alone (common random numbers).
         """
-        cfg, g = self.config, micro.index
-        advantage = loss - float(self.score_baseline[0, g]) if self.score_baseline[1, g] else 0.0
-        pruned = self.pruned_layers
-        return cfg.policy_score_weight * advantage * (micro.noise[pruned] * micro.logits[pruned]).sum() / cfg.logit_noise
-
-    def _update_baseline(self, observed: torch.Tensor) -> None:
-        """Running mean (momentum 0.9) of each stratum's loss, from this step's micro-batches on every process."""
-        seen, new = self.score_baseline[1] > 0, observed[1] > 0
-        blended = torch.where(seen, 0.9 * self.score_baseline[0] + 0.1 * observed[0], observed[0])
-        self.score_baseline[0] = torch.where(new, blended, self.score_baseline[0])
-        self.score_baseline[1] = torch.where(new, torch.ones_like(observed[1]), self.score_baseline[1])
+        cfg, pruned = self.config, self.pruned_layers
+        terms = [(losses[m.index] - losses[m.index ^ 1]) / 2 * (m.noise[pruned] * m.logits[pruned]).sum()
+                 for m in micros]
+        return cfg.policy_score_weight * sum(terms) / (cfg.logit_noise * cfg.micro_batches)
 
     def _mean_pruned(self, ratios: torch.Tensor) -> torch.Tensor:
         return ratios[:, self.pruned_layers].mean()
@@ -651,21 +681,19 @@ class Trainer:
             budget_value = float(budget.detach())
 
         sums = torch.zeros(2, device=self.device)
-        observed = torch.zeros(2, total, dtype=torch.float64)     # [loss, seen] per micro-batch, for the baseline
+        scored = stage == 2 and self.antithetic
+        per_micro = torch.zeros(total, dtype=torch.float64, device=self.device)
         for micro in micros:
-            scored = micro.noise is not None and cfg.policy_score_weight > 0
-            if scored:  # the policy learns the losses' response to its ratios from the score term below
+            if scored:  # the policy learns the losses' response to its ratios from the score term
                 micro = dataclasses.replace(micro, ratios=micro.ratios.detach())
             losses = self._losses(step, micro, tau_rank, tau_sel)
             loss = cfg.lambda_distill * losses["distill"] + cfg.lambda_diffusion * losses["diffusion"]
-            if scored:
-                loss = loss + self._score_term(micro, float(loss.detach()))
-                observed[:, micro.index] = torch.tensor([float(loss.detach()), 1.0], dtype=torch.float64)
             (loss / total).backward()
+            per_micro[micro.index] = loss.detach().double()
             sums += torch.stack([losses["distill"].detach(), losses["diffusion"].detach()]).float()
         sums = all_reduce_sum(sums, self.dist) / total
-        if stage == 2 and cfg.policy_score_weight > 0:
-            self._update_baseline(all_reduce_sum(observed.to(self.device), self.dist).cpu())
+        if scored:
+            self._score_term(micros, all_reduce_sum(per_micro, self.dist).float()).backward()
         sum_gradients(self.trainable, self.dist)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -822,8 +850,7 @@ class Trainer:
         if self.dist.is_main:
             from peft import get_peft_model_state_dict
 
-            state = {"ema": self.budget.ema.detach().clone(), "score_baseline": self.score_baseline.clone(),
-                     "rng.cpu": torch.get_rng_state()}
+            state = {"ema": self.budget.ema.detach().clone(), "rng.cpu": torch.get_rng_state()}
             if self.device.type == "cuda":
                 state["rng.cuda"] = torch.cuda.get_rng_state(self.device)
             groups: list[dict] = []
@@ -858,9 +885,9 @@ class Trainer:
             self._attach_adapters()
             result = set_peft_model_state_dict(self.peft, ckpt.read_tensors(path / ckpt.ADAPTER_FILE))
             if result.unexpected_keys:
-                raise ConfigError(f"{path / ckpt.ADAPTER_FILE}: unexpected adapter tensors {result.unexpected_keys[:3]}")
+                raise ConfigError(f"{path / ckpt.ADAPTER_FILE}: unexpected adapter tensors "
+                                  f"{result.unexpected_keys[:3]}")
         self.budget.ema.copy_(state["ema"])
-        self.score_baseline.copy_(state["score_baseline"])
         torch.set_rng_state(state["rng.cpu"])
         if "rng.cuda" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng.cuda"], self.device)

@@ -69,7 +69,8 @@ class DataFreeSource:
     def __init__(self, model_config: Mapping[str, Any], height: int, width: int, context_tokens: int,
                  contrast: float = 1.0):
         if height % VAE_SCALE_FACTOR or width % VAE_SCALE_FACTOR:
-            raise ConfigError(f"data-free size {height}x{width} px is not a multiple of the VAE factor {VAE_SCALE_FACTOR}")
+            raise ConfigError(f"data-free size {height}x{width} px is not a multiple of the VAE factor "
+                              f"{VAE_SCALE_FACTOR}")
         if context_tokens < 1:
             raise ConfigError(f"context_tokens={context_tokens} must be >= 1")
         if contrast < 0:

@@ -13,8 +13,9 @@ GROUPS = {
     "optimisation": ("lr_router", "lr_policy", "lr_adapter", "weight_decay", "global_batch", "micro_batch",
                      "precision", "seed"),
     "method": ("tau_rank_start", "tau_rank_end", "tau_sel_start", "tau_sel_end", "ste_gate", "score_noise",
-               "logit_noise", "policy_score_weight", "budget_beta", "lambda_budget", "lambda_distill", "lambda_diffusion", "distill_every",
-               "router_hidden_dim", "router_group_size", "policy_hidden_dim", "adapter_rank", "adapter_alpha"),
+               "logit_noise", "policy_score_weight", "joint_policy", "budget_beta", "lambda_budget", "lambda_distill",
+               "lambda_diffusion", "distill_every", "router_hidden_dim", "router_group_size", "policy_hidden_dim",
+               "adapter_rank", "adapter_alpha"),
     "data": ("data", "height", "width", "context_tokens", "data_free_contrast", "timestep_shift", "cfg_dropout"),
     "evaluation": ("eval_steps", "eval_samples"),
 }
@@ -81,7 +82,7 @@ def add_parser(subparsers) -> None:
             default = field.default
             shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
             choices = {"precision": ("auto", "fp32", "bf16"), "ste_gate": ("input", "output"),
-                       "lr_decay": ("none", "cosine")}
+                       "lr_decay": ("none", "cosine"), "joint_policy": ("anchor", "all")}
             kwargs = {"choices": choices[name]} if name in choices else {"type": _option_type(field)}
             group.add_argument(f"--{name.replace('_', '-')}", dest=name, default=argparse.SUPPRESS,
                                help=f"{HELP.get(name, name.replace('_', ' '))} (default: {shown})", **kwargs)

@@ -12,7 +12,8 @@ def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "build", help="train-free demo or real run: freeze, export, lint, engines, check, bench, report",
         description="Run every stage into one artifact folder (default ./shiva_artifacts). With no arguments it "
-                    "builds the embedded tiny-sd35 model with the router checkpoint shipped in the package. A second "
+                    "builds the embedded tiny-sd35 model (with the router checkpoint shipped for it, if the package has "
+                    "one; otherwise seeded untrained routers at --target-keep). A second "
                     "run with the same inputs reuses every artifact whose hashes still match.")
     add_artifact_args(parser)
     parser.add_argument("--backend", action="append", default=None,

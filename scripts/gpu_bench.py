@@ -27,11 +27,12 @@ from pathlib import Path
 
 import torch
 
+from shiva_export import kernels
 from shiva_export.export import ExportConfig, StaticBucket, example_feed
 from shiva_export.flops import ModelDims
 from shiva_export.models import num_image_tokens
 from shiva_export.passes.freeze import FreezeConfig, StepFlops, freeze
-from shiva_export.patching import static_k
+from shiva_export.patching import compile_blocks, static_k
 from shiva_export.pruned import load_pruned_model
 
 
@@ -52,6 +53,15 @@ def parse_args(argv=None):
     parser.add_argument("--loop-runs", type=int, default=3)
     parser.add_argument("--router-dtype", choices=["fp32", "model"], default="fp32",
                         help="fp32 routers (default) or routers in the backbone's fp16")
+    parser.add_argument("--kernels", default="triton",
+                        help="comma list of selection/router implementations to time, each a full torch phase in this "
+                        "process: triton (fused kernels of shiva_export/kernels.py, the default on CUDA), torch (the "
+                        "pure-torch path); writes <phase>-<kernels>.json/.md when more than one is given")
+    parser.add_argument("--compile-blocks", action="store_true",
+                        help="torch.compile every block's computation (patching.compile_blocks) for dense and pruned "
+                        "alike, before timing; the hook (router, selection, gather, scatter) stays eager")
+    parser.add_argument("--skip-schedule", action="store_true",
+                        help="time only dense and the uniform keeps: no schedule buckets, loop or numerics")
     parser.add_argument("--compile", default="", help="comma list of configs also run as torch.compile + CUDA graph, "
                         "e.g. dense,keep1,keep0.6,keep0.4 (each compiles for a minute or more)")
     parser.add_argument("--ort-step", choices=["export", "run", "all"], default="all",
@@ -155,7 +165,7 @@ def configurations(pruned, args, num_tokens):
     for keep in [float(x) for x in args.keeps.split(",") if x]:
         configs[f"keep{keep:g}"] = uniform_k(layers, num_tokens, keep, args.align, pruned.policy.dense_layers)
     schedule = paper_schedule(pruned, args, num_tokens)
-    for bucket in schedule.buckets:
+    for bucket in schedule.buckets if not args.skip_schedule else ():
         configs[f"sched_b{bucket.index}"] = bucket.k
     return configs, schedule
 
@@ -197,6 +207,10 @@ def run_torch_phase(pruned, args, num_tokens, configs, schedule, facts):
         for name, k in configs.items():
             fn = torch_module(pruned, k)
             row = {"k": list(k) if k else None, "flops": flops_of(pruned, args, num_tokens, k)}
+            t0 = time.perf_counter()
+            fn(**feed)  # first call: compiles the blocks' graphs under --compile-blocks
+            timer.sync()
+            first_call_s = time.perf_counter() - t0
             row["eager"] = summarize(timer.time(lambda: fn(**feed), args.warmup, args.runs))
             if device == "cuda":
                 replay, _ = capture_graph(fn, feed)
@@ -206,17 +220,23 @@ def run_torch_phase(pruned, args, num_tokens, configs, schedule, facts):
                 runners[name] = lambda fn=fn: fn(**feed)
             if name in args.compile.split(","):
                 row["compile"] = compiled_row(fn, feed, timer, args)
+            if args.compile_blocks:
+                row["first_call_seconds"] = first_call_s
             rows[name] = row
-            print(f"{name:>10}: eager {row['eager']['mean_ms']:.2f} ms"
+            print(f"{name:>10}: first call {first_call_s:.1f} s, eager {row['eager']['mean_ms']:.2f} ms"
                   + (f", cudagraph {row['cudagraph']['mean_ms']:.2f} ms" if "cudagraph" in row else ""), flush=True)
         loop = {}
         for label, per_step in (("dense", ["dense"] * args.steps),
                                 ("schedule", [f"sched_b{b}" for b in schedule.step_to_bucket])):
+            if args.skip_schedule:
+                break
+
             def run_loop(per_step=per_step):
                 for name in per_step:
                     runners[name]()
             loop[label] = summarize(timer.time(run_loop, 1, args.loop_runs))
-        numerics = torch_numerics(pruned, configs, feed, device)
+        # fp32 reference runs would recompile every block: numerics come from the uncompiled runs
+        numerics = {} if args.compile_blocks else torch_numerics(pruned, configs, feed, device)
     return {"per_step": rows, "loop": loop, "numerics": numerics}
 
 
@@ -374,6 +394,9 @@ def render_markdown(result: dict) -> str:
     lines = [f"# GPU benchmark ({phase}): {result['model']} at {result['height']}x{result['width']}, "
              f"batch {result['batch']}, {result['context_tokens']} context tokens, {result['dtype']}", "",
              "Device: " + ", ".join(f"{k} {v}" for k, v in facts.items()), "",
+             f"Selection/router kernels: {result.get('kernels', 'torch')} (fused Triton kernels used: "
+             f"{result.get('fused_kernels_used', False)}); routers: {result.get('router_dtype')}; blocks compiled "
+             f"(torch.compile, dense and pruned alike): {result.get('compile_blocks', False)}", "",
              f"Command: `{result['command']}`", ""]
     rows = result["per_step"]
     backends = [b for b in ("eager", "cudagraph", "compile", "ort")
@@ -395,7 +418,7 @@ def render_markdown(result: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     loop = result["loop"]
     if not loop:
-        lines += ["", "Loop: not run (not every schedule bucket was exported in this run)"]
+        lines += ["", "Loop: not run (--skip-schedule, or not every schedule bucket was exported in this run)"]
     lines += [] if not loop else ["", f"## {result['steps']}-step loop (transformer only), paper-shaped schedule in "
                   f"{len(result['schedule']['buckets'])} buckets", "",
               "| loop | mean ms | P50 | P95 | speedup |", "|---|---|---|---|---|"]
@@ -422,22 +445,35 @@ def main(argv=None) -> int:
     pruned = load_pruned_model(args.model, cfg_consistent=args.batch % 2 == 0, device=device)
     if device == "cuda":
         pruned.to_dtype(torch.float16, router_fp32=args.router_dtype == "fp32")
+    if args.compile_blocks:
+        compile_blocks(pruned.transformer)
     num_tokens = num_image_tokens(pruned.config, args.height, args.width)
     configs, schedule = configurations(pruned, args, num_tokens)
     facts = device_facts()
     print(json.dumps(facts), flush=True)
     phase = run_torch_phase if args.phase == "torch" else run_ort_phase
-    result = phase(pruned, args, num_tokens, configs, schedule, facts)
-    result.update(phase=args.phase, router_dtype=args.router_dtype, facts=facts, model=args.model, height=args.height, width=args.width,
-                  batch=args.batch, context_tokens=args.context_tokens, num_tokens=num_tokens, steps=args.steps,
-                  dtype="fp16" if device == "cuda" else "fp32", command="python " + " ".join(sys.argv),
-                  schedule={"buckets": [b.to_json() for b in schedule.buckets],
-                            "step_to_bucket": list(schedule.step_to_bucket), **schedule.summary.to_json()})
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.phase}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / f"{args.phase}.md").write_text(render_markdown(result))
-    print(render_markdown(result))
+    variants = [v for v in args.kernels.split(",") if v]
+    if any(v not in ("triton", "torch") for v in variants):
+        raise SystemExit(f"--kernels takes triton and/or torch, got {args.kernels!r}")
+    for variant in variants:
+        kernels.set_enabled(variant == "triton")
+        print(f"== kernels: {variant} (fused path usable: {kernels.triton_available() and device == 'cuda'})",
+              flush=True)
+        result = phase(pruned, args, num_tokens, configs, schedule, facts)
+        result.update(phase=args.phase, router_dtype=args.router_dtype, facts=facts, model=args.model,
+                      compile_blocks=args.compile_blocks,
+                      height=args.height, width=args.width, kernels=variant,
+                      fused_kernels_used=variant == "triton" and kernels.triton_available() and device == "cuda",
+                      batch=args.batch, context_tokens=args.context_tokens, num_tokens=num_tokens, steps=args.steps,
+                      dtype="fp16" if device == "cuda" else "fp32", command="python " + " ".join(sys.argv),
+                      schedule={"buckets": [b.to_json() for b in schedule.buckets],
+                                "step_to_bucket": list(schedule.step_to_bucket), **schedule.summary.to_json()})
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        stem = args.phase if len(variants) == 1 else f"{args.phase}-{variant}"
+        (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+        (out / f"{stem}.md").write_text(render_markdown(result))
+        print(render_markdown(result), flush=True)
     return 0
 
 

@@ -16,6 +16,7 @@ from typing import Callable, Iterator, Literal, Sequence
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
+from shiva_export import kernels
 from shiva_export.errors import ConfigError
 from shiva_export.router import RouterBank
 from shiva_export.topk import (DifferentiableTopK, check_k, check_ratio, gather_rows, hard_topk_indices, output_gate,
@@ -88,15 +89,23 @@ class TokenPruningHook(ModelHook):
         if state.mode == "train" and state.score_noise > 0:
             noise = torch.randn(scores.shape, generator=state.generator).to(scores.device)
             scores = scores + state.score_noise * scores.detach().std() * noise
+        flat = None  # [B*k] rows of the [B*N, D] view, set by the fused CUDA path
         if state.mode == "static":
             k = state.k[self.layer]
             check_k(k, num_tokens, where=f"layer {self.layer}: ")
-            if state.config.cfg_consistent:  # select once for both halves: half the sorting work
+            cfg = state.config.cfg_consistent
+            if kernels.usable(scores, hidden) and hidden.is_contiguous() and not (cfg and batch % 2):
+                # one Triton kernel: (CFG max,) top-k, ascending order, both halves and the flat row index
+                indices, flat = kernels.select_topk(scores, k, cfg_consistent=cfg)
+                kept = hidden.view(batch * num_tokens, -1).index_select(0, flat).view(batch, k, -1)
+            elif cfg:  # select once for both halves: half the sorting work
                 half = hard_topk_indices(cfg_joint_scores(scores), k)
                 indices = torch.cat([half, half], dim=0)
+                kept = gather_rows(hidden, indices)
             else:
                 indices = hard_topk_indices(scores, k)
-            kept, passed = gather_rows(hidden, indices), hidden
+                kept = gather_rows(hidden, indices)
+            passed = hidden
         else:
             if state.config.cfg_consistent:
                 scores = cfg_max(scores)
@@ -118,6 +127,8 @@ class TokenPruningHook(ModelHook):
         # opt-in for inference engines: write the block's rows into its own input, saving a full copy per block
         inplace = (state.inplace_scatter and state.mode == "static" and not torch.is_grad_enabled()
                    and not torch.compiler.is_compiling() and not torch.onnx.is_in_onnx_export())
+        if flat is not None:  # fused path: a row-copy kernel (into a copy unless inplace)
+            return context_out, kernels.scatter_rows_(passed if inplace else passed.clone(), flat, kept_out)
         return context_out, scatter_rows(passed, indices, kept_out, inplace=inplace)
 
 
@@ -165,6 +176,30 @@ def apply_token_pruning(transformer, routers: RouterBank, config: PruningConfig 
         registry.register_hook(TokenPruningHook(index, routers, state, signature), PRUNING_HOOK)
     transformer.shiva_routers = routers  # registered as a submodule: moves with .to() and is saved with the model
     return state
+
+
+def compile_blocks(transformer, **compile_kwargs) -> None:
+    """torch.compile (inductor) each block's own computation, for GPU inference benchmarks and deployment in PyTorch.
+
+    What is compiled is diffusers' block forward (the work on the kept tokens), not the pruning hook: the router,
+    the fused selection, the gather and the scatter stay eager around it, and the dense mode and the unhooked dense
+    layers run the same compiled blocks, so dense and pruned compare on one backend. Shapes are static
+    (``dynamic=False``): blocks of one structure and token count share one compiled graph, so a model compiles a
+    few graphs per k, not one per layer. Irreversible for the module (remove_token_pruning keeps compiled blocks).
+    """
+    import torch._dynamo
+
+    kwargs = {"dynamic": False, **compile_kwargs}
+    for name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit", "accumulated_recompile_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 256))
+    for block in _blocks(transformer):
+        registry = getattr(block, "_diffusers_hook", None)
+        hook = registry.get_hook(PRUNING_HOOK) if registry is not None else None
+        if hook is not None:
+            hook.fn_ref.original_forward = torch.compile(hook.fn_ref.original_forward, **kwargs)
+        else:
+            block.forward = torch.compile(block.forward, **kwargs)
 
 
 def remove_token_pruning(transformer) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from shiva_export import kernels
+
 
 class ContextAwareRouter(nn.Module):
     """s_i = w^T LayerNorm(SiLU(Proj_x(x_i) + Proj_t(temb) + Proj_p(pooled) + l_layer)).
@@ -25,6 +27,8 @@ class ContextAwareRouter(nn.Module):
 
     def forward(self, tokens: torch.Tensor, temb: torch.Tensor, pooled_context: torch.Tensor, slot: int) -> torch.Tensor:
         """tokens [B,N,D], temb [B,Dt], pooled_context [B,Dc] -> scores [B,N] (fp32)."""
+        if kernels.usable(tokens) and kernels.router_supported(self, tokens):  # CUDA inference: two fused kernels
+            return kernels.router_scores(self, tokens, temb, pooled_context, slot)
         dtype = self.proj_x.weight.dtype
         shift = self.proj_t(temb.to(dtype)) + self.proj_p(pooled_context.to(dtype)) + self.layer_embedding.weight[slot]
         hidden = nn.functional.silu(self.proj_x(tokens.to(dtype)) + shift.unsqueeze(1))

@@ -160,11 +160,16 @@ def export_bucket(transformer, k: Sequence[int] | None, cfg: ExportConfig) -> ir
 
 
 def tensorrt_safety_passes(model: ir.Model, dtype: str) -> None:
-    """Rewrite what TensorRT rejects or computes badly; every pass checks its own postcondition."""
+    """Rewrite what TensorRT rejects or computes badly; every pass checks its own postcondition.
+
+    The Einsum rewrite runs first and for every dtype: the unpatchify permutation has no bf16 Einsum in ONNX, and
+    the later passes' shape inference must see every dim.
+    """
+    from shiva_export.passes.einsum import RewritePermutationEinsumPass
     from shiva_export.passes.precision import Fp32IslandsPass
     from shiva_export.passes.topk import SplitLargeTopKPass
 
-    passes = [SplitLargeTopKPass()] + ([Fp32IslandsPass()] if dtype != "fp32" else [])
+    passes = [RewritePermutationEinsumPass(), SplitLargeTopKPass()] + ([Fp32IslandsPass()] if dtype != "fp32" else [])
     for graph_pass in passes:
         try:
             graph_pass(model)

@@ -60,6 +60,9 @@ def parse_args(argv=None):
     parser.add_argument("--compile-blocks", action="store_true",
                         help="torch.compile every block's computation (patching.compile_blocks) for dense and pruned "
                         "alike, before timing; the hook (router, selection, gather, scatter) stays eager")
+    parser.add_argument("--compile-rows", action=argparse.BooleanOptionalAction, default=True,
+                        help="with --compile-blocks: also compile the row gather and in-place scatter into each "
+                        "pruned block's graph (default), or keep them eager kernels")
     parser.add_argument("--skip-schedule", action="store_true",
                         help="time only dense and the uniform keeps: no schedule buckets, loop or numerics")
     parser.add_argument("--compile", default="", help="comma list of configs also run as torch.compile + CUDA graph, "
@@ -204,6 +207,12 @@ def run_torch_phase(pruned, args, num_tokens, configs, schedule, facts):
     feed = {k: v.to(device) for k, v in example_feed(pruned.config, cfg, seed=0).items()}
     rows, runners = {}, {}
     with torch.inference_mode():
+        reference = {}
+        if args.compile_blocks and not getattr(pruned.transformer, "_bench_blocks_compiled", False):
+            for name, k in configs.items():  # the same static forward uncompiled: what compiled outputs must equal
+                reference[name] = torch_module(pruned, k)(**feed).float().clone()
+            compile_blocks(pruned.transformer, gather_scatter=args.compile_rows)
+            pruned.transformer._bench_blocks_compiled = True
         for name, k in configs.items():
             fn = torch_module(pruned, k)
             row = {"k": list(k) if k else None, "flops": flops_of(pruned, args, num_tokens, k)}
@@ -222,6 +231,12 @@ def run_torch_phase(pruned, args, num_tokens, configs, schedule, facts):
                 row["compile"] = compiled_row(fn, feed, timer, args)
             if args.compile_blocks:
                 row["first_call_seconds"] = first_call_s
+                if name in reference:
+                    out = fn(**feed).float()
+                    row["vs_uncompiled"] = {"cosine": cosine(out, reference[name]),
+                                            "max_abs": float((out - reference[name]).abs().max())}
+                    print(f"{name:>10}: compiled vs uncompiled cosine {row['vs_uncompiled']['cosine']:.6f}, "
+                          f"max abs {row['vs_uncompiled']['max_abs']:.3g}", flush=True)
             rows[name] = row
             print(f"{name:>10}: first call {first_call_s:.1f} s, eager {row['eager']['mean_ms']:.2f} ms"
                   + (f", cudagraph {row['cudagraph']['mean_ms']:.2f} ms" if "cudagraph" in row else ""), flush=True)
@@ -396,7 +411,8 @@ def render_markdown(result: dict) -> str:
              "Device: " + ", ".join(f"{k} {v}" for k, v in facts.items()), "",
              f"Selection/router kernels: {result.get('kernels', 'torch')} (fused Triton kernels used: "
              f"{result.get('fused_kernels_used', False)}); routers: {result.get('router_dtype')}; blocks compiled "
-             f"(torch.compile, dense and pruned alike): {result.get('compile_blocks', False)}", "",
+             f"(torch.compile, dense and pruned alike): {result.get('compile_blocks', False)}; gather/scatter compiled "
+             f"into the blocks: {result.get('compile_rows', False)}", "",
              f"Command: `{result['command']}`", ""]
     rows = result["per_step"]
     backends = [b for b in ("eager", "cudagraph", "compile", "ort")
@@ -429,6 +445,13 @@ def render_markdown(result: dict) -> str:
     lines += ["", f"Schedule: realised keep {sched['realised_keep_ratio']:.3f}, FLOP-bound loop speedup "
                   f"{1 / sched['realised_flop_ratio']:.2f}x; buckets: "
                   + "; ".join(f"b{b['index']} k={b['k'][1]} x{len(b['steps'])} steps" for b in sched["buckets"])]
+    compared = {name: row["vs_uncompiled"] for name, row in rows.items() if "vs_uncompiled" in row}
+    if compared:
+        lines += ["", "## Compiled blocks vs the same model uncompiled (same dtype, kernels and inputs)", "",
+                  "| config | cosine | max abs | first call (compiles) |", "|---|---|---|---|"]
+        for name, c in compared.items():
+            lines.append(f"| {name} | {c['cosine']:.6f} | {c['max_abs']:.3g} | "
+                         f"{rows[name].get('first_call_seconds', float('nan')):.1f} s |")
     if result.get("numerics"):
         lines += ["", "## Numerics vs the fp32 PyTorch static-mode reference", "",
                   "| bucket | cosine | max abs | selection agreement (min layer) | mean |", "|---|---|---|---|---|"]
@@ -445,8 +468,6 @@ def main(argv=None) -> int:
     pruned = load_pruned_model(args.model, cfg_consistent=args.batch % 2 == 0, device=device)
     if device == "cuda":
         pruned.to_dtype(torch.float16, router_fp32=args.router_dtype == "fp32")
-    if args.compile_blocks:
-        compile_blocks(pruned.transformer)
     num_tokens = num_image_tokens(pruned.config, args.height, args.width)
     configs, schedule = configurations(pruned, args, num_tokens)
     facts = device_facts()
@@ -461,7 +482,7 @@ def main(argv=None) -> int:
               flush=True)
         result = phase(pruned, args, num_tokens, configs, schedule, facts)
         result.update(phase=args.phase, router_dtype=args.router_dtype, facts=facts, model=args.model,
-                      compile_blocks=args.compile_blocks,
+                      compile_blocks=args.compile_blocks, compile_rows=args.compile_blocks and args.compile_rows,
                       height=args.height, width=args.width, kernels=variant,
                       fused_kernels_used=variant == "triton" and kernels.triton_available() and device == "cuda",
                       batch=args.batch, context_tokens=args.context_tokens, num_tokens=num_tokens, steps=args.steps,

@@ -62,9 +62,9 @@ def main():
     router16.half()
     equivalence(router32, router16, x, temb, ctx, n, k)
 
-    def torch_router16():
+    def torch_router16():  # the hook's torch path: pool the context tokens, then the router's ops
         with kernels.enabled(False):
-            return router16(x, temb, ctx, 0)
+            return router16(x, temb, ctx3.mean(dim=1), 0)
 
     def torch_selection(kk):  # the hook's torch path: CFG max, sort, compaction, both halves, flat rows
         half = hard_topk_indices(cfg_joint_scores(scores), kk)
@@ -80,10 +80,13 @@ def main():
     ctx3 = torch.randn(b, 333, d, device="cuda", dtype=torch.float16)
     results = {
         "router fp32": lambda: router32(x, temb, ctx, 0),
-        "router fp16 (torch)": torch_router16,
-        "router fp16 (fused triton)": lambda: kernels.router_scores(router16, x, temb, ctx, 0),
+        "router fp16 incl. context mean (torch)": torch_router16,
+        "router fp16 incl. context mean (fused triton)": lambda: kernels.router_scores(router16, x, temb, ctx3, 0),
+        "router fp16 on pooled context (fused triton)": lambda: kernels.router_scores(router16, x, temb, ctx, 0),
         f"selection k={k} (torch: max+sort+compaction+cat+flat)": lambda: torch_selection(k),
         f"selection k={k} (fused triton)": lambda: kernels.select_topk(scores, k, cfg_consistent=True),
+        **{f"selection k={k} (fused triton, {w} warps)": (lambda w=w: kernels.select_topk(scores, k, True, num_warps=w))
+           for w in (1, 2, 4, 16)},
         f"selection k={n} (torch)": lambda: torch_selection(n),
         f"selection k={n} (fused triton)": lambda: kernels.select_topk(scores, n, cfg_consistent=True),
         "scatter rows (triton row copy, in place)": lambda: kernels.scatter_rows_(x, flat, y),
@@ -109,7 +112,8 @@ def main():
 def equivalence(router32, router16, x, temb, ctx, n, k):
     """Fused kernels vs the torch path on this GPU, printed (and asserted for the selection)."""
     gen = torch.Generator().manual_seed(0)
-    cases = {"random": torch.randn(2, n, generator=gen), "fp16-rounded": torch.randn(2, n, generator=gen).half().float(),
+    cases = {"random": torch.randn(2, n, generator=gen),
+             "fp16-rounded": torch.randn(2, n, generator=gen).half().float(),
              "ties": torch.randint(0, 4, (2, n), generator=gen).float()}
     special = torch.randn(2, n, generator=gen)
     special[:, 0], special[:, 1], special[:, 2], special[:, 3::7], special[:, 4::7] = \
@@ -129,6 +133,12 @@ def equivalence(router32, router16, x, temb, ctx, n, k):
     with kernels.enabled(False):
         torch16 = router16(x, temb, ctx, 1)
     fused = kernels.router_scores(router16, x, temb, ctx, 1)
+    ctx_tokens = torch.randn(2, 333, x.shape[-1], device="cuda", dtype=torch.float16)
+    pooled_ref = router32(x.float(), temb.float(), ctx_tokens.float().mean(dim=1), 1)
+    pooled_fused = kernels.router_scores(router16, x, temb, ctx_tokens, 1)
+    print(f"equivalence router with context tokens (mean fused): max abs vs fp32 "
+          f"{(pooled_fused - pooled_ref).abs().max().item():.3g}")
+
     scale = ref.abs().max().item()
     print(f"equivalence router (scale {scale:.3g}): fused vs fp32 max abs {(fused - ref).abs().max().item():.3g}, "
           f"torch fp16 vs fp32 max abs {(torch16 - ref).abs().max().item():.3g}; top-{k} agreement vs fp32: fused "

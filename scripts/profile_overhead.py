@@ -14,6 +14,7 @@ import sys
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from shiva_export import kernels
 from shiva_export.export import ExportConfig, StaticBucket, example_feed
 from shiva_export.models import num_image_tokens
 from shiva_export.pruned import load_pruned_model
@@ -29,11 +30,16 @@ def main(argv=None) -> int:
     parser.add_argument("--context-tokens", type=int, default=333)
     parser.add_argument("--keeps", default="1.0,0.6")
     parser.add_argument("--rows", type=int, default=25)
+    parser.add_argument("--router-dtype", choices=["fp32", "model"], default="model",
+                        help="routers in the backbone's fp16 (default, as the benchmarks) or fp32")
+    parser.add_argument("--kernels", choices=["triton", "torch"], default="triton",
+                        help="fused Triton selection/router/scatter (default on CUDA) or the pure-torch path")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pruned = load_pruned_model(args.model, cfg_consistent=True, device=device)
     if device == "cuda":
-        pruned.to_dtype(torch.float16)
+        pruned.to_dtype(torch.float16, router_fp32=args.router_dtype == "fp32")
+    kernels.set_enabled(args.kernels == "triton")
     n = num_image_tokens(pruned.config, args.height, args.height)
     cfg = ExportConfig(args.height, args.height, 2, args.context_tokens, "fp16" if device == "cuda" else "fp32")
     feed = {k: v.to(device) for k, v in example_feed(pruned.config, cfg).items()}
@@ -43,7 +49,7 @@ def main(argv=None) -> int:
     with torch.inference_mode():
         for name, k in configs.items():
             fn = (lambda: pruned.transformer(**feed, return_dict=False)[0]) if k is None else \
-                (lambda k=k: StaticBucket(pruned.transformer, k)(**feed))
+                (lambda k=k: StaticBucket(pruned.transformer, k, inplace_scatter=True)(**feed))
             for _ in range(3):
                 fn()
             if device == "cuda":

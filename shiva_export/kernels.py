@@ -9,9 +9,12 @@ without autograd. Set ``SHIVA_TRITON=0`` (or ``set_enabled(False)``) to force th
   rule, D7), and writes the kept indices in ascending token order by a prefix sum (no sort, no permutation
   scatter). With CFG-consistent selection it takes ``max(s_uncond, s_cond)`` itself and writes the indices for both
   halves, plus the flat ``[B*k]`` row index the gather and scatter use. Bit-identical to ``hard_topk_indices``.
-* ``router_scores``: ``ContextAwareRouter`` in two kernels (the global shift GEMVs; the token GEMM with the
-  shift + SiLU + LayerNorm + score epilogue in fp32 registers) instead of about ten.
-* ``scatter_rows_``: writes kept rows back into the block input in place (a row copy; ``index_copy_`` is 2x slower).
+* ``router_scores``: ``ContextAwareRouter`` in three kernels (the context mean; the global shift GEMVs; the token
+  GEMM with the shift + SiLU + LayerNorm + score epilogue in fp32 registers) instead of about ten.
+* ``scatter_rows_``: writes kept rows back into the block input in place (a row copy; ``index_copy_`` is 3-4x
+  slower on an H200).
+
+Timings and the GPU equivalence checks: docs/benchmarks/README.md, scripts/microbench_selection.py.
 """
 
 from __future__ import annotations
@@ -118,8 +121,24 @@ def _kernels():
         tl.store(base_ptr + dest[:, None] * dim + c[None, :], values, mask=mask)
 
     @triton.jit
+    def mean_kernel(context_ptr, out_ptr, dim, ctx_tokens: tl.constexpr, BLOCK_L: tl.constexpr,
+                    BLOCK_D: tl.constexpr):
+        """Pooled context [B, Dc] (fp32) = mean over the L context tokens; one narrow column strip a program."""
+        b = tl.program_id(0)
+        d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        dm = d < dim
+        acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        for l0 in range(0, ctx_tokens, BLOCK_L):
+            rows = l0 + tl.arange(0, BLOCK_L)
+            tile = tl.load(context_ptr + (b * ctx_tokens + rows.to(tl.int64))[:, None] * dim + d[None, :],
+                           mask=(rows < ctx_tokens)[:, None] & dm[None, :], other=0.0)
+            acc += tl.sum(tile.to(tl.float32), axis=0)
+        tl.store(out_ptr + b * dim + d, acc / ctx_tokens, mask=dm)
+
+    @triton.jit
     def shift_kernel(temb_ptr, pooled_ptr, wt_ptr, bt_ptr, wp_ptr, bp_ptr, emb_ptr, out_ptr,
-                     temb_dim: tl.constexpr, ctx_dim: tl.constexpr, H: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+                     temb_dim: tl.constexpr, ctx_dim: tl.constexpr, H: tl.constexpr, BLOCK_H: tl.constexpr,
+                     BLOCK_K: tl.constexpr):
         b = tl.program_id(0)
         h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
         acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
@@ -141,7 +160,8 @@ def _kernels():
 
     @triton.jit
     def router_kernel(x_ptr, wx_ptr, bx_ptr, shift_ptr, lnw_ptr, lnb_ptr, ws_ptr, bs_ptr, out_ptr,
-                      num_rows, num_tokens, eps, dim: tl.constexpr, H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+                      num_rows, num_tokens, eps, dim: tl.constexpr, H: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_K: tl.constexpr):
         r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         rmask = r < num_rows
         h = tl.arange(0, H)
@@ -165,27 +185,37 @@ def _kernels():
         score = tl.sum(normed * tl.load(ws_ptr + h).to(tl.float32)[None, :], axis=1) + tl.load(bs_ptr).to(tl.float32)
         tl.store(out_ptr + r, score, mask=rmask)
 
-    return select_kernel, scatter_kernel, shift_kernel, router_kernel
+    return select_kernel, scatter_kernel, shift_kernel, router_kernel, mean_kernel
 
 
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def select_topk(scores: torch.Tensor, k: int, cfg_consistent: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+MAX_SELECT_TOKENS = 1 << 14   # one program holds the row in registers
+
+
+def select_supported(num_tokens: int) -> bool:
+    return num_tokens <= MAX_SELECT_TOKENS
+
+
+def select_topk(scores: torch.Tensor, k: int, cfg_consistent: bool = False, num_warps: int | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """scores [B, N] -> (indices [B, k] int64 ascending, flat [B*k] int64 rows of the [B*N, D] view).
 
     Same set and order as ``topk.hard_topk_indices`` (of ``cfg_joint_scores(scores)`` repeated for both halves
-    when cfg_consistent). One program per row; N up to 2^15 fits one program.
+    when cfg_consistent). One program per row; N up to 2^14 fits one program.
     """
     select_kernel = _kernels()[0]
     scores = scores.float().contiguous()
     batch, num_tokens = scores.shape
+    if not select_supported(num_tokens):
+        raise ValueError(f"select_topk handles N <= {MAX_SELECT_TOKENS} tokens, got {num_tokens}")
     rows = batch // 2 if cfg_consistent else batch
     block = _next_pow2(num_tokens)
     indices = torch.empty(batch, k, dtype=torch.int64, device=scores.device)
     flat = torch.empty(batch * k, dtype=torch.int64, device=scores.device)
-    warps = 4 if block <= 1024 else (8 if block <= 4096 else 16)
+    warps = num_warps or (4 if block <= 1024 else (8 if block <= 4096 else 16))
     select_kernel[(rows,)](scores, indices, flat, num_tokens, k, rows, CFG=cfg_consistent, BLOCK=block,
                            num_warps=warps)
     return indices, flat
@@ -216,25 +246,37 @@ def router_supported(router, tokens: torch.Tensor) -> bool:
             and hidden & (hidden - 1) == 0 and 16 <= hidden <= 128 and tokens.shape[-1] % 16 == 0)
 
 
-def router_scores(router, tokens: torch.Tensor, temb: torch.Tensor, pooled_context: torch.Tensor,
+def router_scores(router, tokens: torch.Tensor, temb: torch.Tensor, context: torch.Tensor,
                   slot: int) -> torch.Tensor:
-    """ContextAwareRouter.forward in two kernels: [B, N, D] tokens -> [B, N] fp32 scores.
+    """ContextAwareRouter.forward in fused kernels: [B, N, D] tokens -> [B, N] fp32 scores.
 
-    Intermediates stay in fp32 registers (the torch path rounds each op's output to the router dtype), so scores
-    agree with it to fp16 rounding, and with the fp32 reference more closely.
+    context: the pooled context [B, Dc], or the context tokens [B, L, Dc], pooled here by their mean (one kernel).
+    Then one kernel for the global shift (two GEMVs + biases) and one for the token GEMM with the shift + SiLU +
+    LayerNorm + score epilogue. Intermediates stay in fp32 registers (the torch path rounds each op's output to the
+    router dtype), so scores agree with it to fp16 rounding, and with the fp32 reference more closely.
     """
-    _, _, shift_kernel, router_kernel = _kernels()
+    _, _, shift_kernel, router_kernel, mean_kernel = _kernels()
     batch, num_tokens, dim = tokens.shape
     hidden = router.proj_x.weight.shape[0]
     tokens = tokens.contiguous()
     temb = temb.contiguous()
-    pooled_context = pooled_context.contiguous()
+    context = context.contiguous()
+    if context.dim() == 3:
+        ctx_tokens, ctx_dim = context.shape[1], context.shape[2]
+        pooled = torch.empty(batch, ctx_dim, dtype=torch.float32, device=tokens.device)
+        block_d = 16
+        mean_kernel[(batch, triton_cdiv(ctx_dim, block_d))](
+            context, pooled, ctx_dim, ctx_tokens=ctx_tokens, BLOCK_L=min(_next_pow2(ctx_tokens), 512),
+            BLOCK_D=block_d, num_warps=4)
+    else:
+        pooled = context
+    temb_dim, ctx_dim = temb.shape[-1], pooled.shape[-1]
     shift = torch.empty(batch, hidden, dtype=torch.float32, device=tokens.device)
-    block_h = 16
+    block_h = 2   # many small programs, each one pass over its weight rows: latency, not bandwidth, bound
     shift_kernel[(batch, hidden // block_h)](
-        temb, pooled_context, router.proj_t.weight, router.proj_t.bias, router.proj_p.weight, router.proj_p.bias,
-        router.layer_embedding.weight[slot], shift, temb_dim=temb.shape[-1], ctx_dim=pooled_context.shape[-1],
-        H=hidden, BLOCK_H=block_h, BLOCK_K=256, num_warps=4)
+        temb, pooled, router.proj_t.weight, router.proj_t.bias, router.proj_p.weight, router.proj_p.bias,
+        router.layer_embedding.weight[slot], shift, temb_dim=temb_dim, ctx_dim=ctx_dim,
+        H=hidden, BLOCK_H=block_h, BLOCK_K=min(_next_pow2(max(temb_dim, ctx_dim)), 4096), num_warps=4)
     scores = torch.empty(batch, num_tokens, dtype=torch.float32, device=tokens.device)
     num_rows = batch * num_tokens
     block_m = 64

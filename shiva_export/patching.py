@@ -73,6 +73,7 @@ class TokenPruningHook(ModelHook):
         super().__init__()
         self.layer, self.routers, self.state, self.signature = layer, routers, state, block_signature
         self.topk = DifferentiableTopK()
+        self.compiled_step = None   # set by compile_blocks: gather + block + in-place scatter in one compiled graph
 
     def new_forward(self, module, *args, **kwargs):
         state = self.state
@@ -84,8 +85,10 @@ class TokenPruningHook(ModelHook):
         hidden, context, temb = call["hidden_states"], call["encoder_hidden_states"], call["temb"]
         batch, num_tokens, _ = hidden.shape
 
-        scorer = state.scorer if state.scorer is not None else self.routers
-        scores = scorer(self.layer, hidden, temb, context.mean(dim=1))
+        if state.scorer is not None:
+            scores = state.scorer(self.layer, hidden, temb, context.mean(dim=1))
+        else:  # the routers take the context tokens: their fused CUDA path pools them itself
+            scores = self.routers.score_context(self.layer, hidden, temb, context)
         if state.mode == "train" and state.score_noise > 0:
             noise = torch.randn(scores.shape, generator=state.generator).to(scores.device)
             scores = scores + state.score_noise * scores.detach().std() * noise
@@ -94,10 +97,11 @@ class TokenPruningHook(ModelHook):
             k = state.k[self.layer]
             check_k(k, num_tokens, where=f"layer {self.layer}: ")
             cfg = state.config.cfg_consistent
-            if kernels.usable(scores, hidden) and hidden.is_contiguous() and not (cfg and batch % 2):
+            if (kernels.usable(scores, hidden) and hidden.is_contiguous() and not (cfg and batch % 2)
+                    and kernels.select_supported(num_tokens)):
                 # one Triton kernel: (CFG max,) top-k, ascending order, both halves and the flat row index
                 indices, flat = kernels.select_topk(scores, k, cfg_consistent=cfg)
-                kept = hidden.view(batch * num_tokens, -1).index_select(0, flat).view(batch, k, -1)
+                kept = None  # gathered below, or inside the compiled step
             elif cfg:  # select once for both halves: half the sorting work
                 half = hard_topk_indices(cfg_joint_scores(scores), k)
                 indices = torch.cat([half, half], dim=0)
@@ -117,6 +121,17 @@ class TokenPruningHook(ModelHook):
             kept, passed, indices, pi = self.topk(hidden, scores, ratio, k, gate=state.config.ste_gate)
             state.pi[self.layer] = pi
 
+        inplace = (state.inplace_scatter and state.mode == "static" and not torch.is_grad_enabled()
+                   and not torch.compiler.is_compiling() and not torch.onnx.is_in_onnx_export())
+        if flat is not None and inplace and self.compiled_step is not None:
+            # compiled blocks: the row gather and the scatter fuse into the block's first and last kernels
+            del call["hidden_states"]
+            if state.record:
+                state.indices[self.layer] = indices
+                state.processed_tokens[self.layer] = k
+            return self.compiled_step(type(module).forward, module, hidden, flat, call)
+        if kept is None:
+            kept = hidden.view(batch * num_tokens, -1).index_select(0, flat).view(batch, k, -1)
         call["hidden_states"] = kept
         context_out, kept_out = self.fn_ref.original_forward(**call)
         if state.mode == "train" and state.config.ste_gate == "output":
@@ -124,12 +139,24 @@ class TokenPruningHook(ModelHook):
         if state.record:
             state.indices[self.layer] = indices
             state.processed_tokens[self.layer] = kept.shape[1]
-        # opt-in for inference engines: write the block's rows into its own input, saving a full copy per block
-        inplace = (state.inplace_scatter and state.mode == "static" and not torch.is_grad_enabled()
-                   and not torch.compiler.is_compiling() and not torch.onnx.is_in_onnx_export())
+        # opt-in for inference engines (inplace): write the block's rows into its own input, saving a full copy
         if flat is not None:  # fused path: a row-copy kernel (into a copy unless inplace)
             return context_out, kernels.scatter_rows_(passed if inplace else passed.clone(), flat, kept_out)
         return context_out, scatter_rows(passed, indices, kept_out, inplace=inplace)
+
+
+def _gathered_block_step(forward, block, hidden: torch.Tensor, flat: torch.Tensor, call: dict):
+    """Static inference step of one pruned block on the flat kept rows, scattered back into ``hidden`` in place.
+
+    Written for torch.compile (compile_blocks): one graph per block structure and k, in which inductor fuses the
+    row gather into the block's first kernels and the scatter into its last. ``forward`` is the block class's own
+    forward function (the module's ``forward`` attribute is the pruning hook).
+    """
+    batch, num_tokens, dim = hidden.shape
+    kept = hidden.view(batch * num_tokens, dim).index_select(0, flat).view(batch, -1, dim)
+    context_out, kept_out = forward(block, hidden_states=kept, **call)
+    hidden.view(batch * num_tokens, dim).index_put_((flat,), kept_out.reshape(-1, dim).to(hidden.dtype))
+    return context_out, hidden
 
 
 def cfg_joint_scores(scores: torch.Tensor) -> torch.Tensor:
@@ -178,18 +205,20 @@ def apply_token_pruning(transformer, routers: RouterBank, config: PruningConfig 
     return state
 
 
-def compile_blocks(transformer, **compile_kwargs) -> None:
+def compile_blocks(transformer, gather_scatter: bool = True, **compile_kwargs) -> None:
     """torch.compile (inductor) each block's own computation, for GPU inference benchmarks and deployment in PyTorch.
 
-    What is compiled is diffusers' block forward (the work on the kept tokens), not the pruning hook: the router,
-    the fused selection, the gather and the scatter stay eager around it, and the dense mode and the unhooked dense
-    layers run the same compiled blocks, so dense and pruned compare on one backend. Shapes are static
+    What is compiled is diffusers' block forward (the work on the kept tokens) and, on the fused CUDA path with the
+    in-place scatter, the row gather and scatter around it; the router and the Triton selection stay eager. The
+    dense mode and the unhooked dense layers run the same compiled blocks, so dense and pruned compare on one
+    backend (gather_scatter=False: the gather and scatter stay eager kernels too). Shapes are static
     (``dynamic=False``): blocks of one structure and token count share one compiled graph, so a model compiles a
     few graphs per k, not one per layer. Irreversible for the module (remove_token_pruning keeps compiled blocks).
     """
     import torch._dynamo
 
     kwargs = {"dynamic": False, **compile_kwargs}
+    step = torch.compile(_gathered_block_step, **kwargs)   # fused CUDA path with inplace scatter (static inference)
     for name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit", "accumulated_recompile_limit"):
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 256))
@@ -198,6 +227,7 @@ def compile_blocks(transformer, **compile_kwargs) -> None:
         hook = registry.get_hook(PRUNING_HOOK) if registry is not None else None
         if hook is not None:
             hook.fn_ref.original_forward = torch.compile(hook.fn_ref.original_forward, **kwargs)
+            hook.compiled_step = step if gather_scatter else None
         else:
             block.forward = torch.compile(block.forward, **kwargs)
 

@@ -108,6 +108,32 @@ def test_fused_router_matches_the_fp32_router_to_fp16_rounding(interpreted, slot
 
 
 @needs_triton
+def test_fused_router_pools_the_context_tokens_itself(interpreted):
+    torch.manual_seed(1)
+    dim, layers = 64, 4
+    bank = RouterBank(layers, dim, dim, dim)
+    for p in bank.parameters():
+        p.data.normal_(0, 0.2)
+    tokens, temb, context = torch.randn(2, 80, dim), torch.randn(2, dim), torch.randn(2, 13, dim)
+    half = RouterBank(layers, dim, dim, dim)
+    half.load_state_dict(bank.state_dict())
+    half = half.half().to(interpreted)
+    for layer in range(layers):
+        want = bank(layer, tokens, temb, context.mean(dim=1))
+        got = half.score_context(layer, tokens.half().to(interpreted), temb.half().to(interpreted),
+                                 context.half().to(interpreted))
+        assert (got.cpu() - want).abs().max().item() < 2e-3 * want.abs().max().item()
+
+
+def test_score_context_without_the_fused_path_is_the_router_on_the_mean_context():
+    torch.manual_seed(2)
+    bank = RouterBank(4, 32, 32, 32)
+    tokens, temb, context = torch.randn(2, 10, 32), torch.randn(2, 32), torch.randn(2, 5, 32)
+    with torch.no_grad():
+        assert torch.equal(bank.score_context(3, tokens, temb, context), bank(3, tokens, temb, context.mean(dim=1)))
+
+
+@needs_triton
 @pytest.mark.parametrize("cfg", [True, False])
 def test_patched_model_with_fused_kernels_equals_the_torch_path_exactly(interpreted, cfg):
     transformer, _ = load_transformer("tiny-sd35")
@@ -153,3 +179,25 @@ def test_fused_selection_on_the_gpu_matches_the_torch_path():
             got = kernels.select_topk(scores, 2496, cfg_consistent=True)
             want = reference_selection(scores, 2496, True)
             assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@needs_triton
+def test_compiled_blocks_with_the_fused_gather_scatter_step_match_the_uncompiled_model(interpreted):
+    from shiva_export.patching import compile_blocks
+
+    transformer, _ = load_transformer("tiny-sd35")
+    torch.manual_seed(0)
+    apply_token_pruning(transformer, RouterBank.for_transformer(transformer).eval(), PruningConfig(cfg_consistent=True))
+    num_tokens = num_image_tokens(transformer.config, 128, 128)
+    k = (num_tokens, 32, 16, 64, 48, 32)
+    inputs = {n: v.to(interpreted) for n, v in example_inputs(transformer.config, batch=2, height=128, width=128,
+                                                               context_tokens=8).items()}
+    transformer.to(interpreted)
+    with static_k(transformer, k, inplace_scatter=True, record=True) as state:
+        want = transformer(**inputs, return_dict=False)[0]
+        want_indices = dict(state.indices)
+    compile_blocks(transformer)
+    with static_k(transformer, k, inplace_scatter=True, record=True) as state:
+        got = transformer(**inputs, return_dict=False)[0]
+        assert all(torch.equal(state.indices[l], want_indices[l]) for l in want_indices)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

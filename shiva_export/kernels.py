@@ -55,13 +55,16 @@ def triton_available() -> bool:
 
 
 def _tracing() -> bool:
-    return (torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()
+    exporting = getattr(torch.compiler, "is_exporting", lambda: False)()
+    return (torch.compiler.is_compiling() or exporting or torch.onnx.is_in_onnx_export()
             or torch.jit.is_tracing() or torch._C._get_tracing_state() is not None)
 
 
 def usable(*tensors: torch.Tensor) -> bool:
     """True where the fused kernels may replace the torch path: CUDA tensors, Triton, no tracing, no autograd."""
     if not _ENABLED or torch.is_grad_enabled() or _tracing():
+        return False
+    if any(type(t) is not torch.Tensor for t in tensors):  # fake / functional / proxy tensors of a tracer
         return False
     if not all(t.is_cuda for t in tensors) and not _INTERPRETED_CPU:
         return False

@@ -170,6 +170,18 @@ def test_the_fused_path_is_off_on_cpu_tensors_and_under_autograd(monkeypatch):
             assert kernels.usable(y) == kernels.triton_available()
 
 
+def test_the_fused_path_is_off_for_tracer_tensors_and_under_onnx_export(monkeypatch):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    monkeypatch.setattr(kernels, "_INTERPRETED_CPU", True)   # would otherwise take CPU tensors
+    with torch.no_grad(), kernels.enabled(True):
+        assert kernels.usable(torch.zeros(2, 3)) == kernels.triton_available()
+        with FakeTensorMode():
+            assert not kernels.usable(torch.zeros(2, 3))     # torch.export / torch.onnx trace with fake tensors
+        monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
+        assert not kernels.usable(torch.zeros(2, 3))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_fused_selection_on_the_gpu_matches_the_torch_path():
     gen = torch.Generator().manual_seed(1)

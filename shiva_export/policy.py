@@ -10,6 +10,9 @@ from torch import nn
 
 from shiva_export.errors import ConfigError
 
+NUM_TRAIN_TIMESTEPS = 1000
+CENTRE_POINTS = 64  # timesteps the time term is centred over (uniform on [0, 1000])
+
 
 def sinusoidal_embedding(timesteps: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
     half = dim // 2
@@ -51,10 +54,22 @@ class AdaptiveRatioPolicy(nn.Module):
         self.register_buffer("pruned_mask", mask, persistent=False)
 
     def logits(self, timesteps: torch.Tensor) -> torch.Tensor:
-        """timesteps [T] in scheduler units (0..1000) -> logits [T, L]."""
-        time_term = self.time_mlp(sinusoidal_embedding(timesteps, self.hidden_dim))            # [T, 1]
+        """timesteps [T] in scheduler units (0..1000) -> logits [T, L].
+
+        The time term is centred on its mean over a fixed grid of timesteps and the layer term on its mean over the
+        pruned layers, so the anchor alone carries the level and the branches only the shape. The function class is
+        that of Eq. 11; what changes is the optimisation: the budget loss pulls on the mean keep ratio, which is
+        then (nearly) orthogonal to the branches, and its noise no longer drowns the time branch's weak signal.
+        """
+        timesteps = timesteps.reshape(-1).float()
+        grid = (torch.arange(CENTRE_POINTS, dtype=torch.float32, device=timesteps.device) + 0.5) \
+            * (NUM_TRAIN_TIMESTEPS / CENTRE_POINTS)
+        time_all = self.time_mlp(sinusoidal_embedding(torch.cat([timesteps, grid]), self.hidden_dim))
+        time_term = time_all[:len(timesteps)] - time_all[len(timesteps):].mean()                  # [T, 1]
         layers = torch.arange(self.num_layers, device=self.anchor.device)
         layer_term = self.layer_mlp(self.layer_table(layers)).reshape(1, -1)                  # [1, L]
+        if bool(self.pruned_mask.any()):
+            layer_term = layer_term - layer_term[:, self.pruned_mask].mean()
         return time_term + layer_term + self.anchor
 
     def forward(self, timesteps: torch.Tensor, logit_noise: float = 0.0, generator: torch.Generator | None = None,
@@ -74,6 +89,9 @@ class AdaptiveRatioPolicy(nn.Module):
         if self.keep_all:  # logit(1) is infinite: a target of 1 means "never prune", not sigmoid(6) = 0.9975
             ratios = ratios - ratios.detach() + 1.0
         return torch.where(self.pruned_mask, ratios, torch.ones_like(ratios))
+
+    def layer_branch_parameters(self) -> list[nn.Parameter]:
+        return [*self.layer_table.parameters(), *self.layer_mlp.parameters()]
 
     @torch.no_grad()
     def ratios(self, timesteps: torch.Tensor) -> torch.Tensor:

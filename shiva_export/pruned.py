@@ -41,9 +41,11 @@ def load_pruned_model(model: str, router_checkpoint: str | None = None, cfg_cons
     """Backbone from a preset/folder; routers+policy from a checkpoint, or seeded untrained ones."""
     transformer, source = load_transformer(model, device=device)
     if router_checkpoint:
-        from shiva_export.checkpoint import load_router_checkpoint
+        from shiva_export.checkpoint import load_adapters, load_router_checkpoint
 
         routers, policy, meta = load_router_checkpoint(router_checkpoint, transformer, source)
+        # the router was trained with the stage-3 adapters on: export the weights it was trained with
+        transformer = load_adapters(router_checkpoint, transformer, source).to(device)
         checkpoint_hash = meta["checkpoint_hash"]
     else:
         with torch.random.fork_rng(devices=[]):

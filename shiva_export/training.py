@@ -38,7 +38,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -49,11 +49,11 @@ from shiva_export.patching import (PruningConfig, apply_token_pruning, keep_rati
                                    training_ratios)
 from shiva_export.policy import AdaptiveRatioPolicy, BudgetLoss, stratified_ratios
 from shiva_export.router import RouterBank
+from shiva_export.training_config import RunOptions, TrainConfig
 from shiva_export.training_data import VAE_SCALE_FACTOR, DataFreeSource, LatentDataset
 
 logger = logging.getLogger(__name__)
 
-Precision = Literal["auto", "fp32", "bf16"]
 # peft target: every linear projection of attention (joint attn and SD3.5's attn2) and FFN (image and context
 # streams) in the transformer blocks; not the AdaLN modulation, the embedders or the routers.
 ADAPTER_TARGETS = (r".*transformer_blocks\.\d+\.(attn2?\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj"
@@ -62,182 +62,6 @@ ADAPTER_TARGETS = (r".*transformer_blocks\.\d+\.(attn2?\.(to_q|to_k|to_v|to_out\
 BUDGET_TOLERANCE = 0.03
 STAGE3_MIN_REDUCTION = 0.30
 SCHEDULE_MIN_RANGE = 0.05
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """Every hyperparameter of a run; written into each checkpoint (P2). Defaults: the paper's, else D12's.
-
-    Stage lengths are not given by the paper (its Fig. 4a spans about 5k steps); ours are a choice.
-    """
-
-    target_keep: float = 0.6
-    # stages, in optimizer steps
-    warmup_steps: int = 1000          # stage 1: router warm-up, stratified ratios
-    policy_steps: int = 1000          # stage 2: policy learning, logit noise
-    joint_steps: int = 3000           # stage 3: joint tuning with DoRA adapters
-    lr_warmup_steps: int = 200        # linear LR warm-up at the start of each stage (paper: 200)
-    lr_decay: Literal["none", "cosine"] = "cosine"  # after the warm-up, per stage (paper: unspecified)
-    # optimisation (AdamW)
-    lr_router: float = 3e-4
-    lr_policy: float = 1e-4
-    lr_adapter: float = 1e-4          # paper: unspecified
-    weight_decay: float = 0.0
-    global_batch: int = 16            # samples per optimizer step over all processes (paper: 16)
-    micro_batch: int = 1              # samples per forward; one timestep stratum per micro-batch (D11)
-    # method
-    r_min: float = 0.1                # policy clamp and lower end of the stage-1 ratio range
-    r_max: float = 1.0
-    dense_layers: tuple[int, ...] = (0,)
-    tau_rank_start: float = 0.2       # cosine-annealed over the whole run (D12)
-    tau_rank_end: float = 0.05
-    tau_sel_start: float = 0.1
-    tau_sel_end: float = 0.02
-    ste_gate: Literal["input", "output"] = "output"  # where the STE gate sits (see topk.output_gate; D5 = input)
-    score_noise: float = 0.1          # sigma in units of the batch's score std (D12)
-    logit_noise: float = 1.0          # stage 2: r = sigmoid(logit + N(0, sigma^2)) (Eq. 29)
-    policy_score_weight: float = 1.0  # stage 2: score-function estimate of the policy's loss gradient (0: STE only)
-    joint_policy: Literal["anchor", "all"] = "anchor"  # stage 3 trains the policy's anchor only, or all of it
-    budget_beta: float = 0.2          # EMA weight of the new batch mean (Eq. 12)
-    lambda_budget: float = 1.0
-    lambda_distill: float = 1.0
-    lambda_diffusion: float = 1.0     # only with --data
-    distill_every: int = 4            # feature distillation after every 4th block, plus the output (Eq. 31)
-    router_hidden_dim: int = 64
-    router_group_size: int = 2
-    policy_hidden_dim: int = 256
-    adapter_rank: int = 32
-    adapter_alpha: float = 32.0
-    # data
-    data: str | None = None           # folder of precomputed latents (docs/training-data.md); None: data-free
-    height: int | None = None         # data-free image size in pixels; None: the model's default
-    width: int | None = None
-    context_tokens: int | None = None
-    data_free_contrast: float = 1.0   # data-free latents: log-amplitude spread of the smooth envelope (0: i.i.d.)
-    timestep_shift: float = 3.0       # flow-matching scheduler shift (SD3/SD3.5): sigma = s u / (1 + (s - 1) u)
-    cfg_dropout: float = 0.1          # caption dropout with --data (paper: 0.1)
-    # evaluation (the summary's figures)
-    eval_steps: int = 28              # sampler steps whose timesteps the policy is evaluated at
-    eval_samples: int = 4
-    precision: Precision = "auto"     # auto: bf16 autocast on GPU, fp32 on CPU
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "dense_layers", tuple(int(layer) for layer in self.dense_layers))
-        if not 0 < self.target_keep <= 1:
-            raise ConfigError(f"target keep ratio {self.target_keep:g} is outside (0, 1]; expected e.g. 0.6")
-        if not 0 < self.r_min <= self.target_keep:
-            raise ConfigError(f"r_min {self.r_min:g} must be in (0, target_keep={self.target_keep:g}]")
-        if not self.r_min <= self.r_max <= 1:
-            raise ConfigError(f"r_max {self.r_max:g} must be in [r_min={self.r_min:g}, 1]")
-        steps = (self.warmup_steps, self.policy_steps, self.joint_steps, self.lr_warmup_steps)
-        if min(steps) < 0 or self.total_steps < 1:
-            raise ConfigError(f"stage lengths {steps[:3]} and lr_warmup_steps must be >= 0, with at least one step")
-        if self.micro_batch < 1 or self.global_batch < 1 or self.global_batch % self.micro_batch:
-            raise ConfigError(f"global_batch {self.global_batch} must be a positive multiple of micro_batch "
-                              f"{self.micro_batch}")
-        if min(self.lr_router, self.lr_policy, self.lr_adapter, self.weight_decay) < 0:
-            raise ConfigError("learning rates and weight decay must be >= 0")
-        temps = (self.tau_rank_start, self.tau_rank_end, self.tau_sel_start, self.tau_sel_end)
-        if min(temps) <= 0:
-            raise ConfigError(f"temperatures {temps} must be > 0")
-        if self.policy_steps and self.policy_score_weight and self.logit_noise and self.micro_batches % 2:
-            raise ConfigError(f"the stage-2 score term pairs micro-batches: global_batch / micro_batch = "
-                              f"{self.micro_batches} must be even (or set policy_score_weight 0)")
-        if min(self.score_noise, self.logit_noise, self.policy_score_weight, self.lambda_budget, self.lambda_distill,
-               self.lambda_diffusion) < 0:
-            raise ConfigError("noise scales and loss weights must be >= 0")
-        if not 0 < self.budget_beta <= 1:
-            raise ConfigError(f"budget_beta {self.budget_beta:g} must be in (0, 1]")
-        if self.distill_every < 1 or self.router_group_size < 1 or self.router_hidden_dim < 1 \
-                or self.policy_hidden_dim < 2 or self.adapter_rank < 1:
-            raise ConfigError("distill_every, router sizes, policy_hidden_dim and adapter_rank must be >= 1")
-        if not 0 <= self.cfg_dropout < 1:
-            raise ConfigError(f"cfg_dropout {self.cfg_dropout:g} must be in [0, 1)")
-        if self.eval_steps < 1 or self.eval_samples < 1:
-            raise ConfigError("eval_steps and eval_samples must be >= 1")
-        if self.timestep_shift <= 0:
-            raise ConfigError(f"timestep_shift {self.timestep_shift:g} must be > 0")
-        if self.joint_policy not in ("anchor", "all"):
-            raise ConfigError(f"joint_policy {self.joint_policy!r}; expected anchor or all")
-        if self.lr_decay not in ("none", "cosine"):
-            raise ConfigError(f"lr_decay {self.lr_decay!r}; expected none or cosine")
-        if self.ste_gate not in ("input", "output"):
-            raise ConfigError(f"ste_gate {self.ste_gate!r}; expected input or output")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise ConfigError(f"precision {self.precision!r}; expected auto, fp32 or bf16")
-
-    @property
-    def total_steps(self) -> int:
-        return self.warmup_steps + self.policy_steps + self.joint_steps
-
-    @property
-    def micro_batches(self) -> int:
-        """Micro-batches per optimizer step over all processes: the number of timestep strata."""
-        return self.global_batch // self.micro_batch
-
-    def stage(self, step: int) -> int:
-        """Stage (1, 2, 3) of the optimizer step with 0-based index ``step``."""
-        if step < self.warmup_steps:
-            return 1
-        return 2 if step < self.warmup_steps + self.policy_steps else 3
-
-    def stage_start(self, stage: int) -> int:
-        return (0, self.warmup_steps, self.warmup_steps + self.policy_steps)[stage - 1]
-
-    def temperatures(self, step: int) -> tuple[float, float]:
-        """(tau_rank, tau_sel) at ``step``: cosine from the start to the end value over the whole run (D12)."""
-        progress = step / max(1, self.total_steps - 1)
-        weight = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-        return (self.tau_rank_end + (self.tau_rank_start - self.tau_rank_end) * weight,
-                self.tau_sel_end + (self.tau_sel_start - self.tau_sel_end) * weight)
-
-    def stage_length(self, stage: int) -> int:
-        return (self.warmup_steps, self.policy_steps, self.joint_steps)[stage - 1]
-
-    def lr_scale(self, step: int) -> float:
-        """Linear warm-up from the first step of each stage, then (lr_decay="cosine") a cosine decay towards 0.
-
-        The decay damps the budget loop at the end of a stage: the EMA and Adam's momentum lag the policy, so at a
-        constant rate the mean keep ratio keeps circling the target instead of settling on it.
-        """
-        stage = self.stage(step)
-        done, length = step - self.stage_start(stage), self.stage_length(stage)
-        warm = self.lr_warmup_steps
-        scale = min(1.0, (done + 1) / warm) if warm else 1.0
-        if self.lr_decay == "cosine" and done >= warm and length > warm:
-            scale *= 0.5 * (1 + math.cos(math.pi * (done - warm) / (length - warm)))
-        return scale
-
-    def to_json(self) -> dict:
-        return {"schema": 1, **dataclasses.asdict(self), "dense_layers": list(self.dense_layers)}
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> "TrainConfig":
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - fields - {"schema"})
-        if unknown:
-            raise ConfigError(f"training config has unknown keys {unknown}; expected {sorted(fields)}")
-        return cls(**{key: value for key, value in data.items() if key != "schema"})
-
-
-@dataclasses.dataclass(frozen=True)
-class RunOptions:
-    """How this invocation runs; none of it changes the result, so none of it is compared on resume."""
-
-    out: Path
-    resume: bool = False
-    stop_after: int | None = None     # stop (with a checkpoint) once this many optimizer steps are done
-    save_every: int = 500
-    progress: bool = True
-    device: str | None = None         # None: cuda (this process's local GPU) if available, else cpu
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "out", Path(self.out))
-        if self.save_every < 1:
-            raise ConfigError(f"save_every {self.save_every} must be >= 1")
-        if self.stop_after is not None and self.stop_after < 1:
-            raise ConfigError(f"stop_after {self.stop_after} must be >= 1")
 
 
 # ----------------------------------------------------------------------------------------------- distributed
@@ -328,6 +152,22 @@ def scheduler_timesteps(num_steps: int, shift: float) -> torch.Tensor:
     scheduler = FlowMatchEulerDiscreteScheduler(shift=float(shift))
     scheduler.set_timesteps(int(num_steps))
     return scheduler.timesteps.detach().float().clone()
+
+
+def trajectory_weight(timesteps: torch.Tensor, shift: float) -> torch.Tensor:
+    """(d(sigma)/du)^2 at the timesteps, normalised to mean 1 over u in [0, 1]: what a velocity error there costs
+    the sampled latent.
+
+    The sampler integrates the velocity predicted at sigma over an Euler step of length d(sigma), so an error e
+    there moves the final latent by d(sigma) * e, and uncorrelated errors add up as sum d(sigma)^2 |e|^2. With the
+    shifted schedule d(sigma)/du = (s - (s - 1) sigma)^2 / s: steps near sigma = 1 are s^2 times shorter than those
+    near 0 (s = 3: 9x, 81x squared). Weighting the distillation by it makes the loss the error that reaches the
+    image, so the policy can learn to prune harder where the sampler moves the latent least (the high-noise steps).
+    """
+    sigma = timesteps.float() / 1000.0
+    slope = (shift - (shift - 1) * sigma).pow(2) / shift
+    mean_square = shift ** 2 * (1 - shift ** -3) / (3 * (shift - 1)) if shift != 1 else 1.0
+    return slope.pow(2) / mean_square
 
 
 def normalized_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -529,8 +369,14 @@ class Trainer:
         cfg = self.config
         groups = [{"name": "router", "params": list(self.routers.parameters()), "lr": cfg.lr_router}]
         if stage >= 2:
-            params = [p for p in self.policy.parameters() if p.requires_grad]
-            groups.append({"name": "policy", "params": params, "lr": cfg.lr_policy})
+            layer_branch = {id(p) for p in self.policy.layer_branch_parameters()}
+            trained = [p for p in self.policy.parameters() if p.requires_grad]
+            groups.append({"name": "policy", "params": [p for p in trained if id(p) not in layer_branch],
+                           "lr": cfg.lr_policy})
+            layer_params = [p for p in trained if id(p) in layer_branch]
+            if layer_params:
+                groups.append({"name": "policy_layer", "params": layer_params,
+                               "lr": cfg.lr_policy * cfg.lr_policy_layer_scale})
         if stage >= 3:
             groups.append({"name": "adapters", "params": self.adapter_parameters(), "lr": cfg.lr_adapter})
         return groups
@@ -622,11 +468,19 @@ class Trainer:
                   "pooled_projections": pooled.to(self.device, dtype), "timestep": micro.timesteps.to(self.device)}
         return inputs, target
 
-    def _losses(self, step: int, micro: MicroBatch, tau_rank: float, tau_sel: float) -> dict[str, torch.Tensor]:
+    def _losses(self, step: int, micro: MicroBatch, tau_rank: float, tau_sel: float,
+                teachers: dict[int, tuple] | None = None) -> dict[str, torch.Tensor]:
+        """``teachers``: teacher outputs by sample_index, shared by an antithetic pair (same inputs, same teacher)."""
         inputs, target = self._inputs(step, micro)
-        with torch.no_grad(), self._teacher(), self._autocast(), \
-                captured_block_outputs(self.transformer, self.distilled) as teacher:
-            teacher_out = self.transformer(**inputs).sample
+        cached = teachers.get(micro.sample_index) if teachers is not None else None
+        if cached is None:
+            with torch.no_grad(), self._teacher(), self._autocast(), \
+                    captured_block_outputs(self.transformer, self.distilled) as teacher:
+                teacher_out = self.transformer(**inputs).sample
+            if teachers is not None:
+                teachers[micro.sample_index] = (teacher_out, teacher)
+        else:
+            teacher_out, teacher = cached
         with training_ratios(self.transformer, micro.ratios, tau_rank=tau_rank, tau_sel=tau_sel,
                              score_noise=self.config.score_noise, generator=micro.generator), \
                 self._autocast(), captured_block_outputs(self.transformer, self.distilled) as student:
@@ -634,6 +488,8 @@ class Trainer:
         distill = relative_mse(student_out, teacher_out)
         for layer in self.distilled:
             distill = distill + normalized_mse(student[layer], teacher[layer])
+        if self.config.timestep_weighting == "euler-step":  # one timestep per micro-batch (D11)
+            distill = distill * trajectory_weight(micro.timesteps[0], self.config.timestep_shift).to(distill.device)
         diffusion = F.mse_loss(student_out.float(), target.float()) if target is not None else torch.zeros((),
                                                                                                     device=self.device)
         return {"distill": distill, "diffusion": diffusion}
@@ -653,17 +509,68 @@ class Trainer:
                  for m in micros]
         return cfg.policy_score_weight * sum(terms) / (cfg.logit_noise * cfg.micro_batches)
 
+    def expected_keep(self, shift: float = 0.0, grad: bool = False, anchor_only: bool = False) -> torch.Tensor:
+        """The policy's mean keep ratio (pruned layers, no noise) over the training timestep distribution.
+
+        ``anchor_only``: with grad, the gradient flows into the anchor alone.
+        """
+        if self.policy.keep_all:
+            return torch.tensor(1.0, device=self.device)
+        grid = shifted_timesteps((torch.arange(1000, dtype=torch.float32) + 0.5) / 1000, self.config.timestep_shift)
+        with torch.set_grad_enabled(grad):
+            logits = self.policy.logits(grid.to(self.device))[:, self.pruned_layers].float()
+            if anchor_only:
+                anchor = self.policy.anchor
+                logits = logits.detach() + (anchor - anchor.detach())
+            return torch.sigmoid(logits + shift).clamp(self.config.r_min, 1.0).mean()
+
+    @torch.no_grad()
+    def _recenter_anchor(self) -> None:
+        """Stage 2 -> 3: shift the anchor so the noise-free expected keep ratio equals the target; reset the EMA.
+
+        Stage 2's EMA tracked the mean of sigmoid(logit + noise); without the noise the mean moves (Jensen), and
+        stage 3 trains only the anchor at a low gain, so it starts on budget instead of spending its steps getting
+        there. The time and layer branches (the learned shape) are unchanged.
+        """
+        low, high = -20.0, 20.0
+        for _ in range(60):  # bisection: the expected keep ratio increases with the shift
+            middle = (low + high) / 2
+            if float(self.expected_keep(middle)) < self.config.target_keep:
+                low = middle
+            else:
+                high = middle
+        self.policy.anchor.add_((low + high) / 2)
+        self.budget.ema.fill_(self.config.target_keep)
+        logger.info("stage 3: anchor shifted by %.4f to the target keep ratio", (low + high) / 2)
+
     def _mean_pruned(self, ratios: torch.Tensor) -> torch.Tensor:
         return ratios[:, self.pruned_layers].mean()
 
+    def _attention_backends(self):
+        """On CUDA, keep scaled-dot-product attention off cuDNN: training varies k per micro-batch and layer, and
+        cuDNN builds a graph for every new sequence length (on an H200, sd35-medium-shape: 15 of a stage-2 step's
+        19.7 s were cuDNN graph builds; flash/efficient attention made stage 2 8.7x faster)."""
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
     def train_step(self) -> dict:
+        with self._attention_backends():
+            return self._train_step()
+
+    def _train_step(self) -> dict:
         cfg, step = self.config, self.step
         stage = cfg.stage(step)
         if self.optimizer_stage != stage:
+            if stage == 3 and cfg.stage3_recenter and cfg.target_keep < 1:
+                self._recenter_anchor()
             self._enter_stage(stage)
         tau_rank, tau_sel = cfg.temperatures(step)
         scale = cfg.lr_scale(step)
-        base_lr = {"router": cfg.lr_router, "policy": cfg.lr_policy, "adapters": cfg.lr_adapter}
+        base_lr = {"router": cfg.lr_router, "policy": cfg.lr_policy, "adapters": cfg.lr_adapter,
+                   "policy_layer": cfg.lr_policy * cfg.lr_policy_layer_scale}
         for group in self.optimizer.param_groups:
             group["lr"] = base_lr[group["name"]] * scale
         total = cfg.micro_batches
@@ -675,7 +582,14 @@ class Trainer:
         if stage >= 2:
             # Value: the global batch mean (synchronised for the EMA); gradient: only through this process's part,
             # so summing gradients over processes gives the gradient of the global mean.
-            batch_mean = local_keep / total + (global_keep - local_keep.detach() / total)
+            if cfg.budget_gradient == "anchor":
+                # value: still the batch mean; gradient: into the anchor only, through the policy's mean keep ratio
+                # over the whole training timestep distribution. The branches are centred (policy.logits), so the
+                # anchor is the level the budget constrains and the branches learn the shape from the losses alone.
+                level_mean = self.expected_keep(grad=True, anchor_only=True) / self.dist.world_size
+                batch_mean = level_mean + (global_keep - level_mean.detach())
+            else:
+                batch_mean = local_keep / total + (global_keep - local_keep.detach() / total)
             budget = self.budget(batch_mean)
             budget.backward(retain_graph=True)
             budget_value = float(budget.detach())
@@ -683,10 +597,11 @@ class Trainer:
         sums = torch.zeros(2, device=self.device)
         scored = stage == 2 and self.antithetic
         per_micro = torch.zeros(total, dtype=torch.float64, device=self.device)
+        teachers: dict[int, tuple] | None = {} if scored else None
         for micro in micros:
             if scored:  # the policy learns the losses' response to its ratios from the score term
                 micro = dataclasses.replace(micro, ratios=micro.ratios.detach())
-            losses = self._losses(step, micro, tau_rank, tau_sel)
+            losses = self._losses(step, micro, tau_rank, tau_sel, teachers)
             loss = cfg.lambda_distill * losses["distill"] + cfg.lambda_diffusion * losses["diffusion"]
             (loss / total).backward()
             per_micro[micro.index] = loss.detach().double()
@@ -780,24 +695,26 @@ class Trainer:
         return errors
 
     def _maybe_evaluate(self) -> None:
+        """The summary's evaluations, once each: after stage 2 and at the end (rank 0 computes, all ranks record)."""
         cfg = self.config
-        if self.step == cfg.warmup_steps + cfg.policy_steps and "after_stage2" not in self.evals:
-            if self.dist.is_main:
-                self.evals["after_stage2"] = self.evaluate_stage2()
-            barrier(self.dist)
-        if self.step == cfg.total_steps and cfg.joint_steps and "after_stage3" not in self.evals:
-            if self.dist.is_main:
-                self.evals["after_stage3"] = self.evaluate_final()
-            barrier(self.dist)
+        if self.step == cfg.warmup_steps + cfg.policy_steps:
+            self._evaluate_once("after_stage2", self.evaluate_stage2)
+        if self.step == cfg.total_steps and cfg.joint_steps:
+            self._evaluate_once("after_stage3", self.evaluate_final)
+
+    def _evaluate_once(self, key: str, evaluate: Callable[[], dict[str, float]]) -> None:
+        if key in self.evals:
+            return
+        with self._attention_backends():
+            self.evals[key] = evaluate() if self.dist.is_main else {}
+        barrier(self.dist)
 
     def summary(self) -> dict:
         """The run's figures: budget, schedule, FLOPs and the output errors vs the teacher."""
         from shiva_export.flops import dense_model_flops, model_flops
 
         cfg = self.config
-        # Long-run mean: the policy's expectation over the training timestep distribution (a fine grid of u).
-        grid = shifted_timesteps((torch.arange(1000, dtype=torch.float32) + 0.5) / 1000, cfg.timestep_shift)
-        mean_keep = float(self.schedule(grid)[:, self.pruned_layers].mean())
+        mean_keep = float(self.expected_keep())  # long-run mean: the expectation over the training timesteps
         timesteps = self.eval_timesteps()
         table = self.schedule(timesteps)
         per_step = table[:, self.pruned_layers].mean(dim=1)

@@ -67,6 +67,20 @@ def test_policy_logit_is_a_sum_of_time_and_layer_terms():
     torch.testing.assert_close(differences, differences[:, :1].expand_as(differences), rtol=0, atol=1e-5)
 
 
+def test_policy_branches_are_centred_so_the_anchor_is_the_level():
+    """time(t) averages to 0 over the centring grid and layer(l) over the pruned layers: the anchor is the mean logit."""
+    from shiva_export.policy import CENTRE_POINTS, NUM_TRAIN_TIMESTEPS
+
+    policy = randomized_policy()
+    grid = (torch.arange(CENTRE_POINTS, dtype=torch.float32) + 0.5) * (NUM_TRAIN_TIMESTEPS / CENTRE_POINTS)
+    with torch.no_grad():
+        logits = policy.logits(grid)
+    pruned = logits[:, policy.pruned_mask]
+    assert float(pruned.mean()) == pytest.approx(float(policy.anchor.detach()), abs=1e-4)
+    assert float(pruned.std()) > 1.0                                   # the branches do shape the logits
+    torch.testing.assert_close(policy.logits(grid[:3]), logits[:3])     # one timestep's logit: not batch-dependent
+
+
 @pytest.mark.parametrize("target", [0.0, -0.2, 1.01, float("nan")])
 def test_policy_refuses_target_keep_outside_zero_one(target):
     with pytest.raises(ConfigError, match=r"target keep ratio .* is outside \(0, 1\]"):

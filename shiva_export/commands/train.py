@@ -10,13 +10,15 @@ import json
 GROUPS = {
     "budget": ("target_keep", "r_min", "r_max", "dense_layers"),
     "stages": ("warmup_steps", "policy_steps", "joint_steps", "lr_warmup_steps", "lr_decay"),
-    "optimisation": ("lr_router", "lr_policy", "lr_adapter", "weight_decay", "global_batch", "micro_batch",
+    "optimisation": ("lr_router", "lr_policy", "lr_policy_layer_scale", "lr_adapter", "weight_decay", "global_batch", "micro_batch",
                      "precision", "seed"),
     "method": ("tau_rank_start", "tau_rank_end", "tau_sel_start", "tau_sel_end", "ste_gate", "score_noise",
-               "logit_noise", "policy_score_weight", "joint_policy", "budget_beta", "lambda_budget", "lambda_distill",
-               "lambda_diffusion", "distill_every", "router_hidden_dim", "router_group_size", "policy_hidden_dim",
-               "adapter_rank", "adapter_alpha"),
-    "data": ("data", "height", "width", "context_tokens", "data_free_contrast", "timestep_shift", "cfg_dropout"),
+               "logit_noise", "policy_score_weight", "joint_policy", "stage3_recenter", "budget_beta",
+               "budget_gradient",
+               "lambda_budget", "lambda_distill", "lambda_diffusion", "distill_every", "router_hidden_dim",
+               "router_group_size", "policy_hidden_dim", "adapter_rank", "adapter_alpha"),
+    "data": ("data", "height", "width", "context_tokens", "data_free_contrast", "timestep_shift", "timestep_weighting",
+             "cfg_dropout"),
     "evaluation": ("eval_steps", "eval_samples"),
 }
 HELP = {
@@ -30,6 +32,8 @@ HELP = {
     "lr_warmup_steps": "linear learning-rate warm-up at the start of each stage",
     "global_batch": "samples per optimizer step over all processes",
     "micro_batch": "samples per forward pass; accumulation = global / (micro * processes)",
+    "lr_policy_layer_scale": "the policy's layer branch learns at lr-policy times this (its signal is steadier "
+                             "than the time branch's, which it would otherwise outrun to the clamp)",
     "precision": "auto: bf16 autocast on GPU, fp32 on CPU",
     "data": "folder of precomputed latents + text embeddings (docs/training-data.md); default: data-free",
     "height": "data-free image height in pixels (default: the model's)",
@@ -37,9 +41,18 @@ HELP = {
     "context_tokens": "data-free text tokens (default: the model's)",
     "data_free_contrast": "data-free latents: spread of their smooth random amplitude envelope (0: i.i.d. noise)",
     "timestep_shift": "flow-matching scheduler shift (3.0 for SD3/SD3.5)",
+    "budget_gradient": "budget-loss gradient through the batch's sampled ratios into the whole policy (batch, Eq. 13) "
+                       "or into the anchor alone (anchor: the budget sets the level, the losses the shape)",
+    "timestep_weighting": "distillation weight per timestep: euler-step = the sampler's step size d(sigma)/du there "
+                          "(the error that reaches the image), none = uniform",
     "cfg_dropout": "caption dropout probability with --data",
     "eval_steps": "sampler steps at whose timesteps the summary evaluates the policy",
     "eval_samples": "samples in the summary's evaluation batch",
+    "ste_gate": "STE gate on the block input (D5) or on the kept tokens' update (see training.py)",
+    "policy_score_weight": "stage 2: weight of the antithetic score-function term for the policy (0: STE only)",
+    "joint_policy": "stage 3: train only the policy's anchor, or the whole policy",
+    "stage3_recenter": "entering stage 3, re-centre the anchor on the target keep ratio (true/false)",
+    "lr_decay": "learning-rate decay after each stage's warm-up",
 }
 
 
@@ -50,8 +63,18 @@ def _parse_layers(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated block indices, got {text!r}") from err
 
 
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 def _option_type(field: dataclasses.Field):
     annotation = str(field.type)
+    if annotation == "bool":
+        return _parse_bool
     if annotation.startswith("tuple"):
         return _parse_layers
     for name, kind in (("float", float), ("int", int), ("str", str)):
@@ -61,7 +84,7 @@ def _option_type(field: dataclasses.Field):
 
 
 def add_parser(subparsers) -> None:
-    from shiva_export.training import TrainConfig
+    from shiva_export.training_config import TrainConfig
 
     parser = subparsers.add_parser(
         "train", help="train the router, ratio policy and DoRA adapters (three stages)",
@@ -82,7 +105,8 @@ def add_parser(subparsers) -> None:
             default = field.default
             shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
             choices = {"precision": ("auto", "fp32", "bf16"), "ste_gate": ("input", "output"),
-                       "lr_decay": ("none", "cosine"), "joint_policy": ("anchor", "all")}
+                       "lr_decay": ("none", "cosine"), "joint_policy": ("anchor", "all"),
+                       "timestep_weighting": ("none", "euler-step"), "budget_gradient": ("batch", "anchor")}
             kwargs = {"choices": choices[name]} if name in choices else {"type": _option_type(field)}
             group.add_argument(f"--{name.replace('_', '-')}", dest=name, default=argparse.SUPPRESS,
                                help=f"{HELP.get(name, name.replace('_', ' '))} (default: {shown})", **kwargs)

@@ -15,6 +15,7 @@ import pytest
 
 from shiva_export.cli import VERBS
 from shiva_export.manifest import Manifest
+from shiva_export.models import shipped_router
 
 pytestmark = pytest.mark.slow
 
@@ -53,6 +54,21 @@ def test_default_build_on_a_clean_folder_writes_every_artifact_and_exits_0(built
         assert (out / "report" / name).stat().st_size > 0
     assert "parity" in result.stdout and "bucket" in result.stdout
     assert manifest.require("check")["passed"] is True
+
+
+def test_default_build_uses_the_router_trained_and_shipped_for_the_preset(built):
+    """No --router: the checkpoint our own `train` verb made (scripts/ship_router.py) ships in the package."""
+    out, result, _ = built
+    assert result.returncode == 0, result.stderr[-3000:]
+    shipped = shipped_router("tiny-sd35")
+    assert shipped is not None, "the package ships no router for the default preset"
+    manifest = Manifest.load(out)
+    assert manifest.data["config"]["router"] == str(Path(shipped).resolve())
+    summary = json.loads((Path(shipped) / "summary.json").read_text())
+    assert summary["checks"]["mean_keep_within_0.03"] and summary["checks"]["schedule_not_flat"], summary["checks"]
+    assert summary["checks"]["stage2_beats_random"] and summary["checks"]["stage2_beats_grid"], summary["checks"]
+    schedule = json.loads((out / "schedule.json").read_text())
+    assert len(schedule["buckets"]) >= 2                              # its learned schedule is not flat
 
 
 def test_second_build_with_the_same_inputs_is_a_fast_resume(built):

@@ -181,7 +181,8 @@ def flops_of(pruned, args, num_tokens, k):
 def torch_module(pruned, k):
     if k is None:
         return lambda **feed: pruned.transformer(**feed, return_dict=False)[0]
-    bucket = StaticBucket(pruned.transformer, k, inplace_scatter=True)
+    # select_full_layers: the keep-1.0 row measures router + selection + scatter with every token kept
+    bucket = StaticBucket(pruned.transformer, k, inplace_scatter=True, select_full_layers=True)
     return lambda **feed: bucket(**feed)
 
 

@@ -85,14 +85,15 @@ def output_names(num_layers: int, pruned_layers: Sequence[int], debug_indices: b
 class StaticBucket(torch.nn.Module):
     """The patched transformer pinned to one bucket's k vector: the exact module torch.export traces."""
 
-    def __init__(self, transformer, k: Sequence[int], debug_indices: bool = False, inplace_scatter: bool = False):
+    def __init__(self, transformer, k: Sequence[int], debug_indices: bool = False, inplace_scatter: bool = False,
+                 select_full_layers: bool = False):
         super().__init__()
         self.transformer, self.k, self.debug_indices = transformer, tuple(k), debug_indices
-        self.inplace_scatter = inplace_scatter
+        self.inplace_scatter, self.select_full_layers = inplace_scatter, select_full_layers
 
     def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep):
-        with static_k(self.transformer, self.k, record=self.debug_indices,
-                      inplace_scatter=self.inplace_scatter) as state:
+        with static_k(self.transformer, self.k, record=self.debug_indices, inplace_scatter=self.inplace_scatter,
+                      select_full_layers=self.select_full_layers) as state:
             sample = self.transformer(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
                                       pooled_projections=pooled_projections, timestep=timestep, return_dict=False)[0]
             if not self.debug_indices:

@@ -57,6 +57,7 @@ class PruningState:
     scorer: Callable[..., torch.Tensor] | None = None   # replaces the routers (RouterBank's call signature)
     record: bool = False
     inplace_scatter: bool = False                # static inference only: block inputs are overwritten
+    select_full_layers: bool = False             # static: run router + selection even where k == N (to time them)
     indices: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
     processed_tokens: dict[int, int] = dataclasses.field(default_factory=dict)
     pi: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
@@ -84,6 +85,13 @@ class TokenPruningHook(ModelHook):
         call = dict(bound.arguments)
         hidden, context, temb = call["hidden_states"], call["encoder_hidden_states"], call["temb"]
         batch, num_tokens, _ = hidden.shape
+        if state.mode == "static" and state.k[self.layer] == num_tokens and not state.select_full_layers:
+            # every token kept: selection would be the identity, so the block runs as its dense self, with no
+            # router, top-k, gather or scatter to pay for (what the FLOP model assumes for k == N)
+            if state.record:
+                state.indices[self.layer] = torch.arange(num_tokens, device=hidden.device).expand(batch, num_tokens)
+                state.processed_tokens[self.layer] = num_tokens
+            return self.fn_ref.original_forward(*args, **kwargs)
 
         if state.scorer is not None:
             scores = state.scorer(self.layer, hidden, temb, context.mean(dim=1))
@@ -277,17 +285,19 @@ def validate_k(state: PruningState, k_per_layer: Sequence[int], num_tokens: int 
 
 
 @contextlib.contextmanager
-def static_k(transformer, k_per_layer: Sequence[int], record: bool = False, inplace_scatter: bool = False
-             ) -> Iterator[PruningState]:
+def static_k(transformer, k_per_layer: Sequence[int], record: bool = False, inplace_scatter: bool = False,
+             select_full_layers: bool = False) -> Iterator[PruningState]:
     """Run with a fixed integer k per layer: hard top-k only, no surrogate, no noise (the exported path).
 
     inplace_scatter: under no_grad, write each block's kept rows into the block's input tensor instead of a copy
     (faster; a forward hook that keeps a block's input sees it change).
+    select_full_layers: a layer with k == N still runs its router and the identity selection (to measure their
+    cost); by default it runs dense.
     """
     state = _require_state(transformer)
     k = validate_k(state, k_per_layer)
     with _swapped(state, mode="static", k=k, record=record, indices={}, processed_tokens={},
-                  inplace_scatter=inplace_scatter):
+                  inplace_scatter=inplace_scatter, select_full_layers=select_full_layers):
         yield state
 
 

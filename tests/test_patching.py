@@ -105,6 +105,29 @@ def ratio_vector(num_layers: int) -> torch.Tensor:
 # --- block semantics ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("select_full_layers", [False, True])
+def test_a_layer_keeping_every_token_runs_dense_without_its_router_unless_asked(model, inputs, dense_output,
+                                                                                 num_layers, num_tokens,
+                                                                                 select_full_layers):
+    """k == N: selection is the identity, so by default the block skips router, top-k, gather and scatter."""
+    routers = make_routers(model)
+    calls = []
+    original = routers.score_context
+    routers.score_context = lambda layer, *args: calls.append(layer) or original(layer, *args)
+    k = k_vector(num_layers, num_tokens)
+    k[2] = num_tokens
+    with pruned(model, routers), torch.no_grad():
+        with static_k(model, k, record=True, select_full_layers=select_full_layers) as state:
+            model(**inputs)
+            assert state.processed_tokens[2] == num_tokens
+            assert torch.equal(state.indices[2], torch.arange(num_tokens).expand(2, num_tokens))
+        assert calls == [layer for layer in range(1, num_layers) if layer != 2 or select_full_layers]
+        with static_k(model, [num_tokens] * num_layers, select_full_layers=select_full_layers):
+            full_output = model(**inputs).sample
+    assert len(calls) == (2 * (num_layers - 1) if select_full_layers else num_layers - 2)
+    assert (full_output - dense_output).abs().max().item() <= (1e-6 if select_full_layers else 0.0)
+
+
 @pytest.mark.parametrize("mode", ["static", "train"])
 def test_keeping_every_token_reproduces_the_dense_model(model, inputs, dense_output, num_layers, num_tokens, mode):
     with pruned(model):

@@ -18,8 +18,9 @@ def add_artifact_args(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--model", default=DEFAULT_MODEL,
                        help="preset (tiny-sd3, tiny-sd35, sd35-medium-shape) or a local diffusers folder")
     model.add_argument("--router", default=None, help="router/policy checkpoint folder written by `train`")
-    model.add_argument("--target-keep", type=float, default=ArtifactConfig.target_keep,
-                       help="uniform keep ratio when no --router is given")
+    model.add_argument("--target-keep", type=float, default=None,
+                       help="uniform keep ratio of untrained routers, instead of the router shipped for the preset "
+                            f"(without --router; default {ArtifactConfig.target_keep} where no router ships)")
     freeze = parser.add_argument_group("freeze", "turning learned ratios into fixed k")
     freeze.add_argument("--steps", type=int, default=ArtifactConfig.steps, help="sampler steps")
     freeze.add_argument("--shift", type=float, default=ArtifactConfig.shift, help="flow-matching scheduler shift")
@@ -37,13 +38,14 @@ def add_artifact_args(parser: argparse.ArgumentParser) -> None:
 
 
 def artifact_config(args: argparse.Namespace, default_router: bool = True) -> ArtifactConfig:
-    """default_router: without --router, use the checkpoint shipped for a preset (if the package has one)."""
+    """default_router: without --router or --target-keep, use the checkpoint shipped for a preset (if any)."""
     router = args.router
-    if router is None and default_router:
+    if router is None and args.target_keep is None and default_router:
         from shiva_export.models import shipped_router
 
         router = shipped_router(args.model)
     return ArtifactConfig(model=args.model, router=router, steps=args.steps, shift=args.shift,
                           buckets=args.buckets, align=args.align, k_min=args.k_min, height=args.height,
                           width=args.width, batch=args.batch, context_tokens=args.context_tokens, dtype=args.dtype,
-                          opset=args.opset, target_keep=args.target_keep)
+                          opset=args.opset,
+                          target_keep=ArtifactConfig.target_keep if args.target_keep is None else args.target_keep)

@@ -242,17 +242,51 @@ def check_static(path: Path) -> None:
 DENSE_FILE = "dense.onnx"
 
 
+@contextlib.contextmanager
+def interrupts_between_graphs():
+    """Ctrl-C during an export stops it after the current graph, as a KeyboardInterrupt.
+
+    torch.onnx's exporter tries several tracing strategies and takes an interrupt raised inside tracing for a
+    failed strategy: the export then goes on and finishes (measured: 60 SIGINTs 2 s apart, exit 0). So the signal is
+    only recorded while a graph is traced and raised by the returned check between graphs, and on exit.
+    """
+    import signal
+    import threading
+
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: None
+        return
+
+    def record(signum, frame):
+        if not received:
+            log.warning("interrupt received: stopping after the current graph")
+        received.append(signum)
+
+    def check() -> None:
+        if received:
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, record)
+    try:
+        yield check
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    check()
+
+
 def export_buckets(transformer, bucket_ks: Sequence[Sequence[int]], cfg: ExportConfig, out_dir: Path,
                    progress=None, dense: bool = True) -> list[dict]:
     """Write out_dir/b{i}.onnx for every bucket (+ b{i}.debug.onnx with index outputs, + dense.onnx) and
     out_dir/weights.bin, atomically as one folder."""
     out_dir = Path(out_dir)
     records = []
-    with atomic_directory(out_dir) as tmp:
+    with atomic_directory(out_dir) as tmp, interrupts_between_graphs() as check_interrupt:
         writer = SharedWeightWriter(tmp / WEIGHTS_FILE)
         try:
             for bucket, k in enumerate(bucket_ks):
                 model = export_bucket(transformer, k, cfg)
+                check_interrupt()
                 writer.externalize(model)
                 record = {"bucket": bucket, "k": list(map(int, k)), "file": f"b{bucket}.onnx"}
                 if cfg.debug_indices:
@@ -261,13 +295,14 @@ def export_buckets(transformer, bucket_ks: Sequence[Sequence[int]], cfg: ExportC
                     drop_debug_outputs(model)
                 save_graph(model, tmp / record["file"])
                 records.append(record)
+                if progress is not None:
+                    progress.update(1)
             if dense:
                 model = export_bucket(transformer, None, cfg)
+                check_interrupt()
                 writer.externalize(model)
                 save_graph(model, tmp / DENSE_FILE)
                 records.append({"bucket": "dense", "k": None, "file": DENSE_FILE})
-                if progress is not None:
-                    progress.update(1)
                 if progress is not None:
                     progress.update(1)
         finally:

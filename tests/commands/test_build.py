@@ -134,15 +134,7 @@ def test_ctrl_c_during_export_leaves_no_partial_artifacts_and_keeps_the_old_grap
         time.sleep(0.2)
     assert any(p.name.startswith(".onnx.partial") for p in copy.iterdir()), "export never started"
     time.sleep(1.0)
-    # a user's Ctrl-C, pressed again while nothing happens: a signal that lands inside a library section that
-    # swallows KeyboardInterrupt (torch.onnx's exporter can) must not decide the test
-    for _ in range(60):
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=2)
-            break
-        except subprocess.TimeoutExpired:
-            continue
+    proc.send_signal(signal.SIGINT)     # honoured after the graph being traced (export.interrupts_between_graphs)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr[-2000:]
     assert "interrupted" in stderr

@@ -123,8 +123,13 @@ def example_feed(model_config, cfg: ExportConfig, seed: int = 0) -> dict[str, to
 
 @contextlib.contextmanager
 def _quiet_exporter():
-    """torch.onnx prints progress and warns about torchvision ops we never use; keep the CLI readable."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.onnx._internal.exporter._registration")]
+    """torch.onnx prints progress and warns about torchvision ops we never use; keep the CLI readable.
+
+    Its optimizer also warns that it cannot deduplicate a constant graph output: the index outputs of a debug twin
+    for layers that keep every token (arange(N)), expected and harmless.
+    """
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.onnx._internal.exporter._registration",
+                                              "onnx_ir.passes.common.initializer_deduplication")]
     levels = [lg.level for lg in loggers]
     try:
         for lg in loggers:

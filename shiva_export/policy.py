@@ -58,8 +58,8 @@ class AdaptiveRatioPolicy(nn.Module):
 
         The time term is centred on its mean over a fixed grid of timesteps and the layer term on its mean over the
         pruned layers, so the anchor alone carries the level and the branches only the shape. The function class is
-        that of Eq. 11; what changes is the optimisation: the budget loss pulls on the mean keep ratio, which is
-        then (nearly) orthogonal to the branches, and its noise no longer drowns the time branch's weak signal.
+        that of Eq. 11; what changes is the optimisation: training can give the budget loss's gradient to the anchor
+        alone (budget_gradient="anchor"), so its noise no longer drowns the time branch's weak signal.
         """
         timesteps = timesteps.reshape(-1).float()
         grid = (torch.arange(CENTRE_POINTS, dtype=torch.float32, device=timesteps.device) + 0.5) \

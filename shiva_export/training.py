@@ -366,20 +366,17 @@ class Trainer:
         return [p for name, p in self.transformer.named_parameters() if "lora_" in name]
 
     def _param_groups(self, stage: int) -> list[dict]:
-        cfg = self.config
-        groups = [{"name": "router", "params": list(self.routers.parameters()), "lr": cfg.lr_router}]
+        named = [("router", list(self.routers.parameters()))]
         if stage >= 2:
             layer_branch = {id(p) for p in self.policy.layer_branch_parameters()}
             trained = [p for p in self.policy.parameters() if p.requires_grad]
-            groups.append({"name": "policy", "params": [p for p in trained if id(p) not in layer_branch],
-                           "lr": cfg.lr_policy})
-            layer_params = [p for p in trained if id(p) in layer_branch]
-            if layer_params:
-                groups.append({"name": "policy_layer", "params": layer_params,
-                               "lr": cfg.lr_policy * cfg.lr_policy_layer_scale})
+            named.append(("policy", [p for p in trained if id(p) not in layer_branch]))
+            named.append(("policy_layer", [p for p in trained if id(p) in layer_branch]))
         if stage >= 3:
-            groups.append({"name": "adapters", "params": self.adapter_parameters(), "lr": cfg.lr_adapter})
-        return groups
+            named.append(("adapters", self.adapter_parameters()))
+        lrs = self.config.base_learning_rates
+        return [{"name": name, "params": params, "lr": lrs[name]} for name, params in named
+                if params or name != "policy_layer"]
 
     def _enter_stage(self, stage: int) -> None:
         """A fresh AdamW per stage (each stage re-warms its learning rate); adapters appear at stage 3."""
@@ -569,8 +566,7 @@ class Trainer:
             self._enter_stage(stage)
         tau_rank, tau_sel = cfg.temperatures(step)
         scale = cfg.lr_scale(step)
-        base_lr = {"router": cfg.lr_router, "policy": cfg.lr_policy, "adapters": cfg.lr_adapter,
-                   "policy_layer": cfg.lr_policy * cfg.lr_policy_layer_scale}
+        base_lr = cfg.base_learning_rates
         for group in self.optimizer.param_groups:
             group["lr"] = base_lr[group["name"]] * scale
         total = cfg.micro_batches

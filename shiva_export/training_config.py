@@ -140,6 +140,12 @@ class TrainConfig:
         return self.warmup_steps + self.policy_steps + self.joint_steps
 
     @property
+    def base_learning_rates(self) -> dict[str, float]:
+        """Learning rate of each optimizer param group, by group name, before the warm-up/decay scale."""
+        return {"router": self.lr_router, "policy": self.lr_policy,
+                "policy_layer": self.lr_policy * self.lr_policy_layer_scale, "adapters": self.lr_adapter}
+
+    @property
     def micro_batches(self) -> int:
         """Micro-batches per optimizer step over all processes: the number of timestep strata."""
         return self.global_batch // self.micro_batch

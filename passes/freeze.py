@@ -19,6 +19,7 @@ from __future__ import annotations
 __all__ = [
     "FREEZE_CONFIG_SCHEMA",
     "SCHEDULE_SCHEMA",
+    "ALIGN_TARGETS",
     "Bucket",
     "Bucketing",
     "FreezeConfig",
@@ -74,6 +75,14 @@ def _int(value: Any, name: str, minimum: int) -> int:
     return number
 
 
+# What a pruned layer's k is rounded up to: k a multiple of align ("k"), k + context tokens a multiple of align
+# ("sequence": the joint attention's length), or whichever of the two comes first ("either"). cuDNN's fused attention
+# on the H200 runs a length that is a multiple of 128 1.10-1.14x faster than one 16 tokens *shorter*
+# (docs/benchmarks/h200/attention-lengths.md). In a dual-attention block k is also the length of the image-only
+# attention, so neither target wins everywhere; "either" never rounds up further than "k" does.
+ALIGN_TARGETS = ("k", "sequence", "either")
+
+
 @dataclasses.dataclass(frozen=True)
 class FreezeConfig:
     """How learned ratios become fixed k buckets; travels inside every schedule (P2)."""
@@ -81,6 +90,7 @@ class FreezeConfig:
     num_steps: int = 28  # sampler steps; diffusers' SD3 pipelines default to 28
     shift: float = 3.0  # FlowMatchEulerDiscreteScheduler shift of the SD3 / SD3.5 scheduler config
     align: int = 64  # k of a pruned layer is rounded up to a multiple of this (tensor-core tiles)
+    align_to: str = "k"  # what is a multiple of align: "k", "sequence" (k + context tokens) or "either"
     k_min: int | None = None  # smallest k of a pruned layer; None -> align
     max_buckets: int = 4  # most distinct k-vectors, i.e. engines to build
     dense_layers: tuple[int, ...] = (0,)  # blocks that are never pruned (D3)
@@ -88,6 +98,8 @@ class FreezeConfig:
     def __post_init__(self) -> None:
         _int(self.num_steps, "FreezeConfig.num_steps", 1)
         _int(self.align, "FreezeConfig.align", 1)
+        if self.align_to not in ALIGN_TARGETS:
+            raise ConfigError(f"FreezeConfig.align_to must be one of {list(ALIGN_TARGETS)}, got {self.align_to!r}")
         _int(self.max_buckets, "FreezeConfig.max_buckets", 1)
         if isinstance(self.shift, bool) or not isinstance(self.shift, (int, float)) or not (
                 math.isfinite(self.shift) and self.shift > 0):
@@ -155,20 +167,25 @@ def learned_counts(ratios: Any, num_tokens: int) -> np.ndarray:
     return torch.floor(num_tokens * table).clamp_min(1).to(torch.int64).numpy()
 
 
-def k_table(ratios: Any, num_tokens: int, cfg: FreezeConfig) -> np.ndarray:
+def k_table(ratios: Any, num_tokens: int, cfg: FreezeConfig, context_tokens: int = 0) -> np.ndarray:
     """Per-step, per-layer k [T, L]: clamp(align_up(max(1, floor(N r))), k_min, N); dense layers get N.
 
     Args:
         ratios: [T, L] keep ratios in (0, 1] (torch tensor or array).
         num_tokens: N, image tokens of the latent.
-        cfg: alignment, k_min and dense layers.
+        cfg: alignment, k_min and dense layers. With ``align_to="sequence"`` the rounding makes k + S a multiple
+            of the alignment instead of k; with ``"either"``, the smaller of the two rounded values.
+        context_tokens: S, text tokens of the joint attention; unused with ``align_to="k"``.
     """
     counts = learned_counts(ratios, num_tokens)
     num_layers = counts.shape[1]
     outside = [layer for layer in cfg.dense_layers if layer >= num_layers]
     if outside:
         raise ConfigError(f"dense layers {outside} do not exist; the ratio table has {num_layers} layers")
-    aligned = -(-counts // cfg.align) * cfg.align
+    offset = _int(context_tokens, "context_tokens", 0)
+    by_k = -(-counts // cfg.align) * cfg.align
+    by_sequence = -(-(counts + offset) // cfg.align) * cfg.align - offset
+    aligned = {"k": by_k, "sequence": by_sequence, "either": np.minimum(by_k, by_sequence)}[cfg.align_to]
     table = np.minimum(np.maximum(aligned, cfg.k_min), num_tokens)  # k_min > N: every layer runs dense
     table[:, list(cfg.dense_layers)] = num_tokens
     return table.astype(np.int64)
@@ -526,7 +543,7 @@ class Schedule:
             if len(table) != steps or any(len(row) != layers for row in table) or layers == 0:
                 raise ConfigError(f"{name} is not a [{steps}, layers] table")
         ratios = _validated_ratios(torch.tensor(self.ratios, dtype=torch.float32))
-        if not np.array_equal(k_table(ratios, self.num_tokens, cfg), np.array(self.k_table)):
+        if not np.array_equal(k_table(ratios, self.num_tokens, cfg, self.context_tokens), np.array(self.k_table)):
             raise ConfigError("k_table is not the aligned k of the ratios")
         if [b.index for b in self.buckets] != list(range(len(self.buckets))) or not self.buckets:
             raise ConfigError("buckets must be numbered 0..B-1")
@@ -626,7 +643,7 @@ def freeze(ratio_fn: RatioFn, model_config: Mapping[str, Any], height: int, widt
 
     timesteps = scheduler_timesteps(cfg.num_steps, cfg.shift)
     ratios = evaluate_policy(ratio_fn, timesteps, dims.num_layers)
-    aligned = k_table(ratios, num_tokens, cfg)
+    aligned = k_table(ratios, num_tokens, cfg, context_tokens)
     step_flops = StepFlops(dims, num_tokens, context_tokens, batch)
     bucketing = group_buckets(aligned, cfg.max_buckets, step_flops)
 

@@ -8,7 +8,8 @@ Runs on a CUDA machine (also on CPU with a tiny preset, to test the script itsel
 Every ratio is measured side by side in one process on one device: the same weights, inputs and backend for
 the dense and the pruned model. Weights are random (the preset's seed); speed does not depend on them.
 Configurations: dense; keep 1.0 (router + selection + scatter, all tokens kept: the overhead); uniform keep
-0.6 and 0.4 (block 0 dense, k rounded up to a multiple of 64); and a paper-shaped schedule (keep ~0.4 in the
+0.6 and 0.4 (block 0 dense, k rounded up by the freeze pass: to a multiple of --align, or with --align-to
+sequence so that k + context tokens is one); and a paper-shaped schedule (keep ~0.4 in the
 early high-noise steps rising to ~0.8, mean 0.6) frozen into buckets.
 """
 
@@ -31,7 +32,7 @@ from shiva_export import kernels
 from shiva_export.export import ExportConfig, StaticBucket, example_feed
 from shiva_export.flops import ModelDims
 from shiva_export.models import num_image_tokens
-from shiva_export.passes.freeze import FreezeConfig, StepFlops, freeze
+from shiva_export.passes.freeze import FreezeConfig, StepFlops, freeze, k_table
 from shiva_export.patching import compile_blocks, static_k
 from shiva_export.pruned import load_pruned_model
 
@@ -46,7 +47,10 @@ def parse_args(argv=None):
     parser.add_argument("--context-tokens", type=int, default=333)
     parser.add_argument("--steps", type=int, default=50, help="denoising steps of the loop")
     parser.add_argument("--buckets", type=int, default=4, help="buckets of the paper-shaped schedule")
-    parser.add_argument("--align", type=int, default=64)
+    parser.add_argument("--align", type=int, default=None, help="k alignment (default: the preset's, else 64)")
+    parser.add_argument("--align-to", choices=["k", "sequence", "either"], default=None,
+                        help="what --align rounds up: k, k + context tokens (the joint attention length), or either, "
+                        "whichever comes first (default: the preset's, else k)")
     parser.add_argument("--keeps", default="1.0,0.6,0.4", help="uniform keep ratios to time per step")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--runs", type=int, default=10)
@@ -138,15 +142,20 @@ class Timer:
             torch.cuda.synchronize()
 
 
-def uniform_k(num_layers: int, num_tokens: int, keep: float, align: int, dense_layers=(0,)) -> tuple[int, ...]:
-    k = min(num_tokens, max(align, math.ceil(num_tokens * keep / align) * align))
-    return tuple(num_tokens if layer in dense_layers else k for layer in range(num_layers))
+def freeze_config(pruned, args) -> FreezeConfig:
+    return FreezeConfig(num_steps=args.steps, shift=3.0, align=args.align, align_to=args.align_to,
+                        max_buckets=args.buckets, dense_layers=pruned.policy.dense_layers)
+
+
+def uniform_k(pruned, args, num_tokens: int, keep: float) -> tuple[int, ...]:
+    """The freeze pass's k for a constant keep ratio (the same rounding as every built schedule)."""
+    ratios = torch.full((1, pruned.config.num_layers), keep, dtype=torch.float32)
+    return tuple(int(k) for k in k_table(ratios, num_tokens, freeze_config(pruned, args), args.context_tokens)[0])
 
 
 def paper_schedule(pruned, args, num_tokens: int):
     """Keep ~0.4 in the early (high-noise) steps rising linearly to ~0.8 in the late steps: mean 0.6."""
-    cfg = FreezeConfig(num_steps=args.steps, shift=3.0, align=args.align, max_buckets=args.buckets,
-                       dense_layers=pruned.policy.dense_layers)
+    cfg = freeze_config(pruned, args)
     from shiva_export.passes.freeze import scheduler_timesteps
 
     grid = scheduler_timesteps(args.steps, 3.0)
@@ -166,7 +175,7 @@ def configurations(pruned, args, num_tokens):
     layers = pruned.config.num_layers
     configs = {"dense": None}
     for keep in [float(x) for x in args.keeps.split(",") if x]:
-        configs[f"keep{keep:g}"] = uniform_k(layers, num_tokens, keep, args.align, pruned.policy.dense_layers)
+        configs[f"keep{keep:g}"] = uniform_k(pruned, args, num_tokens, keep)
     schedule = paper_schedule(pruned, args, num_tokens)
     for bucket in schedule.buckets if not args.skip_schedule else ():
         configs[f"sched_b{bucket.index}"] = bucket.k
@@ -470,6 +479,8 @@ def main(argv=None) -> int:
     if device == "cuda":
         pruned.to_dtype(torch.float16, router_fp32=args.router_dtype == "fp32")
     num_tokens = num_image_tokens(pruned.config, args.height, args.width)
+    args.align = args.align or pruned.source.defaults.get("align", 64)
+    args.align_to = args.align_to or pruned.source.defaults.get("align_to", "k")
     configs, schedule = configurations(pruned, args, num_tokens)
     facts = device_facts()
     print(json.dumps(facts), flush=True)
@@ -486,7 +497,7 @@ def main(argv=None) -> int:
                       compile_blocks=args.compile_blocks, compile_rows=args.compile_blocks and args.compile_rows,
                       height=args.height, width=args.width, kernels=variant,
                       fused_kernels_used=variant == "triton" and kernels.triton_available() and device == "cuda",
-                      batch=args.batch, context_tokens=args.context_tokens, num_tokens=num_tokens, steps=args.steps,
+                      align=args.align, align_to=args.align_to, batch=args.batch, context_tokens=args.context_tokens, num_tokens=num_tokens, steps=args.steps,
                       dtype="fp16" if device == "cuda" else "fp32", command="python " + " ".join(sys.argv),
                       schedule={"buckets": [b.to_json() for b in schedule.buckets],
                                 "step_to_bucket": list(schedule.step_to_bucket), **schedule.summary.to_json()})

@@ -33,6 +33,7 @@ class ArtifactConfig:
     shift: float = 3.0
     buckets: int = 4
     align: int | None = None          # None: the preset's default (64; 16 for tiny presets with 256 tokens)
+    align_to: str | None = None       # None: the preset's default ("k"); "sequence" / "either" (FreezeConfig)
     k_min: int | None = None
     height: int | None = None         # image pixels; None: the preset's default
     width: int | None = None
@@ -50,6 +51,7 @@ class ArtifactConfig:
         filled = {name: defaults.get(name) if getattr(self, name) is None else getattr(self, name)
                   for name in ("height", "width", "batch", "context_tokens")}
         filled["align"] = self.align or defaults.get("align", 64)
+        filled["align_to"] = self.align_to or defaults.get("align_to", "k")
         if self.buckets < 1:
             raise ConfigError(f"--buckets {self.buckets} must be >= 1")
         if self.steps < 1:
@@ -141,8 +143,8 @@ def run_freeze(ws: Workspace, force: bool = False) -> bool:
     from shiva_export.passes.freeze import FreezeConfig, freeze
 
     cfg = ws.config
-    freeze_cfg = FreezeConfig(num_steps=cfg.steps, shift=cfg.shift, align=cfg.align, k_min=cfg.k_min,
-                              max_buckets=cfg.buckets, dense_layers=ws.pruned.policy.dense_layers)
+    freeze_cfg = FreezeConfig(num_steps=cfg.steps, shift=cfg.shift, align=cfg.align, align_to=cfg.align_to,
+                              k_min=cfg.k_min, max_buckets=cfg.buckets, dense_layers=ws.pruned.policy.dense_layers)
     inputs = sha256_json({"freeze": freeze_cfg.to_json(), "size": [cfg.height, cfg.width, cfg.batch, cfg.context_tokens],
                           **model_identity(ws)})
     if not force and ws.manifest.is_fresh("freeze", inputs):

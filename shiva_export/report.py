@@ -60,6 +60,8 @@ REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 REPORT_SCHEMA = "shiva.report/1"
 KEEP_RATIO_PNG = "keep_ratio.png"
+ALIGN_WORDS = {"k": "", "sequence": " counting the context tokens",
+               "either": " (k or k + context tokens, whichever comes first)"}
 LATENCY_PNG = "latency.png"
 ERRORS_PNG = "errors.png"
 KEEP_SCALE = (0.2, 1.0)          # colour range of the paper's Fig. 4b keep-ratio heatmap
@@ -455,7 +457,8 @@ def _bench_section(bench: dict | None) -> dict:
 def _repro_section(reader: _Reader, check: dict | None) -> dict:
     config = reader.manifest.data.get("config", {})
     flags = {"model": "--model", "router": "--router", "target_keep": "--target-keep", "steps": "--steps",
-             "shift": "--shift", "buckets": "--buckets", "align": "--align", "k_min": "--k-min",
+             "shift": "--shift", "buckets": "--buckets", "align": "--align", "align_to": "--align-to",
+             "k_min": "--k-min",
              "height": "--height", "width": "--width", "batch": "--batch", "context_tokens": "--context-tokens",
              "dtype": "--dtype", "opset": "--opset"}
     root = str(reader.manifest.root)
@@ -655,7 +658,7 @@ def _md_schedule(data: dict) -> list[str]:
     lines = ["## Schedule", "",
              f"`schedule.json` (hash `{sched['schedule_hash'][:16]}`): {len(sched['timesteps'])} steps, "
              f"{sched['num_layers']} layers (pruned: {sched['pruned_layers']}), k aligned up to a multiple of "
-             f"{cfg['align']} (k_min {cfg['k_min']}), at most {cfg['max_buckets']} buckets.", "",
+             f"{cfg['align']}{ALIGN_WORDS[cfg.get('align_to', 'k')]} (k_min {cfg['k_min']}), at most {cfg['max_buckets']} buckets.", "",
              f"![keep ratio over (step, layer)]({KEEP_RATIO_PNG})", ""]
     lines += _table(("bucket", "steps", "timesteps", "k per layer", "keep (pruned layers)", "FLOPs/step",
                      "vs dense", "FLOP-bound speedup"),

@@ -132,6 +132,19 @@ def test_sd35_medium_shape_has_4096_image_tokens_at_1024px():
     assert num_image_tokens(preset["config"], 1024, 1024) == 4096
 
 
+def test_sd35_medium_shape_freezes_keep_06_to_a_joint_attention_length_of_2816():
+    """The preset's alignment (128, either) is what the H200 measurements chose: k = 2483 at keep 0.6, 1664 at 0.4."""
+    from shiva_export.passes.freeze import FreezeConfig, k_table
+    from shiva_export.pipeline import ArtifactConfig
+
+    defaults = read_preset("sd35-medium-shape")["defaults"]
+    resolved = ArtifactConfig(model="sd35-medium-shape").resolve(defaults)
+    assert (resolved.align, resolved.align_to) == (128, "either")
+    cfg = FreezeConfig(align=resolved.align, align_to=resolved.align_to, dense_layers=())
+    assert k_table(torch.tensor([[0.6, 0.4]]), 4096, cfg, resolved.context_tokens).tolist() == [[2483, 1664]]
+    assert ArtifactConfig(model="tiny-sd35").resolve(read_preset("tiny-sd35")["defaults"]).align_to == "k"
+
+
 def test_unknown_preset_is_a_config_error_naming_the_known_presets():
     with pytest.raises(ConfigError, match=r"unknown model preset 'tiny-sd4'; expected one of \[.*'tiny-sd3'.*\]"):
         load_transformer("tiny-sd4")

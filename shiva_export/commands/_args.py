@@ -26,6 +26,9 @@ def add_artifact_args(parser: argparse.ArgumentParser) -> None:
     freeze.add_argument("--shift", type=float, default=ArtifactConfig.shift, help="flow-matching scheduler shift")
     freeze.add_argument("--buckets", type=int, default=ArtifactConfig.buckets, help="most static graphs (k-vectors)")
     freeze.add_argument("--align", type=int, default=None, help="round k up to a multiple of this (default 64)")
+    freeze.add_argument("--align-to", choices=("k", "sequence", "either"), default=None,
+                        help="what --align rounds up: k, k + context tokens (the joint attention length), or either, "
+                             "whichever comes first (default: the model's; k for most)")
     freeze.add_argument("--k-min", type=int, default=None, help="smallest k of a pruned layer (default: --align)")
     shape = parser.add_argument_group("export", "static shapes and precision of the graphs")
     shape.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
@@ -45,7 +48,7 @@ def artifact_config(args: argparse.Namespace, default_router: bool = True) -> Ar
 
         router = shipped_router(args.model)
     return ArtifactConfig(model=args.model, router=router, steps=args.steps, shift=args.shift,
-                          buckets=args.buckets, align=args.align, k_min=args.k_min, height=args.height,
+                          buckets=args.buckets, align=args.align, align_to=args.align_to, k_min=args.k_min, height=args.height,
                           width=args.width, batch=args.batch, context_tokens=args.context_tokens, dtype=args.dtype,
                           opset=args.opset,
                           target_keep=ArtifactConfig.target_keep if args.target_keep is None else args.target_keep)

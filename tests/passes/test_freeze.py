@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 
 import numpy as np
 import pytest
@@ -57,8 +58,8 @@ def test_k_min_defaults_to_the_alignment_and_config_round_trips():
     cfg = FreezeConfig(align=32, dense_layers=[3, 0, 3])
     assert cfg.k_min == 32 and cfg.dense_layers == (0, 3)
     assert FreezeConfig.from_json(json.loads(json.dumps(cfg.to_json()))) == cfg
-    assert FreezeConfig().to_json() == {"schema": 1, "num_steps": 28, "shift": 3.0, "align": 64, "k_min": 64,
-                                        "max_buckets": 4, "dense_layers": [0]}
+    assert FreezeConfig().to_json() == {"schema": 1, "num_steps": 28, "shift": 3.0, "align": 64, "align_to": "k",
+                                        "k_min": 64, "max_buckets": 4, "dense_layers": [0]}
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -69,9 +70,10 @@ def test_k_min_defaults_to_the_alignment_and_config_round_trips():
     ({"shift": -1.0}, "FreezeConfig.shift must be a finite number > 0"),
     ({"dense_layers": (-1,)}, "dense_layers entry=-1 must be >= 0"),
     ({"align": 1.5}, "FreezeConfig.align must be an integer"),
+    ({"align_to": "tokens"}, "FreezeConfig.align_to must be one of ['k', 'sequence', 'either'], got 'tokens'"),
 ])
 def test_invalid_freeze_config_is_config_error(kwargs, message):
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         FreezeConfig(**kwargs)
 
 
@@ -116,6 +118,40 @@ def test_k_never_drops_more_tokens_than_learned():
         assert (table >= learned).all() and (table <= num_tokens).all()
         pruned = table < num_tokens
         assert (table[pruned] % align == 0).all() and (table[pruned] - learned[pruned] < align).all()
+
+
+def test_sequence_alignment_rounds_k_plus_context_up_and_never_drops_learned_tokens():
+    """SD3.5 at 1024 px: keep 0.6 -> floor(4096 * 0.6) = 2457; 2457 + 333 rounds up to 2816, so k = 2483."""
+    cfg = FreezeConfig(align=128, align_to="sequence", dense_layers=())
+    assert k_table(torch.tensor([[0.6, 0.4, 1.0]]), 4096, cfg, context_tokens=333).tolist() == [[2483, 1715, 4096]]
+    # Without context tokens the two targets agree.
+    plain = FreezeConfig(align=128, dense_layers=())
+    ratios = torch.rand(20, 6, generator=torch.Generator().manual_seed(1)).clamp_min(0.05)
+    assert (k_table(ratios, 4096, cfg) == k_table(ratios, 4096, plain)).all()
+    table, learned = k_table(ratios, 4096, cfg, 333), learned_counts(ratios, 4096)
+    pruned = table < 4096
+    assert (table >= learned).all() and ((table[pruned] + 333) % 128 == 0).all()
+    assert (table[pruned] - learned[pruned] < 128).all()
+
+
+def test_either_alignment_takes_whichever_boundary_comes_first():
+    """keep 0.6: 2457 -> 2483 (2483 + 333 = 2816) before 2496; keep 0.4: 1638 -> 1664 before 1715."""
+    cfg = FreezeConfig(align=128, align_to="either", dense_layers=())
+    assert k_table(torch.tensor([[0.6, 0.4]]), 4096, cfg, context_tokens=333).tolist() == [[2483, 1664]]
+    ratios = torch.rand(20, 6, generator=torch.Generator().manual_seed(2)).clamp_min(0.05)
+    by_k = k_table(ratios, 4096, FreezeConfig(align=128, dense_layers=()), 333)
+    either, learned = k_table(ratios, 4096, cfg, 333), learned_counts(ratios, 4096)
+    assert (either >= learned).all() and (either <= by_k).all()
+    pruned = either < 4096
+    assert ((either[pruned] % 128 == 0) | ((either[pruned] + 333) % 128 == 0)).all()
+
+
+def test_a_schedule_frozen_with_sequence_alignment_round_trips():
+    cfg = FreezeConfig(num_steps=7, align=16, align_to="sequence")
+    frozen = freeze(ramp, TINY, 256, 256, 2, 24, cfg)
+    pruned = np.array(frozen.k_table)[:, 1:]
+    assert (((pruned + 24) % 16 == 0) | (pruned == N_TINY)).all()
+    assert Schedule.from_json(json.loads(json.dumps(frozen.to_json()))) == frozen
 
 
 def test_dense_layers_keep_all_tokens_whatever_the_policy_says():

@@ -75,7 +75,12 @@ def parse_args(argv=None):
                         help="ort phase: export the graphs, time them, or both (split to fit per-call time limits)")
     parser.add_argument("--ort-configs", default="", help="ort phase: only these configs (and dense), e.g. keep0.6; "
                         "the sd35-medium-shape export takes about a minute per graph")
-    parser.add_argument("--onnx-dir", default="/tmp/shiva_gpu_onnx")
+    parser.add_argument("--ort-cuda-graph", action="store_true",
+                        help="ort phase: run every session as a captured CUDA graph (CUDA EP enable_cuda_graph; the "
+                        "graphs are fully static, inputs and output bound to fixed device buffers)")
+    parser.add_argument("--onnx-dir", default="/tmp/shiva_gpu_onnx",
+                        help="where the ort phase exports; the run step also takes a comma list of folders, each "
+                        "exported by its own process (--ort-step export --ort-configs ...) to split the export time")
     parser.add_argument("--out", required=True, help="folder for <phase>.json and <phase>.md")
     return parser.parse_args(argv)
 
@@ -329,7 +334,8 @@ def run_ort_phase(pruned, args, num_tokens, configs, schedule, facts):
     names = [n for n, k in configs.items() if k is not None]
     if args.ort_configs:
         names = [n for n in names if n in args.ort_configs.split(",")]
-    onnx_dir = Path(args.onnx_dir)
+    onnx_dirs = [Path(d) for d in args.onnx_dir.split(",") if d]
+    onnx_dir = onnx_dirs[0]
     index_path = onnx_dir / "index.json"
     if args.ort_step in ("export", "all"):
         t0 = time.perf_counter()
@@ -340,27 +346,38 @@ def run_ort_phase(pruned, args, num_tokens, configs, schedule, facts):
         print(f"exported {len(records)} graphs in {index['export_seconds']:.0f} s", flush=True)
         if args.ort_step == "export":
             raise SystemExit(0)
-    index = json.loads(index_path.read_text())
-    export_s = index["export_seconds"]
     files = {"dense": onnx_dir / "dense.onnx"}
     debug_files = {}
-    for name in names:
-        record = index["graphs"][name]
-        files[name] = onnx_dir / record["file"]
-        debug_files[name] = onnx_dir / record["debug_file"]
+    export_s = []
+    for folder in onnx_dirs:
+        index = json.loads((folder / "index.json").read_text())
+        export_s.append(index["export_seconds"])
+        for name, record in index["graphs"].items():
+            files[name] = folder / record["file"]
+            debug_files[name] = folder / record["debug_file"]
+    missing = [name for name in names if name not in files]
+    if missing:
+        raise SystemExit(f"no exported graph for {missing} in {args.onnx_dir}")
     providers = ["CUDAExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+    timed_providers = providers
+    if args.ort_cuda_graph and device == "cuda":
+        timed_providers = [("CUDAExecutionProvider", {"enable_cuda_graph": "1"})]
     feed = {k: v.numpy() for k, v in example_feed(pruned.config, cfg, seed=0).items()}
     timer = Timer()
     rows = {}
     sessions = {}
     for name in ["dense", *names]:
-        sess = ort.InferenceSession(str(files[name]), providers=providers)
+        sess = ort.InferenceSession(str(files[name]), providers=timed_providers)
         if providers[0] not in sess.get_providers():
             raise SystemExit(f"{providers[0]} unavailable: {sess.get_providers()}")
         binding = sess.io_binding()
         for input_name, value in feed.items():
             binding.bind_ortvalue_input(input_name, ort.OrtValue.ortvalue_from_numpy(value, device, 0))
-        binding.bind_output("sample", device)
+        out_meta = sess.get_outputs()[0]
+        out_type = np.float16 if out_meta.type == "tensor(float16)" else np.float32
+        # a fixed output buffer: a captured CUDA graph replays into the same address
+        binding.bind_ortvalue_output("sample", ort.OrtValue.ortvalue_from_shape_and_type(
+            out_meta.shape, out_type, device, 0))
         sessions[name] = (sess, binding)
 
         def run(sess=sess, binding=binding):
@@ -369,7 +386,7 @@ def run_ort_phase(pruned, args, num_tokens, configs, schedule, facts):
         # ORT synchronises its stream before returning, so wall time == device time here
         rows[name] = {"k": list(configs.get(name) or []) or None,
                       "flops": flops_of(pruned, args, num_tokens, configs.get(name)),
-                      "ort": summarize(perf_times(run, args.warmup, args.runs))}
+                      "ort": summarize(perf_times(run, max(args.warmup, 2), args.runs))}
         print(f"{name:>10}: ort {rows[name]['ort']['mean_ms']:.2f} ms", flush=True)
         if name != "dense" and not name.startswith("sched_"):
             del sessions[name], sess, binding  # only the loop's sessions stay resident
@@ -495,6 +512,7 @@ def main(argv=None) -> int:
         result = phase(pruned, args, num_tokens, configs, schedule, facts)
         result.update(phase=args.phase, router_dtype=args.router_dtype, facts=facts, model=args.model,
                       compile_blocks=args.compile_blocks, compile_rows=args.compile_blocks and args.compile_rows,
+                      ort_cuda_graph=args.ort_cuda_graph,
                       height=args.height, width=args.width, kernels=variant,
                       fused_kernels_used=variant == "triton" and kernels.triton_available() and device == "cuda",
                       align=args.align, align_to=args.align_to, batch=args.batch, context_tokens=args.context_tokens, num_tokens=num_tokens, steps=args.steps,

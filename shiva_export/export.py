@@ -25,6 +25,7 @@ from shiva_export.errors import ConfigError, StaticGraphError
 from shiva_export.io import atomic_directory
 from shiva_export.models import VAE_SCALE_FACTOR, num_image_tokens
 from shiva_export.patching import get_pruning_state, static_k, validate_k
+from shiva_export.topk import ROW_SCATTERS
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ class ExportConfig:
     dtype: str = "fp32"
     opset: int = 23
     debug_indices: bool = False   # extra outputs indices_layer{l}: the kept token indices, for parity checks
+    row_scatter: str = "where"    # kept rows back into the sequence: "where" (Gather + Where) or "scatternd"
 
     def validate(self, model_config) -> int:
         torch_dtype(self.dtype)
@@ -60,6 +62,8 @@ class ExportConfig:
             raise ConfigError(f"batch {self.batch} must be >= 1")
         if self.context_tokens < 1:
             raise ConfigError(f"context tokens {self.context_tokens} must be >= 1")
+        if self.row_scatter not in ROW_SCATTERS:
+            raise ConfigError(f"row scatter {self.row_scatter!r} is unknown; expected one of {list(ROW_SCATTERS)}")
         if not 18 <= self.opset <= 23:
             raise ConfigError(f"opset {self.opset} is not supported; expected 18..23 (23 gives fused Attention)")
         return num_image_tokens(model_config, self.height, self.width)
@@ -86,14 +90,15 @@ class StaticBucket(torch.nn.Module):
     """The patched transformer pinned to one bucket's k vector: the exact module torch.export traces."""
 
     def __init__(self, transformer, k: Sequence[int], debug_indices: bool = False, inplace_scatter: bool = False,
-                 select_full_layers: bool = False):
+                 select_full_layers: bool = False, row_scatter: str = "scatternd"):
         super().__init__()
         self.transformer, self.k, self.debug_indices = transformer, tuple(k), debug_indices
         self.inplace_scatter, self.select_full_layers = inplace_scatter, select_full_layers
+        self.row_scatter = row_scatter
 
     def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep):
         with static_k(self.transformer, self.k, record=self.debug_indices, inplace_scatter=self.inplace_scatter,
-                      select_full_layers=self.select_full_layers) as state:
+                      select_full_layers=self.select_full_layers, row_scatter=self.row_scatter) as state:
             sample = self.transformer(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
                                       pooled_projections=pooled_projections, timestep=timestep, return_dict=False)[0]
             if not self.debug_indices:
@@ -154,7 +159,7 @@ def export_bucket(transformer, k: Sequence[int] | None, cfg: ExportConfig) -> ir
         k = validate_k(state, k, num_tokens)
         if state.config.cfg_consistent and cfg.batch % 2:
             raise ConfigError(f"CFG-consistent selection needs an even batch, got --batch {cfg.batch}")
-        module = StaticBucket(transformer, k, cfg.debug_indices).eval()
+        module = StaticBucket(transformer, k, cfg.debug_indices, row_scatter=cfg.row_scatter).eval()
         names = output_names(state.num_layers, state.pruned_layers, cfg.debug_indices)
     feed = {name: value.to(transformer.device) for name, value in example_feed(transformer.config, cfg).items()}
     with _quiet_exporter(), torch.no_grad():

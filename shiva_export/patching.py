@@ -57,6 +57,7 @@ class PruningState:
     scorer: Callable[..., torch.Tensor] | None = None   # replaces the routers (RouterBank's call signature)
     record: bool = False
     inplace_scatter: bool = False                # static inference only: block inputs are overwritten
+    row_scatter: str = "scatternd"               # static, torch path: topk.scatter_rows method (export picks)
     select_full_layers: bool = False             # static: run router + selection even where k == N (to time them)
     indices: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
     processed_tokens: dict[int, int] = dataclasses.field(default_factory=dict)
@@ -150,7 +151,8 @@ class TokenPruningHook(ModelHook):
         # opt-in for inference engines (inplace): write the block's rows into its own input, saving a full copy
         if flat is not None:  # fused path: a row-copy kernel (into a copy unless inplace)
             return context_out, kernels.scatter_rows_(passed if inplace else passed.clone(), flat, kept_out)
-        return context_out, scatter_rows(passed, indices, kept_out, inplace=inplace)
+        method = state.row_scatter if state.mode == "static" else "scatternd"
+        return context_out, scatter_rows(passed, indices, kept_out, inplace=inplace, method=method)
 
 
 def _gathered_block_step(forward, block, hidden: torch.Tensor, flat: torch.Tensor, call: dict):
@@ -286,18 +288,19 @@ def validate_k(state: PruningState, k_per_layer: Sequence[int], num_tokens: int 
 
 @contextlib.contextmanager
 def static_k(transformer, k_per_layer: Sequence[int], record: bool = False, inplace_scatter: bool = False,
-             select_full_layers: bool = False) -> Iterator[PruningState]:
+             select_full_layers: bool = False, row_scatter: str = "scatternd") -> Iterator[PruningState]:
     """Run with a fixed integer k per layer: hard top-k only, no surrogate, no noise (the exported path).
 
     inplace_scatter: under no_grad, write each block's kept rows into the block's input tensor instead of a copy
     (faster; a forward hook that keeps a block's input sees it change).
     select_full_layers: a layer with k == N still runs its router and the identity selection (to measure their
     cost); by default it runs dense.
+    row_scatter: how the torch path writes kept rows back (``topk.ROW_SCATTERS``); what an export traces.
     """
     state = _require_state(transformer)
     k = validate_k(state, k_per_layer)
     with _swapped(state, mode="static", k=k, record=record, indices={}, processed_tokens={},
-                  inplace_scatter=inplace_scatter, select_full_layers=select_full_layers):
+                  inplace_scatter=inplace_scatter, select_full_layers=select_full_layers, row_scatter=row_scatter):
         yield state
 
 

@@ -41,11 +41,13 @@ class ArtifactConfig:
     context_tokens: int | None = None
     dtype: str = "fp32"
     opset: int = 23
+    row_scatter: str = "where"        # kept rows back into the sequence: Gather + Where, or "scatternd"
     target_keep: float = 0.6          # only used without --router (untrained, uniform policy)
 
     def resolve(self, defaults: dict) -> "ArtifactConfig":
         """Fill unset sizes from the model's defaults and validate what can be validated without the model."""
         from shiva_export.export import torch_dtype
+        from shiva_export.topk import ROW_SCATTERS
 
         torch_dtype(self.dtype)
         filled = {name: defaults.get(name) if getattr(self, name) is None else getattr(self, name)
@@ -54,6 +56,8 @@ class ArtifactConfig:
         filled["align_to"] = self.align_to or defaults.get("align_to", "k")
         if self.buckets < 1:
             raise ConfigError(f"--buckets {self.buckets} must be >= 1")
+        if self.row_scatter not in ROW_SCATTERS:
+            raise ConfigError(f"--row-scatter {self.row_scatter!r} is unknown; expected one of {list(ROW_SCATTERS)}")
         if self.steps < 1:
             raise ConfigError(f"--steps {self.steps} must be >= 1")
         if not 0 < self.target_keep <= 1:
@@ -170,7 +174,7 @@ def run_export(ws: Workspace, force: bool = False, progress=None) -> bool:
     cfg = ws.config
     schedule = ws.schedule()
     export_cfg = ExportConfig(cfg.height, cfg.width, cfg.batch, cfg.context_tokens, cfg.dtype, cfg.opset,
-                              debug_indices=True)
+                              debug_indices=True, row_scatter=cfg.row_scatter)
     transformer_config = recorded_transformer_config(ws.pruned.config)
     inputs = sha256_json({"schedule": schedule.schedule_hash, "export": dataclasses.asdict(export_cfg),
                           "transformer_config": transformer_config, **model_identity(ws)})

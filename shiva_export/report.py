@@ -460,7 +460,7 @@ def _repro_section(reader: _Reader, check: dict | None) -> dict:
              "shift": "--shift", "buckets": "--buckets", "align": "--align", "align_to": "--align-to",
              "k_min": "--k-min",
              "height": "--height", "width": "--width", "batch": "--batch", "context_tokens": "--context-tokens",
-             "dtype": "--dtype", "opset": "--opset"}
+             "dtype": "--dtype", "opset": "--opset", "row_scatter": "--row-scatter"}
     root = str(reader.manifest.root)
     args = " ".join(f"{flag} {config[key]:g}" if isinstance(config[key], float) else f"{flag} {config[key]}"
                     for key, flag in flags.items() if config.get(key) is not None)

@@ -232,3 +232,25 @@ def test_gradients_reach_the_scores_and_the_ratio_through_pi():
     pi_ref = inclusion_probability(naive_soft_rank(reference, tau_rank), ratio.detach(), tau_sel)
     (pi_ref * grad_pi).sum().backward()
     torch.testing.assert_close(scores.grad, reference.grad, rtol=1e-4, atol=1e-6)
+
+
+# --- row scatter formulations ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("batch, num_tokens, k", [(2, 64, 23), (3, 40, 40), (1, 17, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_where_row_scatter_gives_exactly_the_scatternd_result(batch, num_tokens, k, dtype):
+    generator = torch.Generator().manual_seed(batch * 100 + k)
+    base = torch.randn(batch, num_tokens, 8, generator=generator).to(dtype)
+    indices = torch.stack([torch.randperm(num_tokens, generator=generator)[:k].sort().values for _ in range(batch)])
+    rows = torch.randn(batch, k, 8, generator=generator)                      # fp32 rows: cast to base's dtype
+    expected = scatter_rows(base, indices, rows, method="scatternd")
+    got = scatter_rows(base, indices, rows, method="where")
+    assert got.dtype == dtype and torch.equal(got, expected)
+    untouched = torch.ones(batch, num_tokens, dtype=torch.bool)
+    untouched[torch.arange(batch).unsqueeze(1), indices] = False
+    assert torch.equal(got[untouched], base[untouched])
+
+
+def test_unknown_row_scatter_method_is_refused():
+    with pytest.raises(ValueError, match="row scatter method 'atomic' is unknown"):
+        scatter_rows(torch.zeros(1, 4, 2), torch.tensor([[0, 2]]), torch.ones(1, 2, 2), method="atomic")

@@ -37,6 +37,9 @@ def add_artifact_args(parser: argparse.ArgumentParser) -> None:
     shape.add_argument("--context-tokens", type=int, default=None, help="text tokens (333 for SD3.5)")
     shape.add_argument("--dtype", default=ArtifactConfig.dtype, help="fp32, fp16 or bf16")
     shape.add_argument("--opset", type=int, default=ArtifactConfig.opset, help="ONNX opset (18..23)")
+    shape.add_argument("--row-scatter", choices=("where", "scatternd"), default=ArtifactConfig.row_scatter,
+                       help="how kept rows return to the sequence: a row Gather + Where (default; ONNX Runtime's "
+                            "CUDA ScatterND is slow) or one ScatterND")
     add_out_arg(parser)
 
 
@@ -50,5 +53,5 @@ def artifact_config(args: argparse.Namespace, default_router: bool = True) -> Ar
     return ArtifactConfig(model=args.model, router=router, steps=args.steps, shift=args.shift,
                           buckets=args.buckets, align=args.align, align_to=args.align_to, k_min=args.k_min, height=args.height,
                           width=args.width, batch=args.batch, context_tokens=args.context_tokens, dtype=args.dtype,
-                          opset=args.opset,
+                          opset=args.opset, row_scatter=args.row_scatter,
                           target_keep=ArtifactConfig.target_keep if args.target_keep is None else args.target_keep)

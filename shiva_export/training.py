@@ -641,17 +641,19 @@ class Trainer:
                 "pooled": batch.pooled_projections}, noise
 
     @torch.no_grad()
-    def output_errors(self, conditions: Mapping[str, tuple[torch.nn.Module | None, bool]]) -> dict[str, float]:
-        """Relative output error vs the teacher, ||y - y_T||^2 / ||y_T||^2 averaged over the sampler's timesteps.
+    def output_errors(self, conditions: Mapping[str, tuple[torch.nn.Module | None, bool]]) -> dict[str, Any]:
+        """Relative output error vs the teacher, ||y - y_T||^2 / ||y_T||^2, at each of the sampler's timesteps.
 
         Every condition runs at the same per-layer k: the policy's (floor(N r), as in training) at each timestep.
         ``conditions``: name -> (scorer replacing the router or None for the learned router, adapters on).
+        Returns name -> the plain mean over timesteps, plus "per_timestep" (name -> list) and "weighted" (name ->
+        the mean weighted by ``trajectory_weight``, the share of each step's error that reaches the sample).
         """
         cfg = self.config
         batch, noise = self._eval_batch()
         timesteps = self.eval_timesteps()
         ratios = self.schedule(timesteps)
-        errors = {name: 0.0 for name in conditions}
+        per_step: dict[str, list[float]] = {name: [] for name in conditions}
         dtype = self.transformer.dtype
         for index, t in enumerate(timesteps):
             sigma = float(t) / 1000.0
@@ -667,8 +669,13 @@ class Trainer:
                 scorer_ctx = scored_by(self.transformer, scorer) if scorer is not None else contextlib.nullcontext()
                 with static_k(self.transformer, k), scorer_ctx, adapter_ctx, self._autocast():
                     output = self.transformer(**inputs).sample.float()
-                errors[name] += float((output - reference).pow(2).sum() / reference.pow(2).sum())
-        return {name: value / len(timesteps) for name, value in errors.items()}
+                per_step[name].append(float((output - reference).pow(2).sum() / reference.pow(2).sum()))
+        weights = trajectory_weight(timesteps, cfg.timestep_shift).double()
+        weights = (weights / weights.sum()).tolist()
+        errors: dict[str, Any] = {name: sum(values) / len(values) for name, values in per_step.items()}
+        errors["weighted"] = {name: sum(w * e for w, e in zip(weights, values)) for name, values in per_step.items()}
+        errors["per_timestep"] = per_step
+        return errors
 
     def evaluate_stage2(self) -> dict[str, float]:
         """Router + policy only: learned router vs random, grid and the untrained router at the same budget."""
@@ -688,6 +695,8 @@ class Trainer:
             conditions["learned_no_adapters"] = (None, False)
         errors = self.output_errors(conditions)
         errors["reduction_vs_untrained"] = 1.0 - errors["learned"] / errors["untrained_router"]
+        weighted = errors["weighted"]
+        errors["weighted_reduction_vs_untrained"] = 1.0 - weighted["learned"] / weighted["untrained_router"]
         return errors
 
     def _maybe_evaluate(self) -> None:

@@ -515,7 +515,8 @@ def main(argv=None) -> int:
                       ort_cuda_graph=args.ort_cuda_graph,
                       height=args.height, width=args.width, kernels=variant,
                       fused_kernels_used=variant == "triton" and kernels.triton_available() and device == "cuda",
-                      align=args.align, align_to=args.align_to, batch=args.batch, context_tokens=args.context_tokens, num_tokens=num_tokens, steps=args.steps,
+                      align=args.align, align_to=args.align_to, batch=args.batch,
+                      context_tokens=args.context_tokens, num_tokens=num_tokens, steps=args.steps,
                       dtype="fp16" if device == "cuda" else "fp32", command="python " + " ".join(sys.argv),
                       schedule={"buckets": [b.to_json() for b in schedule.buckets],
                                 "step_to_bucket": list(schedule.step_to_bucket), **schedule.summary.to_json()})

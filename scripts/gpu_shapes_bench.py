@@ -134,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         cells = [f"{row[b]['ms']} ({row[b]['tflops']})" if "ms" in row[b] else "n/a" for b in backend_cols]
         lines.append(f"| {row['length']} | " + " | ".join(cells) + " |")
     lines += [] if not gemms else ["", "## Linear layers on image tokens, ms (TFLOPS)", "",
-              "| tokens | rows M | qkv (3 GEMMs) | qkv fused | out | ff up | ff down |", "|---|---|---|---|---|---|---|"]
+              "| tokens | rows M | qkv (3 GEMMs) | qkv fused | out | ff up | ff down |",
+              "|---|---|---|---|---|---|---|"]
     for row in gemms:
         cells = [f"{row[n]['ms']} ({row[n]['tflops']})" for n in ("qkv_sep", "qkv_fused", "out", "ff_up", "ff_down")]
         lines.append(f"| {row['tokens']} | {row['m']} | " + " | ".join(cells) + " |")

@@ -658,7 +658,8 @@ def _md_schedule(data: dict) -> list[str]:
     lines = ["## Schedule", "",
              f"`schedule.json` (hash `{sched['schedule_hash'][:16]}`): {len(sched['timesteps'])} steps, "
              f"{sched['num_layers']} layers (pruned: {sched['pruned_layers']}), k aligned up to a multiple of "
-             f"{cfg['align']}{ALIGN_WORDS[cfg.get('align_to', 'k')]} (k_min {cfg['k_min']}), at most {cfg['max_buckets']} buckets.", "",
+             f"{cfg['align']}{ALIGN_WORDS[cfg.get('align_to', 'k')]} (k_min {cfg['k_min']}), "
+             f"at most {cfg['max_buckets']} buckets.", "",
              f"![keep ratio over (step, layer)]({KEEP_RATIO_PNG})", ""]
     lines += _table(("bucket", "steps", "timesteps", "k per layer", "keep (pruned layers)", "FLOPs/step",
                      "vs dense", "FLOP-bound speedup"),

@@ -51,7 +51,7 @@ def artifact_config(args: argparse.Namespace, default_router: bool = True) -> Ar
 
         router = shipped_router(args.model)
     return ArtifactConfig(model=args.model, router=router, steps=args.steps, shift=args.shift,
-                          buckets=args.buckets, align=args.align, align_to=args.align_to, k_min=args.k_min, height=args.height,
-                          width=args.width, batch=args.batch, context_tokens=args.context_tokens, dtype=args.dtype,
+                          buckets=args.buckets, align=args.align, align_to=args.align_to, k_min=args.k_min,
+                          height=args.height, width=args.width, batch=args.batch, context_tokens=args.context_tokens, dtype=args.dtype,
                           opset=args.opset, row_scatter=args.row_scatter,
                           target_keep=ArtifactConfig.target_keep if args.target_keep is None else args.target_keep)

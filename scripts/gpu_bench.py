@@ -386,6 +386,7 @@ def run_ort_phase(pruned, args, num_tokens, configs, schedule, facts):
         # ORT synchronises its stream before returning, so wall time == device time here
         rows[name] = {"k": list(configs.get(name) or []) or None,
                       "flops": flops_of(pruned, args, num_tokens, configs.get(name)),
+                      # a CUDA-graph session captures on its first runs: never time those
                       "ort": summarize(perf_times(run, max(args.warmup, 2), args.runs))}
         print(f"{name:>10}: ort {rows[name]['ort']['mean_ms']:.2f} ms", flush=True)
         if name != "dense" and not name.startswith("sched_"):

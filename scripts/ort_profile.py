@@ -39,18 +39,20 @@ def profile(path: str, runs: int, provider: str) -> dict:
     options.profile_file_prefix = os.path.join("/tmp", os.path.basename(path))
     session = ort.InferenceSession(path, options, providers=[provider])
     feed = feed_for(session)
-    for _ in range(2):
-        session.run(None, feed)
-    trace = session.end_profiling()   # warm-up runs are in the trace too: keep only the last `runs`
-    session = ort.InferenceSession(path, options, providers=[provider])
-    for _ in range(runs):
+    warmup = 2
+    for _ in range(warmup + runs):
         session.run(None, feed)
     trace = session.end_profiling()
-    events = json.load(open(trace))
+    with open(trace) as handle:
+        events = json.load(handle)
+    # the warm-up runs are in the trace too: count node events from the first timed run on
+    starts = sorted(event["ts"] for event in events if event.get("name") == "model_run")
+    timed_from = starts[warmup] if len(starts) > warmup else 0
     per_type = collections.defaultdict(float)
     per_node = collections.defaultdict(float)
     for event in events:
-        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+        if (event.get("cat") == "Node" and event["name"].endswith("_kernel_time")
+                and event.get("ts", 0) >= timed_from):
             op = event["args"].get("op_name", "?")
             per_type[op] += event["dur"] / 1000 / runs
             per_node[(op, event["name"][: -len("_kernel_time")])] += event["dur"] / 1000 / runs

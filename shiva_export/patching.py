@@ -151,8 +151,7 @@ class TokenPruningHook(ModelHook):
         # opt-in for inference engines (inplace): write the block's rows into its own input, saving a full copy
         if flat is not None:  # fused path: a row-copy kernel (into a copy unless inplace)
             return context_out, kernels.scatter_rows_(passed if inplace else passed.clone(), flat, kept_out)
-        method = state.row_scatter if state.mode == "static" else "scatternd"
-        return context_out, scatter_rows(passed, indices, kept_out, inplace=inplace, method=method)
+        return context_out, scatter_rows(passed, indices, kept_out, inplace=inplace, method=state.row_scatter)
 
 
 def _gathered_block_step(forward, block, hidden: torch.Tensor, flat: torch.Tensor, call: dict):

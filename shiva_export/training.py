@@ -299,10 +299,7 @@ class Trainer:
         self.accumulation = config.micro_batches // dist.world_size
 
         self.routers = self._initial_routers().to(self.device)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.seed)
-            self.policy = AdaptiveRatioPolicy(self.num_layers, config.target_keep, config.r_min, config.dense_layers,
-                                              config.policy_hidden_dim).to(self.device)
+        self.policy = self._initial_policy().to(self.device)
         self.budget = BudgetLoss(config.target_keep, config.budget_beta, config.lambda_budget).to(self.device)
         self.state = apply_token_pruning(self.transformer, self.routers, PruningConfig(
             dense_layers=config.dense_layers, tau_rank=config.tau_rank_start, tau_sel=config.tau_sel_start,
@@ -345,6 +342,14 @@ class Trainer:
             torch.manual_seed(self.config.seed)
             return RouterBank.for_transformer(self.transformer, self.config.router_hidden_dim,
                                               self.config.router_group_size)
+
+    def _initial_policy(self) -> AdaptiveRatioPolicy:
+        """The ratio policy at initialisation: the target keep ratio everywhere."""
+        cfg = self.config
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            return AdaptiveRatioPolicy(self.num_layers, cfg.target_keep, cfg.r_min, cfg.dense_layers,
+                                       cfg.policy_hidden_dim)
 
     def adapter_json(self) -> dict:
         return {"rank": self.config.adapter_rank, "alpha": self.config.adapter_alpha, "use_dora": True,
@@ -641,10 +646,12 @@ class Trainer:
                 "pooled": batch.pooled_projections}, noise
 
     @torch.no_grad()
-    def output_errors(self, conditions: Mapping[str, tuple[torch.nn.Module | None, bool]]) -> dict[str, Any]:
+    def output_errors(self, conditions: Mapping[str, tuple[torch.nn.Module | None, bool]],
+                      ratios: torch.Tensor | None = None) -> dict[str, Any]:
         """Relative output error vs the teacher, ||y - y_T||^2 / ||y_T||^2, at each of the sampler's timesteps.
 
-        Every condition runs at the same per-layer k: the policy's (floor(N r), as in training) at each timestep.
+        Every condition runs at the same per-layer k: the policy's (floor(N r), as in training) at each timestep,
+        or ``ratios`` [T, L] instead.
         ``conditions``: name -> (scorer replacing the router or None for the learned router, adapters on).
         Returns name -> the plain mean over timesteps, plus "per_timestep" (name -> list) and "weighted" (name ->
         the mean weighted by ``trajectory_weight``, the share of each step's error that reaches the sample).
@@ -652,7 +659,7 @@ class Trainer:
         cfg = self.config
         batch, noise = self._eval_batch()
         timesteps = self.eval_timesteps()
-        ratios = self.schedule(timesteps)
+        ratios = self.schedule(timesteps) if ratios is None else ratios
         per_step: dict[str, list[float]] = {name: [] for name in conditions}
         dtype = self.transformer.dtype
         for index, t in enumerate(timesteps):
@@ -688,15 +695,26 @@ class Trainer:
         })
 
     def evaluate_final(self) -> dict[str, float]:
-        """After stage 3: learned router + adapters vs the untrained router on the base model."""
+        """After stage 3: learned router + adapters vs the untrained router on the base model at the same k, and
+        vs the untrained system (untrained router, one keep ratio everywhere: what a build without a trained router
+        runs) at the learned schedule's mean keep over the sampler's steps.
+        """
         untrained = self._initial_routers().to(self.device)
         conditions = {"learned": (None, True), "untrained_router": (untrained, False)}
         if self.peft is not None:
             conditions["learned_no_adapters"] = (None, False)
         errors = self.output_errors(conditions)
-        errors["reduction_vs_untrained"] = 1.0 - errors["learned"] / errors["untrained_router"]
+        learned = self.schedule(self.eval_timesteps())
+        uniform = torch.full_like(learned, float(learned[:, self.pruned_layers].mean()))
+        system = self.output_errors({"untrained_system": (untrained, False)}, ratios=uniform)
+        errors["budgets"] = {"learned": self.sampler_budget(learned), "untrained_system": self.sampler_budget(uniform)}
+        errors["untrained_system"] = system["untrained_system"]
+        for key in ("weighted", "per_timestep"):
+            errors[key]["untrained_system"] = system[key]["untrained_system"]
         weighted = errors["weighted"]
-        errors["weighted_reduction_vs_untrained"] = 1.0 - weighted["learned"] / weighted["untrained_router"]
+        for baseline, suffix in (("untrained_router", ""), ("untrained_system", "_system")):
+            errors[f"reduction_vs_untrained{suffix}"] = 1.0 - errors["learned"] / errors[baseline]
+            errors[f"weighted_reduction_vs_untrained{suffix}"] = 1.0 - weighted["learned"] / weighted[baseline]
         return errors
 
     def _maybe_evaluate(self) -> None:
@@ -714,20 +732,24 @@ class Trainer:
             self.evals[key] = evaluate() if self.dist.is_main else {}
         barrier(self.dist)
 
-    def summary(self) -> dict:
-        """The run's figures: budget, schedule, FLOPs and the output errors vs the teacher."""
+    def sampler_budget(self, table: torch.Tensor) -> dict[str, float]:
+        """Mean keep (pruned layers) and FLOPs / dense FLOPs of a [T, L] keep table over the sampler's steps."""
         from shiva_export.flops import dense_model_flops, model_flops
 
+        cfg, mcfg = self.config, self.transformer.config
+        dense = dense_model_flops(mcfg, self.num_tokens, cfg.context_tokens, 1)
+        flops = sum(model_flops(mcfg, keep_ratios_to_k(row.tolist(), self.num_tokens, cfg.dense_layers),
+                                cfg.context_tokens, 1, num_tokens=self.num_tokens) for row in table)
+        return {"mean_keep": float(table[:, self.pruned_layers].mean()), "flop_ratio": flops / (dense * len(table))}
+
+    def summary(self) -> dict:
+        """The run's figures: budget, schedule, FLOPs and the output errors vs the teacher."""
         cfg = self.config
         mean_keep = float(self.expected_keep())  # long-run mean: the expectation over the training timesteps
         timesteps = self.eval_timesteps()
         table = self.schedule(timesteps)
         per_step = table[:, self.pruned_layers].mean(dim=1)
-        mcfg = self.transformer.config
-        dense = dense_model_flops(mcfg, self.num_tokens, cfg.context_tokens, 1)
-        flop_ratio = sum(model_flops(mcfg, keep_ratios_to_k(row.tolist(), self.num_tokens, cfg.dense_layers),
-                                     cfg.context_tokens, 1, num_tokens=self.num_tokens) for row in table) \
-            / (dense * len(table))
+        budget = self.sampler_budget(table)
         schedule_range = float(per_step.max() - per_step.min())
         checks = {"mean_keep_within_0.03": abs(mean_keep - cfg.target_keep) <= BUDGET_TOLERANCE,
                   "schedule_not_flat": schedule_range >= SCHEDULE_MIN_RANGE}
@@ -744,7 +766,7 @@ class Trainer:
             "global_batch": cfg.global_batch, "micro_batch": cfg.micro_batch, "world_size": self.dist.world_size,
             "num_image_tokens": self.num_tokens, "wall_time_s": round(self.wall_time, 2),
             "mean_keep": mean_keep, "mean_keep_ema": float(self.budget.ema),
-            "mean_keep_at_sampler": float(per_step.mean()), "flop_ratio_at_sampler": flop_ratio,
+            "mean_keep_at_sampler": budget["mean_keep"], "flop_ratio_at_sampler": budget["flop_ratio"],
             "schedule": {"timesteps": [round(float(t), 3) for t in timesteps],
                          "mean_keep": [round(float(r), 4) for r in per_step],
                          "per_layer": [[round(float(r), 4) for r in row] for row in table],

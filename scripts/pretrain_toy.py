@@ -68,6 +68,15 @@ class ShapesWorld:
         return latents, context, pooled_text @ self.pooled_proj
 
 
+def flow_matching_loss(model, sample: tuple[torch.Tensor, ...], noise: torch.Tensor, sigma: torch.Tensor):
+    """SD3's objective: predict v = noise - x0 at x_sigma = (1 - sigma) x0 + sigma noise."""
+    x0, context, pooled = sample
+    s = sigma[:, None, None, None]
+    v = model(hidden_states=(1 - s) * x0 + s * noise, encoder_hidden_states=context, pooled_projections=pooled,
+              timestep=sigma * 1000).sample
+    return F.mse_loss(v, noise - x0)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="tiny-sd35", help="preset (random weights) to start from")
@@ -102,11 +111,7 @@ def main() -> None:
     def held_out_loss() -> float:
         model.eval()
         with torch.no_grad():
-            x0, ctx, pooled = held_out
-            s = held_sigma[:, None, None, None]
-            v = model(hidden_states=(1 - s) * x0 + s * held_noise, encoder_hidden_states=ctx,
-                      pooled_projections=pooled, timestep=held_sigma * 1000).sample
-            loss = float(F.mse_loss(v, held_noise - x0))
+            loss = float(flow_matching_loss(model, held_out, held_noise, held_sigma))
         model.train()
         return loss
 
@@ -114,13 +119,10 @@ def main() -> None:
     print(json.dumps(log[-1]))
     start, step = time.perf_counter(), 0
     while (step < args.steps) if args.steps is not None else (time.perf_counter() - start < args.minutes * 60):
-        x0, ctx, pooled = world.sample(args.batch, g)
-        noise = torch.randn(x0.shape, generator=g)
+        sample = world.sample(args.batch, g)
+        noise = torch.randn(sample[0].shape, generator=g)
         sigma = shifted_timesteps(torch.rand(args.batch, generator=g), 3.0) / 1000
-        s = sigma[:, None, None, None]
-        v = model(hidden_states=(1 - s) * x0 + s * noise, encoder_hidden_states=ctx, pooled_projections=pooled,
-                  timestep=sigma * 1000).sample
-        loss = F.mse_loss(v, noise - x0)
+        loss = flow_matching_loss(model, sample, noise, sigma)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -299,7 +299,10 @@ class Trainer:
         self.accumulation = config.micro_batches // dist.world_size
 
         self.routers = self._initial_routers().to(self.device)
-        self.policy = self._initial_policy().to(self.device)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            self.policy = AdaptiveRatioPolicy(self.num_layers, config.target_keep, config.r_min, config.dense_layers,
+                                              config.policy_hidden_dim).to(self.device)
         self.budget = BudgetLoss(config.target_keep, config.budget_beta, config.lambda_budget).to(self.device)
         self.state = apply_token_pruning(self.transformer, self.routers, PruningConfig(
             dense_layers=config.dense_layers, tau_rank=config.tau_rank_start, tau_sel=config.tau_sel_start,
@@ -342,14 +345,6 @@ class Trainer:
             torch.manual_seed(self.config.seed)
             return RouterBank.for_transformer(self.transformer, self.config.router_hidden_dim,
                                               self.config.router_group_size)
-
-    def _initial_policy(self) -> AdaptiveRatioPolicy:
-        """The ratio policy at initialisation: the target keep ratio everywhere."""
-        cfg = self.config
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)
-            return AdaptiveRatioPolicy(self.num_layers, cfg.target_keep, cfg.r_min, cfg.dense_layers,
-                                       cfg.policy_hidden_dim)
 
     def adapter_json(self) -> dict:
         return {"rank": self.config.adapter_rank, "alpha": self.config.adapter_alpha, "use_dora": True,
@@ -703,8 +698,8 @@ class Trainer:
         conditions = {"learned": (None, True), "untrained_router": (untrained, False)}
         if self.peft is not None:
             conditions["learned_no_adapters"] = (None, False)
-        errors = self.output_errors(conditions)
         learned = self.schedule(self.eval_timesteps())
+        errors = self.output_errors(conditions, ratios=learned)
         uniform = torch.full_like(learned, float(learned[:, self.pruned_layers].mean()))
         system = self.output_errors({"untrained_system": (untrained, False)}, ratios=uniform)
         errors["budgets"] = {"learned": self.sampler_budget(learned), "untrained_system": self.sampler_budget(uniform)}

@@ -480,15 +480,16 @@ def run_bench(ws, config: BenchConfig | None = None, backends: Sequence[str] | N
                   "realised_flop_ratio": schedule.summary.realised_flop_ratio},
         rows=tuple(rows), speedups=tuple(_speedups(rows)), skipped=tuple(skipped))
     data = report.to_json()
-    write_json(ws.path(BENCH_JSON), data)
-    with_md = write_bytes(ws.path(BENCH_MD), render_markdown(data).encode())
-    ws.manifest.set_stage(BENCH_STAGE, {"files": [ws.manifest.file_record(ws.path(BENCH_JSON)),
-                                                  ws.manifest.file_record(with_md)],
-                                        "config": config.to_json(), "device": report.device.get("name"),
-                                        "backends": sorted({r.backend for r in rows}),
-                                        "speedups": {f"{s.backend}/{s.scope}": round(s.measured, 4)
-                                                     for s in report.speedups}}, inputs)
-    ws.manifest.save()
+    with ws.manifest.writing():
+        write_json(ws.path(BENCH_JSON), data)
+        with_md = write_bytes(ws.path(BENCH_MD), render_markdown(data).encode())
+        ws.manifest.set_stage(BENCH_STAGE, {"files": [ws.manifest.file_record(ws.path(BENCH_JSON)),
+                                                      ws.manifest.file_record(with_md)],
+                                            "config": config.to_json(), "device": report.device.get("name"),
+                                            "backends": sorted({r.backend for r in rows}),
+                                            "speedups": {f"{s.backend}/{s.scope}": round(s.measured, 4)
+                                                         for s in report.speedups}}, inputs)
+        ws.manifest.save()
     return report
 
 

@@ -26,7 +26,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from shiva_export.errors import ArtifactError, ConfigError
+from shiva_export.errors import ArtifactError, ConfigError, StaleArtifactError
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ class EngineSet(abc.ABC):
     def __init__(self, ws):
         self.ws = ws
         self.graphs = {int(g["bucket"]): g for g in ws.bucket_graphs()}   # verified against the manifest
+        self._checked_graphs: dict[Path, dict[str, str]] = {}
 
     @abc.abstractmethod
     def runner(self, bucket: int):
@@ -69,6 +70,7 @@ class EngineSet(abc.ABC):
         """Path (relative to the artifact folder) -> sha256 of every file the runners execute."""
 
     def graph_path(self, bucket: int, debug: bool = False) -> Path:
+        """The verified graph of a bucket (see `verified_graph`)."""
         if bucket not in self.graphs:
             raise ConfigError(f"bucket {bucket} is not exported; buckets: {sorted(self.graphs)}")
         graph = self.graphs[bucket]
@@ -76,7 +78,51 @@ class EngineSet(abc.ABC):
         if not graph.get(key):
             raise ArtifactError(f"{self.ws.root}: bucket {bucket} has no {'debug ' if debug else ''}graph in the "
                                 "manifest; re-export")
-        return self.ws.path(f"{ONNX_DIR}/{graph[key]}")
+        return self.verified_graph(graph[key], str(bucket), list(graph["k"]))
+
+    def dense_graph_path(self) -> Path | None:
+        dense = (self.ws.manifest.require("export").get("dense") or {}).get("file")
+        return None if not dense else self.verified_graph(dense, "dense", None)
+
+    def verified_graph(self, name: str, bucket: str, k: list[int] | None) -> Path:
+        """`onnx/<name>`, refused unless the graph says it is this bucket with this k (its metadata_props) and
+        every external weights file it reads is one the export stage listed (already checked by sha256)."""
+        import json
+
+        from shiva_export.manifest import GRAPH_BUCKET_KEY, GRAPH_K_KEY
+        from shiva_export.passes._files import read_model_proto
+
+        path = self.ws.path(f"{ONNX_DIR}/{name}")
+        if path in self._checked_graphs:
+            return path
+        proto = read_model_proto(path)
+        props = {p.key: p.value for p in proto.metadata_props}
+        found = (props.get(GRAPH_BUCKET_KEY), props.get(GRAPH_K_KEY))
+        if found != (bucket, json.dumps(k)):
+            if found == (None, None):
+                raise StaleArtifactError(f"{path}: the graph carries no bucket identity (exported by an older "
+                                         f"shiva_export); re-run `python -m shiva_export export --out {self.ws.root}`")
+            raise StaleArtifactError(f"{path}: the manifest names this graph for bucket {bucket} (k={k}), but the "
+                                     f"graph is bucket {found[0]} (k={found[1]}); the manifest was edited. Re-run "
+                                     f"`python -m shiva_export export --out {self.ws.root}`")
+        listed = {e["path"] for e in self.ws.manifest.require("export")["files"]}
+        weights = {}
+        for tensor in proto.graph.initializer:
+            if tensor.data_location != tensor.EXTERNAL:
+                continue
+            location = next((e.value for e in tensor.external_data if e.key == "location"), None)
+            relative = f"{ONNX_DIR}/{location}"
+            self.ws.path(relative)  # refused if it leads outside the folder
+            if relative not in listed:
+                raise StaleArtifactError(f"{path}: initializer {tensor.name!r} reads external data {location!r}, "
+                                         "which the export stage did not write; re-export")
+            weights[location] = self.ws.manifest.recorded_sha256(relative)
+        self._checked_graphs[path] = weights
+        return path
+
+    def graph_weights(self, path: Path) -> dict[str, str]:
+        """External weights file (relative to the graph) -> the sha256 the manifest recorded, of a verified graph."""
+        return self._checked_graphs[path]
 
 
 class OnnxGraphs(EngineSet):
@@ -116,14 +162,19 @@ class OnnxGraphs(EngineSet):
         return "the export has no debug graph with index outputs (exported without debug_indices)"
 
     def dense_runner(self):
-        dense = (self.ws.manifest.require("export").get("dense") or {}).get("file")
-        return self._runner(self.ws.path(f"{ONNX_DIR}/{dense}"), f"{self.name}:dense") if dense else None
+        path = self.dense_graph_path()
+        return self._runner(path, f"{self.name}:dense") if path else None
 
     def dense_note(self) -> str | None:
         return None if (self.ws.manifest.require("export").get("dense") or {}).get("file") else \
             "the export has no dense.onnx"
 
     def identity(self) -> dict[str, str]:
+        for bucket, graph in self.graphs.items():
+            self.graph_path(bucket)
+            if graph.get("debug_file"):
+                self.graph_path(bucket, debug=True)
+        self.dense_graph_path()
         files = self.ws.manifest.require("export")["files"]
         return {entry["path"]: entry["sha256"] for entry in files}
 
@@ -152,7 +203,7 @@ class BuiltEngines(EngineSet):
 
             self.runner_kwargs["weights"] = SharedWeights(device=self.runner_kwargs.get("provider", "cpu"))
         recorded = ((ws.manifest.stage("engine") or {}).get("engines") or {}).get(self.name) or []
-        self._recorded = {int(r["bucket"]): ws.path(r["engine"]) for r in recorded if "bucket" in r and "engine" in r}
+        self._recorded = {int(r["bucket"]): ws.path(r["engine"]) for r in recorded}
         self._verified: dict[Path, str] = {}
 
     def _default_path(self, onnx_path: Path) -> Path:
@@ -168,15 +219,30 @@ class BuiltEngines(EngineSet):
         first = self._bucket_engine_path(min(self.graphs))
         return first.with_name(stem + self.backend.engine_suffix)
 
-    def _verify(self, engine: Path, onnx_name: str, expected_sha: str | None) -> Path:
-        from shiva_export.engines.metadata import verify_metadata
+    def _verify(self, engine: Path, graph: Path, expected_sha: str | None) -> Path:
+        """Refuse an engine unless the chain holds: manifest -> engine file and sidecar (sha256) -> the graph the
+        manifest lists and its weights (the sidecar's onnx/weights sha256) -> for an ORT link, that very file."""
+        from shiva_export.engines.backends.ort import resolve_onnx
+        from shiva_export.engines.metadata import metadata_path, verify_metadata
 
-        if engine not in self._verified:
-            expected = {"backend": self.backend.name}
-            if expected_sha:
-                expected["onnx_sha256"] = expected_sha
-            metadata = verify_metadata(engine, expected)   # StaleArtifactError: built from another graph
-            self._verified[engine] = metadata.engine_sha256
+        if engine in self._verified:
+            return engine
+        relative = engine.relative_to(self.ws.root).as_posix()
+        sidecar = metadata_path(engine).relative_to(self.ws.root).as_posix()
+        self.ws.path(relative), self.ws.path(sidecar)  # a symlinked engine or sidecar may not leave the folder
+        for name in (relative, sidecar):
+            recorded = self.ws.manifest.recorded_sha256(name)
+            if recorded is not None:
+                self.ws.manifest.verify_file(name, recorded, "engine")
+        expected = {"backend": self.backend.name, "weights_sha256": self.graph_weights(graph)}
+        if expected_sha:
+            expected["onnx_sha256"] = expected_sha
+        metadata = verify_metadata(engine, expected)   # StaleArtifactError: built from another graph
+        if self.backend.name == "ort" and resolve_onnx(engine) != graph.resolve():
+            raise StaleArtifactError(f"{engine}: the ORT engine link points to {resolve_onnx(engine)}, not to "
+                                     f"{graph}, the graph its sidecar and the manifest name; rebuild it with "
+                                     f"`python -m shiva_export engine --backend ort --out {self.ws.root}`")
+        self._verified[engine] = metadata.engine_sha256
         return engine
 
     def _bucket_engine(self, bucket: int) -> Path:
@@ -185,11 +251,11 @@ class BuiltEngines(EngineSet):
         if not engine.is_file():
             raise ArtifactError(f"{engine}: no {self.name} engine for {graph['file']}; build it with "
                                 f"`python -m shiva_export build --backend {self.name} --out {self.ws.root}`")
-        return self._verify(engine, graph["file"], graph["sha256"])
+        return self._verify(engine, self.graph_path(bucket), graph["sha256"])
 
-    def _optional_engine(self, stem: str, onnx_name: str, expected_sha: str | None) -> Path | None:
+    def _optional_engine(self, stem: str, graph: Path, expected_sha: str | None) -> Path | None:
         engine = self._beside(stem)
-        return self._verify(engine, onnx_name, expected_sha) if engine.is_file() else None
+        return self._verify(engine, graph, expected_sha) if engine.is_file() else None
 
     def runner(self, bucket: int):
         return self.backend.make_runner(self._bucket_engine(bucket), name=f"{self.name}:b{bucket}",
@@ -199,7 +265,8 @@ class BuiltEngines(EngineSet):
         graph = self.graphs.get(bucket, {})
         if not graph.get("debug_file"):
             return None
-        return self._optional_engine(f"b{bucket}.debug", graph["debug_file"], graph.get("debug_sha256"))
+        return self._optional_engine(f"b{bucket}.debug", self.graph_path(bucket, debug=True),
+                                     graph.get("debug_sha256"))
 
     def index_runner(self, bucket: int):
         engine = self._debug_engine(bucket)
@@ -227,7 +294,7 @@ class BuiltEngines(EngineSet):
         dense = self.ws.manifest.require("export").get("dense") or {}
         if not dense.get("file"):
             return None
-        return self._optional_engine(Path(dense["file"]).stem, dense["file"], dense.get("sha256"))
+        return self._optional_engine(Path(dense["file"]).stem, self.dense_graph_path(), dense.get("sha256"))
 
     def dense_runner(self):
         engine = self._dense_engine()
@@ -247,7 +314,7 @@ class BuiltEngines(EngineSet):
         self._dense_engine()
         files = {entry["path"]: entry["sha256"] for entry in self.ws.manifest.require("export")["files"]}
         for engine, sha in self._verified.items():
-            files[str(engine.relative_to(self.ws.root))] = sha
+            files[engine.relative_to(self.ws.root).as_posix()] = sha
         return files
 
 

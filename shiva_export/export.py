@@ -232,10 +232,17 @@ def drop_debug_outputs(model: ir.Model) -> None:
     ir.passes.common.RemoveUnusedNodesPass()(model)
 
 
-def save_graph(model: ir.Model, path: Path) -> None:
-    """Serialize without the exporter's per-node stack traces (they triple the file size)."""
+def save_graph(model: ir.Model, path: Path, bucket: int | str, k: Sequence[int] | None) -> None:
+    """Serialize without the exporter's per-node stack traces (they triple the file size), with the graph's
+    identity (bucket, k) in the model's metadata_props (checked by the runtime before it runs the graph)."""
+    import json
+
+    from shiva_export.manifest import GRAPH_BUCKET_KEY, GRAPH_K_KEY
+
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
         node.metadata_props.clear()
+    model.metadata_props[GRAPH_BUCKET_KEY] = str(bucket)
+    model.metadata_props[GRAPH_K_KEY] = json.dumps(None if k is None else [int(v) for v in k])
     proto = ir.serde.serialize_model(model)
     onnx.save_model(proto, str(path))
 
@@ -301,9 +308,9 @@ def export_buckets(transformer, bucket_ks: Sequence[Sequence[int]], cfg: ExportC
                 record = {"bucket": bucket, "k": list(map(int, k)), "file": f"b{bucket}.onnx"}
                 if cfg.debug_indices:
                     record["debug_file"] = f"b{bucket}.debug.onnx"
-                    save_graph(model, tmp / record["debug_file"])
+                    save_graph(model, tmp / record["debug_file"], bucket, record["k"])
                     drop_debug_outputs(model)
-                save_graph(model, tmp / record["file"])
+                save_graph(model, tmp / record["file"], bucket, record["k"])
                 records.append(record)
                 if progress is not None:
                     progress.update(1)
@@ -311,7 +318,7 @@ def export_buckets(transformer, bucket_ks: Sequence[Sequence[int]], cfg: ExportC
                 model = export_bucket(transformer, None, cfg)
                 check_interrupt()
                 writer.externalize(model)
-                save_graph(model, tmp / DENSE_FILE)
+                save_graph(model, tmp / DENSE_FILE, "dense", None)
                 records.append({"bucket": "dense", "k": None, "file": DENSE_FILE})
                 if progress is not None:
                     progress.update(1)

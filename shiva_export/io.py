@@ -19,7 +19,7 @@ def atomic_output(dest: str | os.PathLike) -> Iterator[Path]:
     tmp = dest.with_name(f".{dest.name}.partial-{os.getpid()}")
     try:
         yield tmp
-        os.replace(tmp, dest)
+        _install(tmp, dest)
     finally:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -36,17 +36,31 @@ def atomic_directory(dest: str | os.PathLike) -> Iterator[Path]:
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.partial-{os.getpid()}")
-    old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         yield tmp
-        if dest.exists():
-            os.replace(dest, old)
-        os.replace(tmp, dest)
-        shutil.rmtree(old, ignore_errors=True)
+        _install(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _install(tmp: Path, dest: Path) -> None:
+    """Move a finished `tmp` over `dest`: journaled inside an open stage transaction (`artifact.Transaction`),
+    else directly (a folder is swapped out whole and the old one removed)."""
+    from shiva_export.artifact import active_transaction
+
+    txn = active_transaction(dest)
+    if txn is not None:
+        txn.replace(tmp, dest)
+    elif dest.is_dir() and not dest.is_symlink():
+        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dest, old)
+        os.replace(tmp, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, dest)
 
 
 def write_json(dest: str | os.PathLike, data: Any) -> Path:
@@ -55,6 +69,16 @@ def write_json(dest: str | os.PathLike, data: Any) -> Path:
     with atomic_output(dest) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     return dest
+
+
+def write_json_direct(dest: Path, data: Any) -> None:
+    """Atomic JSON write outside any stage transaction (the transaction's own journal)."""
+    tmp = dest.with_name(f".{dest.name}.partial-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_bytes(dest: str | os.PathLike, data: bytes) -> Path:

@@ -12,11 +12,57 @@ from pathlib import Path
 from typing import Any
 
 from shiva_export import __version__
+from shiva_export.artifact import Transaction, active_transaction, inside
 from shiva_export.errors import ArtifactError, StaleArtifactError
-from shiva_export.io import sha256_file, write_json
+from shiva_export.io import sha256_file, write_json_direct
+from shiva_export.schema import (Any_, Bool, Float, Hex, Int, ListOf, MapOf, Nullable, Obj, RelPath, Str,
+                                 validate)
 
 SCHEMA = "shiva.manifest/1"
 MANIFEST_NAME = "manifest.json"
+# Written into every exported graph's metadata_props, so a graph file carries which bucket it is: a record that
+# points bucket 0 at another graph (dense.onnx, another bucket) is refused even when its sha256 was edited to match.
+GRAPH_BUCKET_KEY = "shiva.bucket"   # "0", "1", ... or "dense"
+GRAPH_K_KEY = "shiva.k"             # the k-vector as JSON, "null" for dense
+MAX_MANIFEST_BYTES = 64 << 20
+
+# What a manifest may hold. Stage records may carry more keys than listed (later versions add some); the keys
+# the stages and the runtime read are required, with their types and ranges. `config` is ArtifactConfig exactly.
+_FILES = ListOf(Obj({"path": RelPath(), "sha256": Hex()}))
+_STAGE = {"files": _FILES, "finished": Str()}
+_STAGE_OPTIONAL = {"inputs_hash": Nullable(Hex())}
+_K = ListOf(Int(minimum=0), min_length=1)
+_GRAPH = Obj({"bucket": Int(minimum=0), "k": _K, "file": RelPath(), "sha256": Hex()},
+             {"debug_file": RelPath(), "debug_sha256": Hex()}, extra=True)
+_ENGINE = Obj({"bucket": Int(minimum=0), "engine": RelPath(), "metadata": RelPath()}, extra=True)
+_POSITIVE = Nullable(Int(minimum=1))
+CONFIG_SPEC = Obj({
+    "model": Str(), "router": Nullable(Str()), "steps": Int(minimum=1, maximum=10_000),
+    "shift": Float(minimum=0, exclusive_minimum=True), "buckets": Int(minimum=1, maximum=1024),
+    "align": _POSITIVE, "align_to": Nullable(Str(choices=("k", "sequence", "either"))), "k_min": _POSITIVE,
+    "height": _POSITIVE, "width": _POSITIVE, "batch": _POSITIVE, "context_tokens": _POSITIVE,
+    "dtype": Str(choices=("fp32", "fp16", "bf16")), "opset": Int(minimum=18, maximum=23),
+    "row_scatter": Str(choices=("where", "scatternd")),
+    "target_keep": Float(minimum=0, maximum=1, exclusive_minimum=True)})
+_STAGES = {
+    "freeze": Obj({**_STAGE, "schedule_hash": Hex(), "buckets": ListOf(_K, min_length=1)}, _STAGE_OPTIONAL,
+                  extra=True),
+    "export": Obj({**_STAGE, "graphs": ListOf(_GRAPH, min_length=1), "schedule_hash": Hex(),
+                   "config": Obj({"height": Int(minimum=1), "width": Int(minimum=1), "batch": Int(minimum=1),
+                                  "context_tokens": Int(minimum=1), "dtype": Str(choices=("fp32", "fp16", "bf16"))},
+                                 extra=True)},
+                  {**_STAGE_OPTIONAL, "dense": Nullable(Obj({"file": RelPath(), "sha256": Hex()})),
+                   "transformer_config": Obj(extra=True)}, extra=True),
+    "lint": Obj({**_STAGE, "errors": Int(minimum=0), "warnings": Int(minimum=0), "passed": Bool()},
+                _STAGE_OPTIONAL, extra=True),
+    "engine": Obj({**_STAGE, "engines": MapOf(ListOf(_ENGINE), keys=Str(choices=("ort", "trt", "trt-rtx")))},
+                  _STAGE_OPTIONAL, extra=True),
+    "check": Obj({**_STAGE, "passed": Bool()}, _STAGE_OPTIONAL, extra=True),
+    "bench": Obj(_STAGE, _STAGE_OPTIONAL, extra=True),
+    "report": Obj(_STAGE, _STAGE_OPTIONAL, extra=True),
+}
+MANIFEST_SPEC = Obj({"schema": Str(), "tool_version": Str(), "stages": Obj(optional=_STAGES)},
+                    {"config": CONFIG_SPEC})
 
 
 class Manifest:
@@ -38,12 +84,17 @@ class Manifest:
             if must_exist:
                 raise ArtifactError(f"{root}: no {MANIFEST_NAME}; run `python -m shiva_export export --out {root}` first")
             return cls(root)
+        inside(root, MANIFEST_NAME, "manifest")
         try:
+            if path.stat().st_size > MAX_MANIFEST_BYTES:
+                raise ArtifactError(f"{path}: {path.stat().st_size} bytes; a manifest is at most {MAX_MANIFEST_BYTES}")
             data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise ArtifactError(f"{path}: unreadable manifest ({err})") from err
-        if data.get("schema") != SCHEMA:
-            raise ArtifactError(f"{path}: schema {data.get('schema')!r} is not {SCHEMA!r}; re-export with this version")
+        except (OSError, UnicodeDecodeError, RecursionError, json.JSONDecodeError) as err:
+            raise ArtifactError(f"{path}: unreadable manifest ({err})") from None
+        if isinstance(data, dict) and data.get("schema") != SCHEMA:
+            raise ArtifactError(f"{path}: field schema: {data.get('schema')!r} is not {SCHEMA!r}; re-export with "
+                                "this version")
+        validate(data, MANIFEST_SPEC, str(path))
         return cls(root, data)
 
     def stage(self, name: str) -> dict | None:
@@ -77,18 +128,51 @@ class Manifest:
             self.data["stages"].pop(name, None)
 
     def file_record(self, path: Path) -> dict:
-        return {"path": str(Path(path).relative_to(self.root)), "sha256": sha256_file(path)}
+        return {"path": Path(path).relative_to(self.root).as_posix(), "sha256": sha256_file(path)}
+
+    def path_of(self, relative: str, what: str = "file") -> Path:
+        """A path the manifest names, refused unless it stays inside the folder (`artifact.inside`)."""
+        return inside(self.root, relative, what)
+
+    def recorded_sha256(self, relative: str) -> str | None:
+        """The sha256 some stage recorded for `relative` (a path inside the folder), or None."""
+        for record in self.data["stages"].values():
+            for entry in record.get("files", []):
+                if entry["path"] == relative:
+                    return entry["sha256"]
+        return None
+
+    def verify_file(self, relative: str, sha256: str | None, stage: str) -> Path:
+        """Resolve `relative` inside the folder and check it against `sha256`; returns the path."""
+        path = self.path_of(relative, f"file of stage {stage!r}")
+        if not path.is_file():
+            raise ArtifactError(f"{path}: listed by stage {stage!r} in the manifest but missing")
+        if sha256_file(path) != sha256:
+            raise StaleArtifactError(f"{path}: sha256 differs from the manifest (stage {stage!r}); it was changed "
+                                     f"after the stage wrote it. Re-run `python -m shiva_export {stage} --out "
+                                     f"{self.root}`")
+        return path
 
     def verify_files(self, name: str) -> None:
-        """Raise StaleArtifactError naming the first file that is missing or changed since the stage recorded it."""
-        for entry in self.require(name).get("files", []):
-            path = self.root / entry["path"]
-            if not path.is_file():
-                raise ArtifactError(f"{path}: listed by stage {name!r} in the manifest but missing")
-            if sha256_file(path) != entry["sha256"]:
-                raise StaleArtifactError(f"{path}: sha256 differs from the manifest (stage {name!r}); it was changed "
-                                         f"after export. Re-run `python -m shiva_export {name} --out {self.root}`")
+        """Raise StaleArtifactError naming the first file that is missing or changed since the stage recorded it.
+
+        Every path is resolved inside the folder first: a name that leads outside is refused unopened."""
+        entries = self.require(name).get("files", [])
+        for entry in entries:
+            self.path_of(entry["path"], f"file of stage {name!r}")
+        for entry in entries:
+            self.verify_file(entry["path"], entry["sha256"], name)
+
+    def writing(self) -> Transaction:
+        """`with manifest.writing():` a stage's file replacements and its `save()` as one transaction."""
+        return Transaction(self.root)
 
     def save(self) -> Path:
+        """Write the manifest atomically; inside `writing()`, this is the stage's commit point."""
         self.root.mkdir(parents=True, exist_ok=True)
-        return write_json(self.path, self.data)
+        validate(self.data, MANIFEST_SPEC, f"{self.path} (about to be written)")
+        write_json_direct(self.path, self.data)
+        txn = active_transaction(self.path)
+        if txn is not None:
+            txn.commit()
+        return self.path

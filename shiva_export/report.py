@@ -963,16 +963,17 @@ def write_report(manifest: Manifest, probe: bool = True) -> Report:
     data["plots"] = {name: file for name, (file, _, wanted) in plots.items() if wanted}
     folder = manifest.root / REPORT_DIR
     names = [REPORT_JSON, REPORT_MD, *data["plots"].values()]
-    with atomic_directory(folder) as tmp:
-        for name, (file, plot, wanted) in plots.items():
-            if wanted:
-                plot(data, tmp / file)
-        write_json(tmp / REPORT_JSON, data)
-        (tmp / REPORT_MD).write_text(render_markdown(data))
-    files = tuple(folder / name for name in names)
-    inputs_hash = sha256_json(data["inputs"])
-    manifest.set_stage(REPORT_STAGE, {"files": [manifest.file_record(p) for p in files], "inputs": data["inputs"],
-                                      "schema": REPORT_SCHEMA}, inputs_hash)
-    manifest.save()
+    with manifest.writing():
+        with atomic_directory(folder) as tmp:
+            for name, (file, plot, wanted) in plots.items():
+                if wanted:
+                    plot(data, tmp / file)
+            write_json(tmp / REPORT_JSON, data)
+            (tmp / REPORT_MD).write_text(render_markdown(data))
+        files = tuple(folder / name for name in names)
+        inputs_hash = sha256_json(data["inputs"])
+        manifest.set_stage(REPORT_STAGE, {"files": [manifest.file_record(p) for p in files],
+                                          "inputs": data["inputs"], "schema": REPORT_SCHEMA}, inputs_hash)
+        manifest.save()
     logger.debug("report: %s", folder / REPORT_MD)
     return Report(folder=folder, files=files, data=data)

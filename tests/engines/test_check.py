@@ -186,13 +186,29 @@ def test_repro_script_has_polygraphy_and_trtexec_commands_and_its_polygraphy_lin
     assert "PASSED" in done.stdout
 
 
+def swap_bucket_graphs(onnx: Path, relabel: bool) -> None:
+    """Swap b0 and b1 (production and debug graphs); `relabel` also rewrites the identity each graph carries in
+    its metadata_props, as an exporter that mixed up its buckets would write it."""
+    import onnx as onnx_lib
+
+    for suffix in (".onnx", ".debug.onnx"):
+        paths = [onnx / f"b{bucket}{suffix}" for bucket in (0, 1)]
+        identities = [list(onnx_lib.load(str(path), load_external_data=False).metadata_props) for path in paths]
+        paths[0].rename(onnx / "swap")
+        paths[1].rename(paths[0])
+        (onnx / "swap").rename(paths[1])
+        if relabel:
+            for path, identity in zip(paths, identities):
+                model = onnx_lib.load(str(path), load_external_data=False)
+                del model.metadata_props[:]
+                model.metadata_props.extend(identity)
+                onnx_lib.save(model, str(path))
+
+
 # ------------------------------------------------------------------------------------------------ broken engine sets
 def test_swapped_bucket_graphs_fail_with_exit_1_naming_the_bucket_and_metric(artifact_copy, capsys):
-    onnx = artifact_copy / "onnx"
-    for suffix in (".onnx", ".debug.onnx"):
-        (onnx / f"b0{suffix}").rename(onnx / "swap")
-        (onnx / f"b1{suffix}").rename(onnx / f"b0{suffix}")
-        (onnx / "swap").rename(onnx / f"b1{suffix}")
+    """The graphs claim the right buckets and the manifest agrees: only the numerical check can catch it."""
+    swap_bucket_graphs(artifact_copy / "onnx", relabel=True)
     rerecord_export(artifact_copy)
     assert main(["check", "--out", str(artifact_copy)]) == EXIT_CHECK_FAILED
     out = capsys.readouterr().out
@@ -202,6 +218,16 @@ def test_swapped_bucket_graphs_fail_with_exit_1_naming_the_bucket_and_metric(art
         assert f"bucket {bucket}: agreement layer 1 " in out
     assert "full trajectory (6 steps): max_abs" in out
     assert json.loads((artifact_copy / "manifest.json").read_text())["stages"]["check"]["passed"] is False
+
+
+def test_swapped_bucket_graphs_with_their_own_identity_are_refused_with_exit_2(artifact_copy, capsys):
+    """Hashes re-recorded, but each graph still says which bucket it is: refused before anything runs."""
+    swap_bucket_graphs(artifact_copy / "onnx", relabel=False)
+    rerecord_export(artifact_copy)
+    assert main(["check", "--out", str(artifact_copy)]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "names this graph for bucket 0" in err and "but the graph is bucket 1" in err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_perturbed_weights_fail_with_exit_1_naming_the_bucket_and_metric(artifact_copy, capsys):

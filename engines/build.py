@@ -138,6 +138,9 @@ def build_engine(
         else:
             try:
                 metadata = verify_metadata(engine_path, expected)
+                stale = backend.stale_reason(engine_path, source.path)
+                if stale:
+                    raise StaleArtifactError(f"{engine_path}: {stale}")
             except (StaleArtifactError, ArtifactError) as err:
                 reason = f"stale: {err}"
             else:

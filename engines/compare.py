@@ -19,6 +19,8 @@ Gates (per export precision; `GATES`, `TRAJECTORY_GATES`):
   per row and step for small k. See `GATES` for the floors and the measurements behind them.
 * full trajectory: the loop feeds each step's engine output back through CFG (x guidance scale) and the Euler
   update, so differences grow with the step count; its gate is looser than the per-step one.
+* any precision: a NaN or Inf in an engine output or in the PyTorch reference fails the bucket (or the loop) with
+  the count of non-finite values (`Gate.nonfinite_failures`), instead of the metric failures it would cause.
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ class Metrics:
         if ref.shape != out.shape:
             raise ArtifactError(f"output has {out.size} elements; the reference has {ref.size}")
         diff = np.abs(out - ref)
-        finite = bool(np.isfinite(out).all())
+        finite = bool(np.isfinite(out).all() and np.isfinite(ref).all())
         max_abs = float(diff.max()) if finite else math.inf
         peak = float(np.abs(ref).max())
         norms = float(np.linalg.norm(ref) * np.linalg.norm(out))
@@ -150,7 +152,7 @@ class Gate:
                  backend: str = "", k: Sequence[int] | None = None) -> tuple[str, ...]:
         """Failure messages naming `where` (e.g. "bucket 1"), the metric, its value, the bound and the backend:
         "bucket 1: max_abs 3.2e-02 > 1.0e-04 (fp32 gate, onnxruntime)"."""
-        tag = f"({self.name} gate{', ' + backend if backend else ''})"
+        tag = self._tag(backend)
         found = []
         if self.max_abs is not None and not metrics.max_abs <= self.max_abs:
             found.append(f"{where}: max_abs {metrics.max_abs:.1e} > {self.max_abs:.1e} {tag}")
@@ -164,6 +166,22 @@ class Gate:
                 if not share >= floor:
                     found.append(f"{where}: agreement layer {layer} {100 * share:.2f}% < {100 * floor:.4g}% {tag}")
         return tuple(found)
+
+    def nonfinite_failures(self, where: str, reference: Iterable[np.ndarray], got: Iterable[np.ndarray],
+                           backend: str = "") -> tuple[str, ...]:
+        """A NaN or Inf in the engine's outputs or in the PyTorch reference fails every gate: no metric says more.
+        "bucket 1: engine output has 3 non-finite values (NaN/Inf) of 65536 (fp32 gate, onnxruntime)"."""
+        found = []
+        for side, arrays in (("engine output", got), ("PyTorch reference", reference)):
+            arrays = [np.asarray(a) for a in arrays]
+            count = sum(int(a.size - np.count_nonzero(np.isfinite(a))) for a in arrays)
+            if count:
+                found.append(f"{where}: {side} has {count} non-finite values (NaN/Inf) of "
+                             f"{sum(a.size for a in arrays)} {self._tag(backend)}")
+        return tuple(found)
+
+    def _tag(self, backend: str) -> str:
+        return f"({self.name} gate{', ' + backend if backend else ''})"
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -352,7 +370,9 @@ def check_bucket(engines, bucket, records, gate: Gate, save_dir: Path | None = N
                                             [o[f"{INDEX_PREFIX}{l}"] for o in index_outputs]) for l in layers}
             note = None
     where = f"bucket {bucket.index}"
-    failures = gate.failures(where, metrics, agreement, engines.name, k=bucket.k)
+    failures = (gate.nonfinite_failures(where, [r.outputs["sample"] for r in records], [o["sample"] for o in outputs],
+                                        engines.name)
+                or gate.failures(where, metrics, agreement, engines.name, k=bucket.k))
     if agreement is None and gate.agreement is not None:
         logger.warning("%s: token agreement not measured: %s", where, note)
     return BucketResult(backend=engines.name, bucket=bucket.index, steps=tuple(r.step for r in records),
@@ -383,8 +403,10 @@ def check_full_trajectory(engines, ws, trajectory, gate: Gate) -> TrajectoryResu
             runner.deactivate()
     metrics = Metrics.of(trajectory.final_latents, final)
     where = f"full trajectory ({len(trajectory.steps)} steps)"
+    failures = (gate.nonfinite_failures(where, [trajectory.final_latents], [final], engines.name)
+                or gate.failures(where, metrics, backend=engines.name))
     return TrajectoryResult(backend=engines.name, steps=len(trajectory.steps), metrics=metrics, gate=gate,
-                            failures=gate.failures(where, metrics, backend=engines.name))
+                            failures=failures)
 
 
 def run_check(ws, backends: Sequence[Any] = ("onnxruntime",), config: CheckConfig = CheckConfig(),
@@ -426,26 +448,27 @@ def run_check(ws, backends: Sequence[Any] = ("onnxruntime",), config: CheckConfi
 
     trajectory = capture_trajectory(ws, config.seed, config.guidance_scale)
     bucket_results, trajectory_results = [], []
-    with atomic_directory(ws.path(CHECK_DIR)) as tmp:
-        for bucket in schedule.buckets:
-            save_bucket_data(trajectory, bucket.index, tmp / f"bucket{bucket.index}")
-        for engines in engine_sets:
+    with ws.manifest.writing():
+        with atomic_directory(ws.path(CHECK_DIR)) as tmp:
             for bucket in schedule.buckets:
-                records = trajectory.bucket_steps(bucket.index)
-                bucket_results.append(check_bucket(engines, bucket, records, gate, tmp / f"bucket{bucket.index}"))
-            if config.full_trajectory:
-                trajectory_results.append(check_full_trajectory(engines, ws, trajectory, trajectory_gate))
-        write_repro(tmp / "repro.sh", ws, schedule, gate, config, engine_sets)
-    report = CheckReport(model=ws.config.model, dtype=cfg.dtype, config=config, num_steps=schedule.num_steps,
-                         buckets=tuple(bucket_results), trajectories=tuple(trajectory_results), versions=versions)
-    write_json(ws.path(CHECK_FILE), report.to_json())
-    files = [ws.path(CHECK_FILE), ws.path(f"{CHECK_DIR}/repro.sh")]
-    for bucket in schedule.buckets:
-        files += [ws.path(f"{CHECK_DIR}/bucket{bucket.index}/{n}") for n in ("inputs.json", "reference.json")]
-    ws.manifest.set_stage(CHECK_STAGE, {"files": [ws.manifest.file_record(p) for p in files],
-                                        "backends": names, "config": config.to_json(), "passed": bool(report),
-                                        "failures": report.failures}, inputs)
-    ws.manifest.save()
+                save_bucket_data(trajectory, bucket.index, tmp / f"bucket{bucket.index}")
+            for engines in engine_sets:
+                for bucket in schedule.buckets:
+                    records = trajectory.bucket_steps(bucket.index)
+                    bucket_results.append(check_bucket(engines, bucket, records, gate, tmp / f"bucket{bucket.index}"))
+                if config.full_trajectory:
+                    trajectory_results.append(check_full_trajectory(engines, ws, trajectory, trajectory_gate))
+            write_repro(tmp / "repro.sh", ws, schedule, gate, config, engine_sets)
+        report = CheckReport(model=ws.config.model, dtype=cfg.dtype, config=config, num_steps=schedule.num_steps,
+                             buckets=tuple(bucket_results), trajectories=tuple(trajectory_results), versions=versions)
+        write_json(ws.path(CHECK_FILE), report.to_json())
+        files = [ws.path(CHECK_FILE), ws.path(f"{CHECK_DIR}/repro.sh")]
+        for bucket in schedule.buckets:
+            files += [ws.path(f"{CHECK_DIR}/bucket{bucket.index}/{n}") for n in ("inputs.json", "reference.json")]
+        ws.manifest.set_stage(CHECK_STAGE, {"files": [ws.manifest.file_record(p) for p in files],
+                                            "backends": names, "config": config.to_json(), "passed": bool(report),
+                                            "failures": report.failures}, inputs)
+        ws.manifest.save()
     for failure in report.failures:
         logger.warning("check failed: %s", failure)
     return report

@@ -85,38 +85,8 @@ class EngineSet(abc.ABC):
         return None if not dense else self.verified_graph(dense, "dense", None)
 
     def verified_graph(self, name: str, bucket: str, k: list[int] | None) -> Path:
-        """`onnx/<name>`, refused unless the graph says it is this bucket with this k (its metadata_props) and
-        every external weights file it reads is one the export stage listed (already checked by sha256)."""
-        import json
-
-        from shiva_export.manifest import GRAPH_BUCKET_KEY, GRAPH_K_KEY
-        from shiva_export.passes._files import read_model_proto
-
-        path = self.ws.path(f"{ONNX_DIR}/{name}")
-        if path in self._checked_graphs:
-            return path
-        proto = read_model_proto(path)
-        props = {p.key: p.value for p in proto.metadata_props}
-        found = (props.get(GRAPH_BUCKET_KEY), props.get(GRAPH_K_KEY))
-        if found != (bucket, json.dumps(k)):
-            if found == (None, None):
-                raise StaleArtifactError(f"{path}: the graph carries no bucket identity (exported by an older "
-                                         f"shiva_export); re-run `python -m shiva_export export --out {self.ws.root}`")
-            raise StaleArtifactError(f"{path}: the manifest names this graph for bucket {bucket} (k={k}), but the "
-                                     f"graph is bucket {found[0]} (k={found[1]}); the manifest was edited. Re-run "
-                                     f"`python -m shiva_export export --out {self.ws.root}`")
-        listed = {e["path"] for e in self.ws.manifest.require("export")["files"]}
-        weights = {}
-        for tensor in proto.graph.initializer:
-            if tensor.data_location != tensor.EXTERNAL:
-                continue
-            location = next((e.value for e in tensor.external_data if e.key == "location"), None)
-            relative = f"{ONNX_DIR}/{location}"
-            self.ws.path(relative)  # refused if it leads outside the folder
-            if relative not in listed:
-                raise StaleArtifactError(f"{path}: initializer {tensor.name!r} reads external data {location!r}, "
-                                         "which the export stage did not write; re-export")
-            weights[location] = self.ws.manifest.recorded_sha256(relative)
+        """`onnx/<name>`, verified by `Workspace.verified_graph` (identity and weights)."""
+        path, weights = self.ws.verified_graph(name, bucket, k)
         self._checked_graphs[path] = weights
         return path
 
@@ -222,7 +192,6 @@ class BuiltEngines(EngineSet):
     def _verify(self, engine: Path, graph: Path, expected_sha: str | None) -> Path:
         """Refuse an engine unless the chain holds: manifest -> engine file and sidecar (sha256) -> the graph the
         manifest lists and its weights (the sidecar's onnx/weights sha256) -> for an ORT link, that very file."""
-        from shiva_export.engines.backends.ort import resolve_onnx
         from shiva_export.engines.metadata import metadata_path, verify_metadata
 
         if engine in self._verified:
@@ -238,10 +207,11 @@ class BuiltEngines(EngineSet):
         if expected_sha:
             expected["onnx_sha256"] = expected_sha
         metadata = verify_metadata(engine, expected)   # StaleArtifactError: built from another graph
-        if self.backend.name == "ort" and resolve_onnx(engine) != graph.resolve():
-            raise StaleArtifactError(f"{engine}: the ORT engine link points to {resolve_onnx(engine)}, not to "
-                                     f"{graph}, the graph its sidecar and the manifest name; rebuild it with "
-                                     f"`python -m shiva_export engine --backend ort --out {self.ws.root}`")
+        stale = self.backend.stale_reason(engine, graph)
+        if stale:
+            raise StaleArtifactError(f"{engine}: {stale}, the graph its sidecar and the manifest name; rebuild it "
+                                     f"with `python -m shiva_export engine --backend {self.name} --out "
+                                     f"{self.ws.root}`")
         self._verified[engine] = metadata.engine_sha256
         return engine
 

@@ -15,7 +15,7 @@
 
 from __future__ import annotations
 
-__all__ = ["FolderLock", "Transaction", "active_transaction", "inside", "recover", "sweep"]
+__all__ = ["FolderLock", "Transaction", "active_transaction", "inside", "recover", "recover_needed", "sweep"]
 
 import contextlib
 import errno
@@ -231,6 +231,11 @@ def _undo(base: Path, entries: list[dict]) -> None:
         _remove(dest)
         if entry.get("backup") and (base / entry["backup"]).exists():
             os.replace(base / entry["backup"], dest)
+
+
+def recover_needed(root: str | os.PathLike) -> bool:
+    """Whether a write journal is waiting in the folder (a writer died, or this process is inside a stage)."""
+    return (Path(root) / JOURNAL_NAME).exists()
 
 
 def recover(root: str | os.PathLike) -> str | None:

@@ -1,4 +1,5 @@
-"""`python -m shiva_export VERB`: thin verbs over library calls; exit 0 ok, 1 a check failed, 2 unusable input."""
+"""`python -m shiva_export VERB`: thin verbs over library calls; exit 0 ok, 1 a check failed, 2 unusable input,
+130 interrupted (Ctrl-C)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from shiva_export.errors import ShivaError
 VERBS = ("train", "freeze", "export", "lint", "engine", "check", "bench", "report", "inspect", "build")
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
+INTERRUPTED = "interrupted: partial outputs were discarded; existing artifacts are unchanged"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,18 +37,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("shiva_export").setLevel(logging.DEBUG if args.verbose else logging.INFO)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return EXIT_BAD_INPUT
     try:
+        parser = build_parser()  # imports every verb module (torch, onnx): seconds in which a Ctrl-C is likely
+        args = parser.parse_args(argv)
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        logging.getLogger("shiva_export").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return EXIT_BAD_INPUT
         return int(args.func(args) or 0)
-    except ShivaError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("interrupted: partial outputs were discarded; existing artifacts are unchanged", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, Exception) as err:
+        if is_interrupt(err):
+            print(INTERRUPTED, file=sys.stderr)
+            return EXIT_INTERRUPTED
+        if isinstance(err, ShivaError):
+            print(f"error: {err}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        raise
+
+
+def is_interrupt(err: BaseException) -> bool:
+    """Whether err is a Ctrl-C or was raised because of one: Python 3.11 wraps a KeyboardInterrupt raised inside a
+    class body's `__set_name__` (e.g. while importing torch) in a RuntimeError, and cleanup code may raise its own."""
+    seen, pending = set(), [err]
+    while pending:
+        err = pending.pop()
+        if err is None or id(err) in seen:
+            continue
+        if isinstance(err, KeyboardInterrupt):
+            return True
+        seen.add(id(err))
+        pending += [err.__cause__, err.__context__]
+    return False

@@ -27,3 +27,7 @@ class StaticGraphError(ShivaError):
 
 class InputError(ShivaError):
     """A tensor handed to a runner has the wrong name, shape or dtype."""
+
+
+class NonFiniteError(ShivaError):
+    """A model or engine returned NaN or Inf (inputs checked finite); the artifact or runtime computes wrongly."""

@@ -45,7 +45,9 @@ CONFIG_SPEC = Obj({
     "row_scatter": Str(choices=("where", "scatternd")),
     "target_keep": Float(minimum=0, maximum=1, exclusive_minimum=True)})
 _STAGES = {
-    "freeze": Obj({**_STAGE, "schedule_hash": Hex(), "buckets": ListOf(_K, min_length=1)}, _STAGE_OPTIONAL,
+    "freeze": Obj({**_STAGE, "schedule_hash": Hex(), "buckets": ListOf(_K, min_length=1)},
+                  {**_STAGE_OPTIONAL, "summary": Obj({name: Float(minimum=0) for name in (
+                      "learned_keep_ratio", "realised_keep_ratio", "realised_flop_ratio")}, extra=True)},
                   extra=True),
     "export": Obj({**_STAGE, "graphs": ListOf(_GRAPH, min_length=1), "schedule_hash": Hex(),
                    "config": Obj({"height": Int(minimum=1), "width": Int(minimum=1), "batch": Int(minimum=1),

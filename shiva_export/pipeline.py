@@ -12,7 +12,7 @@ import logging
 import os
 from pathlib import Path
 
-from shiva_export.errors import ArtifactError, ConfigError
+from shiva_export.errors import ArtifactError, ConfigError, StaleArtifactError
 from shiva_export.io import sha256_file, sha256_json
 from shiva_export.manifest import Manifest
 
@@ -45,15 +45,26 @@ class ArtifactConfig:
     target_keep: float = 0.6          # only used without --router (untrained, uniform policy)
 
     def resolve(self, defaults: dict) -> "ArtifactConfig":
-        """Fill unset sizes from the model's defaults and validate what can be validated without the model."""
+        """Fill unset (None) options from the model's defaults and validate what can be validated without the model."""
+        import math
+
         from shiva_export.export import torch_dtype
         from shiva_export.topk import ROW_SCATTERS
 
         torch_dtype(self.dtype)
+        for option, value in (("--align", self.align), ("--k-min", self.k_min), ("--height", self.height),
+                              ("--width", self.width), ("--batch", self.batch),
+                              ("--context-tokens", self.context_tokens)):
+            if value is not None and value < 1:
+                raise ConfigError(f"{option} {value} must be >= 1")
+        if not 18 <= self.opset <= 23:
+            raise ConfigError(f"--opset {self.opset} is not supported; expected 18..23 (23 gives fused Attention)")
+        if not (math.isfinite(self.shift) and self.shift > 0):
+            raise ConfigError(f"--shift {self.shift:g} must be a finite number > 0")
         filled = {name: defaults.get(name) if getattr(self, name) is None else getattr(self, name)
                   for name in ("height", "width", "batch", "context_tokens")}
-        filled["align"] = self.align or defaults.get("align", 64)
-        filled["align_to"] = self.align_to or defaults.get("align_to", "k")
+        filled["align"] = defaults.get("align", 64) if self.align is None else self.align
+        filled["align_to"] = defaults.get("align_to", "k") if self.align_to is None else self.align_to
         if self.buckets < 1:
             raise ConfigError(f"--buckets {self.buckets} must be >= 1")
         if self.row_scatter not in ROW_SCATTERS:
@@ -78,11 +89,37 @@ class ArtifactConfig:
 
 
 class Workspace:
-    """An artifact folder: its manifest, its config, and the pruned model loaded lazily once."""
+    """An artifact folder: its manifest, its config, and the pruned model loaded lazily once.
 
-    def __init__(self, root: str | Path, config: ArtifactConfig | None = None):
+    A writing workspace (the default) holds the folder's lock for as long as it lives, finishes or rolls back
+    what a killed writer left, and removes stale partial files; `write=False` (inspect, the runtime) takes the
+    lock shared while it loads, so it never reads a folder that a stage is half-way through writing.
+    """
+
+    def __init__(self, root: str | Path, config: ArtifactConfig | None = None, write: bool = True):
+        from shiva_export.artifact import FolderLock, recover, recover_needed, sweep
+
         self.root = Path(root)
-        self.manifest = Manifest.load(self.root, must_exist=config is None)
+        if config is None and not (self.root / "manifest.json").is_file():
+            Manifest.load(self.root)  # the one-line "no manifest" error, before any lock file is made
+        if write:
+            FolderLock.acquire(self.root, exclusive=True, owner=self)  # held until this workspace is collected
+            recover(self.root)
+            sweep(self.root)
+            self.manifest = Manifest.load(self.root, must_exist=config is None)
+        else:
+            lock = FolderLock.acquire(self.root, exclusive=False)
+            try:
+                if lock is not None and recover_needed(self.root):
+                    FolderLock.acquire(self.root, exclusive=True)
+                    try:
+                        recover(self.root)
+                    finally:
+                        lock.release()
+                self.manifest = Manifest.load(self.root)
+            finally:
+                if lock is not None:
+                    lock.release()
         if config is None:
             stored = self.manifest.data.get("config")
             if not stored:
@@ -118,7 +155,8 @@ class Workspace:
         return self._pruned
 
     def path(self, relative: str) -> Path:
-        return self.root / relative
+        """A path inside the folder; a name (from the manifest or a sidecar) that leads outside is refused."""
+        return self.manifest.path_of(relative)
 
     def schedule(self):
         from shiva_export.passes.freeze import Schedule
@@ -127,9 +165,65 @@ class Workspace:
         return Schedule.load(self.path(SCHEDULE_FILE))
 
     def bucket_graphs(self) -> list[dict]:
-        """[{bucket, k, file, debug_file, sha256}] of the exported graphs, verified against the manifest."""
+        """[{bucket, k, file, debug_file, sha256}] of the exported graphs, verified against the manifest.
+
+        Each graph a record names must be the file the export stage listed with that sha256, under onnx/, once."""
         self.manifest.verify_files("export")
-        return self.manifest.require("export")["graphs"]
+        record = self.manifest.require("export")
+        listed = {entry["path"]: entry["sha256"] for entry in record["files"]}
+        named = []
+        for graph in record["graphs"]:
+            named += [(graph["file"], graph["sha256"])]
+            if graph.get("debug_file"):
+                named += [(graph["debug_file"], graph.get("debug_sha256"))]
+        if record.get("dense"):
+            named += [(record["dense"]["file"], record["dense"]["sha256"])]
+        seen = set()
+        for name, sha in named:
+            relative = f"{ONNX_DIR}/{name}"
+            if listed.get(relative) != sha or name in seen:
+                raise StaleArtifactError(f"{self.root}: export record names graph {name!r} with sha256 "
+                                         f"{str(sha)[:12]}, but the export's files list "
+                                         f"{'it twice' if name in seen else str(listed.get(relative))[:12]}; "
+                                         f"the manifest was edited. Re-run `python -m shiva_export export --out "
+                                         f"{self.root}`")
+            seen.add(name)
+        buckets = sorted(int(g["bucket"]) for g in record["graphs"])
+        if buckets != list(range(len(buckets))):
+            raise StaleArtifactError(f"{self.root}: export record has buckets {buckets}; expected 0..{len(buckets) - 1}")
+        return record["graphs"]
+
+    def verified_graph(self, name: str, bucket: str, k: list[int] | None) -> tuple[Path, dict[str, str]]:
+        """(`onnx/<name>`, {external weights file: recorded sha256}), refused unless the graph says it is this
+        bucket with this k (its metadata_props) and every external weights file it reads is one the export stage
+        listed (and so checked by sha256). Call after `bucket_graphs()`, which verifies the files' hashes."""
+        from shiva_export.manifest import GRAPH_BUCKET_KEY, GRAPH_K_KEY
+        from shiva_export.passes._files import read_model_proto
+
+        path = self.path(f"{ONNX_DIR}/{name}")
+        proto = read_model_proto(path)
+        props = {p.key: p.value for p in proto.metadata_props}
+        found = (props.get(GRAPH_BUCKET_KEY), props.get(GRAPH_K_KEY))
+        if found != (bucket, json.dumps(k)):
+            if found == (None, None):
+                raise StaleArtifactError(f"{path}: the graph carries no bucket identity (exported by an older "
+                                         f"shiva_export); re-run `python -m shiva_export export --out {self.root}`")
+            raise StaleArtifactError(f"{path}: the manifest names this graph for bucket {bucket} (k={k}), but the "
+                                     f"graph is bucket {found[0]} (k={found[1]}); the manifest was edited. Re-run "
+                                     f"`python -m shiva_export export --out {self.root}`")
+        listed = {e["path"] for e in self.manifest.require("export")["files"]}
+        weights = {}
+        for tensor in proto.graph.initializer:
+            if tensor.data_location != tensor.EXTERNAL:
+                continue
+            location = next((e.value for e in tensor.external_data if e.key == "location"), None)
+            relative = f"{ONNX_DIR}/{location}"
+            self.path(relative)  # refused if it leads outside the folder
+            if relative not in listed:
+                raise StaleArtifactError(f"{path}: initializer {tensor.name!r} reads external data {location!r}, "
+                                         "which the export stage did not write; re-export")
+            weights[location] = self.manifest.recorded_sha256(relative)
+        return path, weights
 
 
 def model_identity(ws: Workspace) -> dict:
@@ -156,12 +250,19 @@ def run_freeze(ws: Workspace, force: bool = False) -> bool:
         return False
     schedule = freeze(ws.pruned.policy.ratios, ws.pruned.config, cfg.height, cfg.width, cfg.batch,
                       cfg.context_tokens, freeze_cfg, **model_identity(ws))
-    path = schedule.save(ws.path(SCHEDULE_FILE))
-    ws.manifest.set_stage("freeze", {"files": [ws.manifest.file_record(path)], "schedule_hash": schedule.schedule_hash,
-                                     "buckets": [list(b.k) for b in schedule.buckets],
-                                     "summary": schedule.summary.to_json()}, inputs)
-    ws.manifest.drop_stages("export", "lint", "engine", "check", "bench", "report")
-    ws.manifest.save()
+    previous = ws.manifest.stage("freeze") or {}
+    if previous.get("schedule_hash") == schedule.schedule_hash and ws.manifest.is_fresh("freeze", inputs):
+        log.info("freeze: the same schedule again; schedule.json and the later stages are kept")
+        return True
+    with ws.manifest.writing():
+        path = schedule.save(ws.path(SCHEDULE_FILE))
+        ws.manifest.set_stage("freeze", {"files": [ws.manifest.file_record(path)],
+                                         "schedule_hash": schedule.schedule_hash,
+                                         "buckets": [list(b.k) for b in schedule.buckets],
+                                         "summary": schedule.summary.to_json()}, inputs)
+        if previous.get("schedule_hash") != schedule.schedule_hash:  # the same schedule keeps its graphs
+            ws.manifest.drop_stages("export", "lint", "engine", "check", "bench", "report")
+        ws.manifest.save()
     return True
 
 
@@ -185,12 +286,19 @@ def run_export(ws: Workspace, force: bool = False, progress=None) -> bool:
     dtype = torch_dtype(cfg.dtype)
     if dtype != torch.float32:
         pruned.to_dtype(dtype)
-    try:
-        records = export_buckets(pruned.transformer, [b.k for b in schedule.buckets], export_cfg,
-                                 ws.path(ONNX_DIR), progress=progress)
-    finally:
-        if dtype != torch.float32:
-            pruned.to_dtype(torch.float32)
+    with ws.manifest.writing():
+        try:
+            records = export_buckets(pruned.transformer, [b.k for b in schedule.buckets], export_cfg,
+                                     ws.path(ONNX_DIR), progress=progress)
+        finally:
+            if dtype != torch.float32:
+                pruned.to_dtype(torch.float32)
+        _record_export(ws, records, export_cfg, transformer_config, schedule, inputs)
+    return True
+
+
+def _record_export(ws: Workspace, records: list[dict], export_cfg, transformer_config: dict, schedule,
+                   inputs: str) -> None:
     files, graphs, dense = [], [], None
     for record in records:
         if record["bucket"] == "dense":
@@ -209,14 +317,16 @@ def run_export(ws: Workspace, force: bool = False, progress=None) -> bool:
                                      "schedule_hash": schedule.schedule_hash}, inputs)
     ws.manifest.drop_stages("lint", "engine", "check", "bench", "report")
     ws.manifest.save()
-    return True
 
 
 def start(root: str | Path, config: ArtifactConfig) -> Workspace:
     """Open (or create) an artifact folder for `config`; a folder made for other inputs is refused, not mixed."""
+    from shiva_export.models import num_image_tokens
+
     root = Path(root)
     if root.exists() and not root.is_dir():
         raise ConfigError(f"--out {root} exists and is not a folder")
+    created = [parent for parent in (root, *root.parents) if not parent.exists()]
     try:
         root.mkdir(parents=True, exist_ok=True)
         probe = root / f".write-probe-{os.getpid()}"
@@ -224,14 +334,33 @@ def start(root: str | Path, config: ArtifactConfig) -> Workspace:
         probe.unlink()
     except OSError as err:
         raise ConfigError(f"--out {root} is not writable ({err.strerror}); choose another folder") from err
-    ws = Workspace(root, config)
+    try:
+        ws = Workspace(root, config)
+        resolved = ws.config.to_json()  # every option checked (and the model loaded) before anything is written
+        num_image_tokens(ws.pruned.config, ws.config.height, ws.config.width)
+    except BaseException:
+        _remove_if_unused(created)
+        raise
     stored = ws.manifest.data.get("config")
-    resolved = ws.config.to_json()
     if stored and stored != resolved:
         changed = sorted(k for k in resolved if stored.get(k) != resolved.get(k))
         log.info("config changed (%s): stages whose inputs changed will be redone", ", ".join(changed))
     ws.manifest.data["config"] = resolved
     return ws
+
+
+def _remove_if_unused(created: list[Path]) -> None:
+    """Remove the folders `start` made for a run that was refused, if nothing but the lock file is in them."""
+    from shiva_export.artifact import LOCK_NAME
+
+    for folder in created:  # deepest first
+        if not folder.is_dir() or any(p.name != LOCK_NAME for p in folder.iterdir()):
+            return
+        (folder / LOCK_NAME).unlink(missing_ok=True)
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def run_lint(ws: Workspace, force: bool = False) -> dict:
@@ -247,14 +376,15 @@ def run_lint(ws: Workspace, force: bool = False) -> dict:
     if not force and ws.manifest.is_fresh("lint", inputs):
         log.info("lint: reports are up to date, reused")
         return ws.manifest.stage("lint")["reports"]
-    ws.manifest.verify_files("export")
+    ws.bucket_graphs()
     reports = {name: lint_model(str(ws.path(f"{ONNX_DIR}/{name}"))).to_json() for name in files}
-    path = write_json(ws.path("lint.json"), reports)
     errors = sum(r["errors"] for r in reports.values())
     warnings = sum(r["warnings"] for r in reports.values())
-    ws.manifest.set_stage("lint", {"files": [ws.manifest.file_record(path)], "reports": reports, "errors": errors,
-                                   "warnings": warnings, "passed": errors == 0}, inputs)
-    ws.manifest.save()
+    with ws.manifest.writing():
+        path = write_json(ws.path("lint.json"), reports)
+        ws.manifest.set_stage("lint", {"files": [ws.manifest.file_record(path)], "reports": reports,
+                                       "errors": errors, "warnings": warnings, "passed": errors == 0}, inputs)
+        ws.manifest.save()
     return reports
 
 
@@ -293,28 +423,42 @@ def run_engines(ws: Workspace, backend: str, options=None, force: bool = False) 
     backend = backend_name(backend)
     impl = get_backend(backend)
     impl.require_available()
+    schedule = ws.schedule()  # schedule.json verified and validated before anything is built from it
     graphs = ws.bucket_graphs()
+    _check_graphs_match_schedule(ws, graphs, schedule)
     schedule_hash = ws.manifest.require("freeze")["schedule_hash"]
     checkpoint_hash = ws.manifest.data["config"].get("router") and ws.pruned.checkpoint_hash
     options = options or BuildOptions()
     records, files = [], []
-    for graph in graphs:
-        source = OnnxSource(ws.path(f"{ONNX_DIR}/{graph['file']}"), onnx_sha256=graph["sha256"])
-        engine_path = engine_path_for(ws.path(ONNX_DIR), impl, source.path)
-        record = build_engine(impl, source, engine_path, options, schedule_hash=schedule_hash,
-                              checkpoint_hash=checkpoint_hash, force=force)
-        records.append({**record.to_json(), "engine": str(engine_path.relative_to(ws.root)),
-                        "metadata": str(metadata_path(engine_path).relative_to(ws.root)),
-                        "onnx": graph["file"], "bucket": graph["bucket"]})
-        files += [ws.manifest.file_record(engine_path), ws.manifest.file_record(metadata_path(engine_path))]
-    stage = ws.manifest.stage("engine") or {"engines": {}, "files": []}
-    stage["engines"][backend] = records
-    prefix = str(engine_path_for(ws.path(ONNX_DIR), impl, "x").parent.relative_to(ws.root)) + "/"
-    keep = [f for f in stage.get("files", []) if not f["path"].startswith(prefix)]
-    stage["files"] = keep + files
-    ws.manifest.set_stage("engine", stage, inputs_hash=None)
-    ws.manifest.save()
+    with ws.manifest.writing():
+        for graph in graphs:
+            path, weights = ws.verified_graph(graph["file"], str(graph["bucket"]), list(graph["k"]))
+            source = OnnxSource(path, onnx_sha256=graph["sha256"], weights_sha256=weights)
+            engine_path = engine_path_for(ws.path(ONNX_DIR), impl, source.path)
+            record = build_engine(impl, source, engine_path, options, schedule_hash=schedule_hash,
+                                  checkpoint_hash=checkpoint_hash, force=force)
+            records.append({**record.to_json(), "engine": engine_path.relative_to(ws.root).as_posix(),
+                            "metadata": metadata_path(engine_path).relative_to(ws.root).as_posix(),
+                            "onnx": graph["file"], "bucket": graph["bucket"]})
+            files += [ws.manifest.file_record(engine_path), ws.manifest.file_record(metadata_path(engine_path))]
+        stage = ws.manifest.stage("engine") or {"engines": {}, "files": []}
+        stage["engines"][backend] = records
+        prefix = engine_path_for(ws.path(ONNX_DIR), impl, "x").parent.relative_to(ws.root).as_posix() + "/"
+        keep = [f for f in stage.get("files", []) if not f["path"].startswith(prefix)]
+        stage["files"] = keep + files
+        ws.manifest.set_stage("engine", stage, inputs_hash=None)
+        ws.manifest.save()
     return records
+
+
+def _check_graphs_match_schedule(ws: Workspace, graphs: list[dict], schedule) -> None:
+    exported = sorted((int(g["bucket"]), tuple(g["k"])) for g in graphs)
+    frozen = [(b.index, tuple(b.k)) for b in schedule.buckets]
+    record = ws.manifest.require("export")
+    if record.get("schedule_hash") != schedule.schedule_hash or exported != frozen:
+        raise StaleArtifactError(f"{ws.root}: the ONNX graphs (buckets {exported}) were exported from another "
+                                 f"schedule than schedule.json ({frozen}); re-run `python -m shiva_export export "
+                                 f"--out {ws.root}`")
 
 
 @dataclasses.dataclass

@@ -37,7 +37,7 @@ import torch
 from diffusers.configuration_utils import FrozenDict
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
-from shiva_export.errors import ArtifactError, ConfigError, InputError, StaleArtifactError
+from shiva_export.errors import ArtifactError, ConfigError, InputError, NonFiniteError, StaleArtifactError
 from shiva_export.export import INPUT_NAMES, OUTPUT_NAME, ExportConfig, torch_dtype
 from shiva_export.models import VAE_SCALE_FACTOR
 from shiva_export.pipeline import Workspace, recorded_transformer_config
@@ -150,6 +150,8 @@ class _BucketedTransformer(torch.nn.Module):
         self.schedule = schedule
         self.static_inputs = inputs
         self.config = _pipeline_config(transformer_config, inputs)
+        # forward() refuses NaN/Inf inputs (InputError) and outputs (NonFiniteError); costs one pass over each tensor
+        self.check_finite = False
 
     @property
     def dtype(self) -> torch.dtype:
@@ -189,14 +191,27 @@ class _BucketedTransformer(torch.nn.Module):
                               "pipeline without skip_guidance_layers / joint_attention_kwargs")
         feed = {"hidden_states": hidden_states, "encoder_hidden_states": encoder_hidden_states,
                 "pooled_projections": pooled_projections, "timestep": timestep}
-        self.static_inputs.check(feed, subject=f"{self.root} ({type(self).__name__})")
+        subject = f"{self.root} ({type(self).__name__})"
+        self.static_inputs.check(feed, subject=subject)
+        if self.check_finite and (counts := _nonfinite(feed)):
+            raise InputError(f"{subject}: " + "; ".join(f"{name} has {count} non-finite values (NaN/Inf)"
+                                                        for name, count in counts.items()))
         bucket = self.bucket_for(timestep)
         feed["timestep"] = timestep.to(torch.float32)  # the graphs take fp32 timesteps, as SD3's own embedding does
         sample = self._run_bucket(bucket, feed).to(hidden_states.device)
+        if self.check_finite and (counts := _nonfinite({"sample": sample})):
+            raise NonFiniteError(f"{subject}: bucket {bucket} returned {counts['sample']} non-finite values (NaN/Inf) "
+                                 f"from finite inputs; run `python -m shiva_export check --out {self.root}`")
         return Transformer2DModelOutput(sample=sample) if return_dict else (sample,)
 
     def _run_bucket(self, bucket: int, feed: dict[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
+
+
+def _nonfinite(tensors: dict[str, torch.Tensor]) -> dict[str, int]:
+    """{name: count of NaN/Inf values} of the tensors that hold any."""
+    counts = {name: int(value.numel() - torch.isfinite(value).sum()) for name, value in tensors.items()}
+    return {name: count for name, count in counts.items() if count}
 
 
 class ShivaEngineTransformer(_BucketedTransformer):
@@ -220,7 +235,7 @@ class ShivaEngineTransformer(_BucketedTransformer):
 
     @classmethod
     def from_artifacts(cls, folder: str | Path, backend: str = "onnxruntime",
-                       providers: Sequence[str] | None = None) -> "ShivaEngineTransformer":
+                       providers: Sequence[str] | None = None, check_finite: bool = False) -> "ShivaEngineTransformer":
         """Verify an artifact folder and prepare (not load) one engine per bucket.
 
         Args:
@@ -229,6 +244,8 @@ class ShivaEngineTransformer(_BucketedTransformer):
                 built by the engine stage), or any `engines.runners.ENGINE_SET_NAMES` entry.
             providers: ONNX Runtime only: ["CPUExecutionProvider"] (default) or ["CUDAExecutionProvider", ...];
                 short names "cpu"/"cuda" work too. Only CPU may follow the first provider.
+            check_finite: every step refuses inputs holding NaN/Inf (InputError naming the input) and a
+                non-finite output (NonFiniteError); off by default (one extra pass over each tensor).
 
         Raises:
             ArtifactError: no manifest, a stage missing, or a listed file or engine missing.
@@ -238,7 +255,7 @@ class ShivaEngineTransformer(_BucketedTransformer):
         """
         from shiva_export.engines.runners import get_engine_set
 
-        ws = Workspace(folder)
+        ws = Workspace(folder, write=False)
         schedule = ws.schedule()  # verifies schedule.json against the manifest
         name, kwargs = _engine_set_request(backend, providers)
         engine_set = get_engine_set(name, ws, **kwargs)  # verifies the exported files against the manifest
@@ -251,7 +268,9 @@ class ShivaEngineTransformer(_BucketedTransformer):
         inputs = StaticInputs.from_export(ExportConfig(**record["config"]), record["transformer_config"])
         logger.info("%s: %d bucket engine(s), %s on %s; %s", ws.root, len(engine_set.graphs), engine_set.name,
                     engine_set.device, inputs.describe())
-        return cls(ws.root, schedule, inputs, record["transformer_config"], engine_set)
+        transformer = cls(ws.root, schedule, inputs, record["transformer_config"], engine_set)
+        transformer.check_finite = check_finite
+        return transformer
 
     @property
     def device(self) -> torch.device:
@@ -377,13 +396,15 @@ class PrunedReferenceTransformer(_BucketedTransformer):
             return self.model(**feed, return_dict=False)[0]
 
 
-def load_pruned_reference(folder: str | Path) -> PrunedReferenceTransformer:
+def load_pruned_reference(folder: str | Path, check_finite: bool = False) -> PrunedReferenceTransformer:
     """The artifact's PyTorch pruned model (backbone + routers as exported), driven by its frozen schedule.
+
+    check_finite: as `ShivaEngineTransformer.from_artifacts`'s (NaN/Inf inputs and outputs refused).
 
     Raises StaleArtifactError if schedule.json changed since freeze, or the model or router checkpoint no longer
     hashes to what the schedule was frozen from.
     """
-    ws = Workspace(folder)
+    ws = Workspace(folder, write=False)
     schedule = ws.schedule()
     identity = {"model_hash": ws.pruned.source.model_hash, "checkpoint_hash": ws.pruned.checkpoint_hash}
     frozen = {"model_hash": schedule.model_hash, "checkpoint_hash": schedule.checkpoint_hash}
@@ -396,4 +417,6 @@ def load_pruned_reference(folder: str | Path) -> PrunedReferenceTransformer:
     inputs = StaticInputs.from_export(ExportConfig(cfg.height, cfg.width, cfg.batch, cfg.context_tokens, cfg.dtype),
                                       ws.pruned.config)
     pruned = ws.pruned if inputs.dtype == torch.float32 else ws.pruned.to_dtype(inputs.dtype)
-    return PrunedReferenceTransformer(ws.root, schedule, inputs, pruned)
+    reference = PrunedReferenceTransformer(ws.root, schedule, inputs, pruned)
+    reference.check_finite = check_finite
+    return reference

@@ -180,3 +180,38 @@ def test_tensorrt_without_built_plans_is_refused(artifacts):
     # Where tensorrt is importable the missing plan is named; elsewhere the missing runtime is.
     with pytest.raises((ArtifactError, BackendUnavailableError), match=r"no trt engine for b0\.onnx|not importable"):
         ShivaEngineTransformer.from_artifacts(artifacts, backend="tensorrt")
+
+
+# ------------------------------------------------------------------------------------------------ non-finite values
+def test_nan_input_with_check_finite_is_an_input_error_naming_the_input(artifacts, step_inputs):
+    step_inputs["hidden_states"][0, 0, 0, :3] = float("nan")
+    step_inputs["pooled_projections"][1, 0] = float("-inf")
+    with ShivaEngineTransformer.from_artifacts(artifacts, check_finite=True) as transformer:
+        assert transformer.check_finite and transformer.active_buckets == ()
+        with pytest.raises(InputError, match=r"hidden_states has 3 non-finite values \(NaN/Inf\); "
+                                             r"pooled_projections has 1 non-finite values \(NaN/Inf\)$"):
+            transformer(**step_inputs)
+        assert transformer.active_buckets == ()  # refused before any engine ran
+
+
+def test_nan_input_without_check_finite_runs_as_before(engine, step_inputs):
+    assert engine.check_finite is False  # the default: no extra pass over the tensors
+    step_inputs["hidden_states"][0, 0, 0, :3] = float("nan")
+    (sample,) = engine(**step_inputs, return_dict=False)
+    assert sample.shape == (2, 16, 32, 32)
+
+
+def test_reference_with_check_finite_refuses_nan_input_and_names_a_non_finite_output(artifacts, step_inputs):
+    from shiva_export.errors import NonFiniteError
+
+    reference = load_pruned_reference(artifacts, check_finite=True)
+    bad = dict(step_inputs, encoder_hidden_states=step_inputs["encoder_hidden_states"].clone())
+    bad["encoder_hidden_states"][0, 0, 0] = float("inf")
+    with pytest.raises(InputError, match=r"encoder_hidden_states has 1 non-finite values \(NaN/Inf\)$"):
+        reference(**bad)
+    assert torch.isfinite(reference(**step_inputs, return_dict=False)[0]).all()
+    with torch.no_grad():  # a corrupted weight: finite inputs, NaN output
+        reference.model.proj_out.weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"bucket 0 returned \d+ non-finite values \(NaN/Inf\) from finite "
+                                             r"inputs; run `python -m shiva_export check --out "):
+        reference(**step_inputs)

@@ -158,6 +158,11 @@ class Backend(abc.ABC):
     def make_runner(self, engine_path: str | Path, *, name: str | None = None, **kwargs: Any):
         """Return a Polygraphy `BaseRunner` for the engine. Nothing is loaded before `activate()`."""
 
+    def stale_reason(self, engine_path: Path, onnx_path: Path) -> str | None:
+        """Why an engine whose sidecar matches is still not the engine of `onnx_path`, or None (the default: the
+        sidecar's hashes say it all)."""
+        return None
+
     def require_available(self) -> None:
         """Raise `BackendUnavailableError` with the reason when `is_available()` is false."""
         ok, reason = self.is_available()

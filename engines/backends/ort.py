@@ -245,6 +245,14 @@ class OrtBackend(Backend):
         relative = os.path.relpath(onnx_path, out_path.parent.resolve())
         return write_json(out_path, {"schema": _LINK_SCHEMA, "onnx": relative})
 
+    def stale_reason(self, engine_path: Path, onnx_path: Path) -> str | None:
+        """An ORT engine is a link: it is stale when it points anywhere but `onnx_path`."""
+        try:
+            target = resolve_onnx(engine_path)
+        except ArtifactError as err:
+            return str(err)
+        return None if target == Path(onnx_path).resolve() else f"the link points to {target}, not to {onnx_path}"
+
     def make_runner(
         self,
         engine_path: str | Path,

@@ -1,4 +1,11 @@
-"""`inspect`: what an artifact folder holds: schedule, graphs, engines and their metadata, results."""
+"""`inspect`: what an artifact folder holds: schedule, graphs, engines and their metadata, results.
+
+Its verdict is the runtime's: the folder is opened and every engine set it records is prepared exactly as
+`ShivaEngineTransformer.from_artifacts` would (paths inside the folder, sha256 of every file, graph identity,
+engine sidecar -> graph -> weights). Exit 0: the runtime loads it and every stage is intact; 1: the runtime loads
+it but a later stage's files (check, bench, report) changed; 2: the runtime would refuse it (the reason, in one
+line).
+"""
 
 from __future__ import annotations
 
@@ -7,11 +14,15 @@ import json
 
 from shiva_export.commands._args import add_out_arg
 
+STAGE_ORDER = ("freeze", "export", "lint", "engine", "check", "bench", "report")
+
 
 def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser("inspect", help="print what an artifact folder holds",
+    parser = subparsers.add_parser("inspect", help="print what an artifact folder holds and whether it loads",
                                    description="Print the schedule, graphs, engines, metadata and results recorded "
-                                               "in an artifact folder's manifest, and whether its files are intact.")
+                                               "in an artifact folder's manifest, whether its files are intact and "
+                                               "whether the runtime would load it (the same checks). Exit 0 intact, "
+                                               "1 a non-runtime stage is stale, 2 the runtime would refuse it.")
     add_out_arg(parser)
     parser.add_argument("--json", action="store_true", help="print the manifest as JSON")
     parser.set_defaults(func=run)
@@ -19,9 +30,10 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from shiva_export.errors import ShivaError
-    from shiva_export.manifest import Manifest
+    from shiva_export.pipeline import Workspace
 
-    manifest = Manifest.load(args.out)
+    ws = Workspace(args.out, write=False)  # manifest schema, paths inside the folder; rolls back a dead writer
+    manifest = ws.manifest
     if args.json:
         print(json.dumps(manifest.data, indent=2, sort_keys=True))
         return 0
@@ -29,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"{manifest.root}  ({manifest.data['schema']}, shiva_export {manifest.data['tool_version']})")
     print("config: " + ", ".join(f"{k}={v}" for k, v in sorted(cfg.items()) if v is not None))
     intact = True
-    for name, record in manifest.data["stages"].items():
+    for name, record in sorted(manifest.data["stages"].items(), key=lambda item: STAGE_ORDER.index(item[0])):
         try:
             manifest.verify_files(name)
             status = "ok"
@@ -38,7 +50,39 @@ def run(args: argparse.Namespace) -> int:
         print(f"\n[{name}] finished {record.get('finished', '?')}, files {len(record.get('files', []))}: {status}")
         for line in describe(name, record):
             print("  " + line)
+    verdicts = runtime_verdicts(ws)
+    print()
+    for backend, verdict in verdicts.items():
+        print(f"runtime: {verdict if isinstance(verdict, str) else 'REFUSED'} ({backend})")
+    refused = [err for err in verdicts.values() if isinstance(err, ShivaError)]
+    if refused:
+        raise refused[0]  # the CLI prints it as the one-line error, exit 2
     return 0 if intact else 1
+
+
+def runtime_verdicts(ws) -> dict:
+    """backend -> "loads" / "not verifiable here: why" / the ShivaError the runtime raises, for the exported graphs
+    and every engine set the manifest records."""
+    from shiva_export.engines.backends.base import get_backend
+    from shiva_export.errors import ShivaError
+    from shiva_export.runtime import ShivaEngineTransformer
+
+    if not ws.manifest.stage("export"):
+        return {}
+    backends = ["onnxruntime", *((ws.manifest.stage("engine") or {}).get("engines") or {})]
+    verdicts: dict = {}
+    for backend in backends:
+        if backend != "onnxruntime":
+            available, why = get_backend(backend).is_available()
+            if not available:
+                verdicts[backend] = f"not verifiable here: {why}"
+                continue
+        try:
+            ShivaEngineTransformer.from_artifacts(ws.root, backend=backend).close()
+            verdicts[backend] = "loads"
+        except ShivaError as err:
+            verdicts[backend] = err
+    return verdicts
 
 
 def describe(name: str, record: dict) -> list[str]:
@@ -53,7 +97,7 @@ def describe(name: str, record: dict) -> list[str]:
     if name == "export":
         return [f"{g['file']} (bucket {g['bucket']}) sha256 {g['sha256'][:12]}" for g in record.get("graphs", [])]
     if name == "engine":
-        return [f"{backend}: {len(items)} engine(s) " + ", ".join(e.get("path", "?") for e in items)
+        return [f"{backend}: {len(items)} engine(s) " + ", ".join(e["engine"] for e in items)
                 for backend, items in record.get("engines", {}).items()]
     if name in ("check", "bench", "lint"):
         return [f"{key}: {value}" for key, value in record.items()

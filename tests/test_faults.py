@@ -446,6 +446,16 @@ def wait_for(predicate, proc: subprocess.Popen, what: str, timeout: float = HANG
     pytest.fail(f"hang guard: {what} did not happen")
 
 
+def holds_lock(root: Path, pid: int) -> bool:
+    """Whether process `pid` holds the folder's lock (the kernel's lock table)."""
+    lock = root / ".shiva.lock"
+    if not lock.is_file():
+        return False
+    inode = str(lock.stat().st_ino)
+    with open("/proc/locks") as table:
+        return any(f" {pid} " in line and line.split()[-3].endswith(f":{inode}") for line in table)
+
+
 def partials(root: Path) -> list[Path]:
     return [p for p in root.rglob("*") if ".partial-" in p.name or ".old-" in p.name]
 
@@ -453,8 +463,7 @@ def partials(root: Path) -> list[Path]:
 def test_a_second_writer_is_refused_naming_the_pid_of_the_first(folder):
     first = shiva("export", "--out", str(folder), "--force")
     try:
-        wait_for(lambda: (folder / ".shiva.lock").is_file() and
-                 (folder / ".shiva.lock").read_text().strip() == str(first.pid), first, "the first export took the lock")
+        wait_for(lambda: holds_lock(folder, first.pid), first, "the first export took the lock")
         second = subprocess.run([sys.executable, "-m", "shiva_export", "engine", "--backend", "ort", "--out",
                                  str(folder)], capture_output=True, text=True, timeout=HANG_GUARD_S)
         assert_one_line_error(second.returncode, second.stderr, f"folder in use by PID {first.pid}")
@@ -469,8 +478,7 @@ def test_two_builds_at_once_into_a_new_folder_one_runs_one_is_refused(tmp_path):
     first = shiva("build", "--out", str(out), "--target-keep", "0.5", "--steps", "4", "--backend", "onnxruntime",
                   "--runs", "1")
     try:
-        wait_for(lambda: (out / ".shiva.lock").is_file() and (out / ".shiva.lock").read_text().strip(), first,
-                 "the first build took the lock")
+        wait_for(lambda: holds_lock(out, first.pid), first, "the first build took the lock")
         second = subprocess.run([sys.executable, "-m", "shiva_export", "build", "--out", str(out), "--target-keep",
                                  "0.5", "--steps", "4", "--backend", "onnxruntime", "--runs", "1"],
                                 capture_output=True, text=True, timeout=HANG_GUARD_S)

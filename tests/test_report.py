@@ -74,7 +74,7 @@ def _write_check(root: Path, manifest: Manifest, schedule) -> None:
                                          "# bucket 0\npolygraphy run onnx/b0.debug.onnx --onnxrt --load-inputs "
                                          "check/bucket0/inputs.json --load-outputs check/bucket0/reference.json\n")
     manifest.set_stage("check", {"files": _record(manifest, files), "backends": ["onnxruntime"],
-                                 "config": config.to_json(), "passed": True, "failures": []}, "check-inputs")
+                                 "config": config.to_json(), "passed": True, "failures": []}, "3" * 64)
 
 
 def _write_bench(root: Path, manifest: Manifest, schedule) -> None:
@@ -107,7 +107,7 @@ def _write_bench(root: Path, manifest: Manifest, schedule) -> None:
     write_json(root / "bench.json", report.to_json())
     (root / "bench.md").write_text("bench\n")
     manifest.set_stage("bench", {"files": _record(manifest, [root / "bench.json", root / "bench.md"]),
-                                 "config": BenchConfig(runs=5).to_json(), "device": "Test CPU"}, "bench-inputs")
+                                 "config": BenchConfig(runs=5).to_json(), "device": "Test CPU"}, "4" * 64)
 
 
 @pytest.fixture(scope="module")
@@ -123,20 +123,24 @@ def artifact_master(tmp_path_factory) -> Path:
     manifest = Manifest(root)
     manifest.data["config"] = {"model": "tiny-sd35", "router": None, "steps": STEPS, "shift": 3.0, "buckets": BUCKETS,
                                "align": 16, "k_min": None, "height": HEIGHT, "width": WIDTH, "batch": BATCH,
-                               "context_tokens": CONTEXT, "dtype": "fp32", "opset": 23, "target_keep": 0.6}
+                               "context_tokens": CONTEXT, "dtype": "fp32", "opset": 23, "target_keep": 0.6,
+                               "align_to": "k", "row_scatter": "where"}
     schedule.save(root / "schedule.json")
     manifest.set_stage("freeze", {"files": _record(manifest, [root / "schedule.json"]),
                                   "schedule_hash": schedule.schedule_hash,
-                                  "summary": schedule.summary.to_json()}, "freeze-inputs")
+                                  "buckets": [list(b.k) for b in schedule.buckets],
+                                  "summary": schedule.summary.to_json()}, "0" * 64)
     graphs = [{"bucket": b.index, "k": list(b.k), "file": f"b{b.index}.onnx", "debug_file": f"b{b.index}.debug.onnx",
                "sha256": "0" * 64} for b in schedule.buckets]
-    manifest.set_stage("export", {"files": [], "graphs": graphs, "config": {"dtype": "fp32"}}, "export-inputs")
+    manifest.set_stage("export", {"files": [], "graphs": graphs, "schedule_hash": schedule.schedule_hash,
+                                  "config": {"dtype": "fp32", "height": HEIGHT, "width": WIDTH, "batch": BATCH,
+                                             "context_tokens": CONTEXT}}, "1" * 64)
 
     warning = Finding(Rule.SCATTER_DUPLICATE_INDICES, Severity.WARNING, "node_scatter_1", "indices not provably unique")
     lint = {f"b{b.index}.onnx": LintReport(f"b{b.index}.onnx", (warning,)).to_json() for b in schedule.buckets}
     write_json(root / "lint.json", lint)
     manifest.set_stage("lint", {"files": _record(manifest, [root / "lint.json"]), "errors": 0, "warnings": 2,
-                                "passed": True}, "lint-inputs")
+                                "passed": True}, "2" * 64)
 
     engine_files, records = [], []
     for bucket in schedule.buckets:
@@ -150,6 +154,7 @@ def artifact_master(tmp_path_factory) -> Path:
                           "created": "2026-01-01T00:00:00+00:00", "onnx_sha256": "0" * 64})
         engine_files += [plan, meta]
         records.append({"backend": "trt-rtx", "bucket": bucket.index, "engine": f"engines/trt-rtx/b{bucket.index}.plan",
+                        "metadata": f"engines/trt-rtx/b{bucket.index}.plan.meta.json",
                         "onnx": f"b{bucket.index}.onnx", "status": "built", "reason": "no engine yet", "seconds": 9.0})
     manifest.set_stage("engine", {"engines": {"trt-rtx": records}, "files": _record(manifest, engine_files)}, None)
 
@@ -232,7 +237,7 @@ def test_report_stage_is_recorded_with_its_files_and_inputs(written):
     record = manifest.require("report")
     assert {f["path"] for f in record["files"]} == {f"{REPORT_DIR}/{n}" for n in
                                                     (REPORT_JSON, REPORT_MD, KEEP_RATIO_PNG, LATENCY_PNG, ERRORS_PNG)}
-    assert record["inputs"]["stages"]["check"] == "check-inputs" and record["inputs_hash"]
+    assert record["inputs"]["stages"]["check"] == "3" * 64 and record["inputs_hash"]
     manifest.verify_files("report")
 
 

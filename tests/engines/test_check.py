@@ -264,6 +264,20 @@ def test_engine_built_from_another_graph_exits_2_as_stale(checked, tmp_path, cap
     for name in ("b0.onnxref", "b0.onnxref.meta.json"):        # bucket 0's engine now is bucket 1's
         shutil.copy(engines / name.replace("b0", "b1"), engines / name)
     assert main(["check", "--out", str(root), "--backend", "ort", "--force"]) == EXIT_BAD_INPUT
+    # refused at the first link of the chain: the engine file no longer has the sha256 the manifest recorded
+    assert "b0.onnxref: sha256 differs from the manifest (stage 'engine')" in capsys.readouterr().err
+
+
+def test_engine_and_sidecar_of_another_bucket_rerecorded_in_the_manifest_exit_2_as_stale(checked, tmp_path, capsys):
+    root = Path(shutil.copytree(checked[0], tmp_path / "artifact"))
+    engines = root / "onnx" / "engines" / "ort"
+    for name in ("b0.onnxref", "b0.onnxref.meta.json"):
+        shutil.copy(engines / name.replace("b0", "b1"), engines / name)
+    manifest = json.loads((root / "manifest.json").read_text())
+    for entry in manifest["stages"]["engine"]["files"]:
+        entry["sha256"] = sha256_file(root / entry["path"])
+    write_json(root / "manifest.json", manifest)
+    assert main(["check", "--out", str(root), "--backend", "ort", "--force"]) == EXIT_BAD_INPUT
     assert "engine is stale or from another export: onnx_sha256 expected" in capsys.readouterr().err
 
 

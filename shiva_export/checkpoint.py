@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -25,8 +26,11 @@ import torch
 
 from shiva_export.errors import ArtifactError, ConfigError
 from shiva_export.io import atomic_directory, sha256_file, sha256_json, write_json
+from shiva_export.models import read_json
 from shiva_export.policy import AdaptiveRatioPolicy
 from shiva_export.router import RouterBank
+from shiva_export.schema import Any_, Bool, Float, Hex, Int, ListOf, MapOf, Obj, Str, validate
+from shiva_export.training_config import TrainConfig, train_spec
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +44,30 @@ STATE_JSON = "trainer_state.json"
 LOG_FILE = "log.jsonl"
 SUMMARY_FILE = "summary.json"
 WEIGHT_FILES = (ROUTER_FILE, POLICY_FILE, ADAPTER_FILE)
+
+_SIZE = Int(minimum=1, maximum=65536)
+# what the loaders need of `train`: the sizes the router and the policy are rebuilt from (the rest has defaults)
+BUILD_KEYS = ("schema", "target_keep", "r_min", "dense_layers", "policy_hidden_dim", "router_hidden_dim",
+              "router_group_size")
+CONFIG_SPEC = Obj(
+    required={
+        "schema": Int(minimum=CHECKPOINT_SCHEMA, maximum=CHECKPOINT_SCHEMA),
+        "model": Obj(required={
+            "name": Str(), "kind": Str(choices=("preset", "folder")), "model_hash": Hex(),
+            "num_layers": Int(minimum=1, maximum=1024), "token_dim": _SIZE, "temb_dim": _SIZE, "context_dim": _SIZE,
+            "joint_attention_dim": _SIZE, "pooled_projection_dim": _SIZE, "in_channels": _SIZE,
+            "patch_size": Int(minimum=1, maximum=64)}),
+        "train": train_spec(required=BUILD_KEYS),
+        "adapters": Obj(required={"rank": _SIZE, "alpha": Float(minimum=0, maximum=1e6, exclusive_minimum=True),
+                                  "use_dora": Bool(), "target_modules": Str()}),
+    },
+    optional={"num_image_tokens": Int(minimum=1, maximum=1 << 24), "versions": MapOf(Str(max_length=200))})
+STATE_SPEC = Obj(required={
+    "step": Int(minimum=0, maximum=10**9), "optimizer_stage": Int(minimum=0, maximum=3),
+    "param_groups": ListOf(Obj(required={"params": ListOf(Int(minimum=0))}, extra=True)),
+    "evals": MapOf(Any_()), "wall_time_s": Float(minimum=0), "total_steps": Int(minimum=1, maximum=10**9),
+    "finished": Bool()})
+
 
 def model_sizes(transformer) -> dict:
     """Every size of the backbone that the router, the policy or the training data depend on."""
@@ -101,19 +129,37 @@ def write_checkpoint(dest: str | Path, config: Mapping[str, Any], tensors: Mappi
 
 
 def read_config(path: str | Path) -> dict:
-    """config.json of a checkpoint folder; ArtifactError if it is not one."""
+    """config.json of a checkpoint folder, checked field by field: ArtifactError if the folder is not a checkpoint,
+    ConfigError (naming the file and the field) if its config.json is damaged or forged."""
     path = Path(path)
     config_path = path / CONFIG_FILE
     if not config_path.is_file():
         raise ArtifactError(f"{path}: not a training checkpoint (no {CONFIG_FILE}); expected a folder written by "
                             "`python -m shiva_export train --out`")
+    config = validate(read_json(config_path), CONFIG_SPEC, str(config_path), error=ConfigError)
+    TrainConfig.from_json(config["train"], source=f"{config_path}: field train")  # the cross-field rules
+    layers = config["model"]["num_layers"]
+    if any(layer >= layers for layer in config["train"]["dense_layers"]):
+        raise ConfigError(f"{config_path}: field train.dense_layers: expected layer indices below model.num_layers "
+                          f"{layers}, got {config['train']['dense_layers']}")
     try:
-        config = json.loads(config_path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ArtifactError(f"{config_path}: unreadable ({err})") from err
-    if config.get("schema") != CHECKPOINT_SCHEMA:
-        raise ArtifactError(f"{config_path}: checkpoint schema {config.get('schema')!r}; expected {CHECKPOINT_SCHEMA}")
+        re.compile(config["adapters"]["target_modules"])
+    except re.error as err:
+        raise ConfigError(f"{config_path}: field adapters.target_modules: expected a regular expression ({err})"
+                          ) from None
     return config
+
+
+def read_trainer_state(path: str | Path) -> dict:
+    """trainer_state.json of a checkpoint folder (resume), checked field by field."""
+    state_path = Path(path) / STATE_JSON
+    if not state_path.is_file():
+        raise ArtifactError(f"{state_path}: missing from the checkpoint; it cannot be resumed")
+    state = validate(read_json(state_path), STATE_SPEC, str(state_path), error=ConfigError)
+    if state["step"] > state["total_steps"]:
+        raise ConfigError(f"{state_path}: field step: expected at most total_steps {state['total_steps']}, "
+                          f"got {state['step']}")
+    return state
 
 
 def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
@@ -129,18 +175,43 @@ def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
+    """The records of a .jsonl file ([] if absent); ConfigError naming the line if one is not a JSON object."""
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if line.strip():
+            try:
+                record = json.loads(line)
+            except (json.JSONDecodeError, RecursionError) as err:
+                raise ConfigError(f"{path}: line {number}: not valid JSON ({err})") from None
+            if not isinstance(record, dict):
+                raise ConfigError(f"{path}: line {number}: expected a JSON object, got {type(record).__name__}")
+            records.append(record)
+    return records
 
 
 def load_state(module: torch.nn.Module, tensors: Mapping[str, torch.Tensor], where: str) -> None:
-    """load_state_dict(strict=True) with shape errors turned into a ConfigError naming the file."""
+    """load_state_dict(strict=True), after checking the tensors' names, shapes and values: a file that does not fit
+    the module its config.json describes is one ConfigError naming the file and the first tensor that is off."""
+    expected = module.state_dict()
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ConfigError(f"{where}: tensors do not fit the {type(module).__name__} of config.json: missing "
+                          f"{missing[:3]}{' ...' if len(missing) > 3 else ''}, unexpected "
+                          f"{unexpected[:3]}{' ...' if len(unexpected) > 3 else ''}")
+    for name, reference in expected.items():
+        tensor = tensors[name]
+        if tensor.shape != reference.shape:
+            raise ConfigError(f"{where}: tensor {name} has shape {list(tensor.shape)}; config.json gives "
+                              f"{list(reference.shape)}")
+        if not (tensor.is_floating_point() and bool(torch.isfinite(tensor).all())):
+            raise ConfigError(f"{where}: tensor {name} ({tensor.dtype}) is not finite floating point")
     try:
         module.load_state_dict(dict(tensors), strict=True)
     except RuntimeError as err:
-        raise ConfigError(f"{where}: does not fit this model ({str(err).splitlines()[0]} ...)") from err
+        raise ConfigError(f"{where}: does not fit this model ({' '.join(str(err).split())[:200]})") from None
 
 
 def build_router(config: Mapping[str, Any]) -> RouterBank:
@@ -181,7 +252,7 @@ def load_router_checkpoint(path: str | Path, transformer, source=None
     """
     path = Path(path)
     config = read_config(path)
-    check_model(config["model"], transformer, source, where=str(path))
+    check_model(config["model"], transformer, source, where=str(path / CONFIG_FILE))
     routers, policy = build_router(config), build_policy(config)
     load_state(routers, read_tensors(path / ROUTER_FILE), str(path / ROUTER_FILE))
     load_state(policy, read_tensors(path / POLICY_FILE), str(path / POLICY_FILE))
@@ -207,14 +278,20 @@ def load_adapters(path: str | Path, transformer, source=None):
 
     path = Path(path)
     config = read_config(path)
-    check_model(config["model"], transformer, source, where=str(path))
+    check_model(config["model"], transformer, source, where=str(path / CONFIG_FILE))
     if not (path / ADAPTER_FILE).is_file():
         return transformer
     frozen = {name: p.requires_grad for name, p in transformer.named_parameters()}
     peft_model = get_peft_model(transformer, lora_config(config["adapters"]))
-    result = set_peft_model_state_dict(peft_model, read_tensors(path / ADAPTER_FILE))
-    if result.unexpected_keys:
-        raise ConfigError(f"{path / ADAPTER_FILE}: adapter tensors {result.unexpected_keys[:3]} do not fit this model")
+    try:
+        result = set_peft_model_state_dict(peft_model, read_tensors(path / ADAPTER_FILE))
+    except RuntimeError as err:  # a shape that does not fit adapters.rank or the model
+        raise ConfigError(f"{path / ADAPTER_FILE}: does not fit this model ({' '.join(str(err).split())[:200]})"
+                          ) from None
+    missing = [key for key in result.missing_keys if "lora_" in key]  # missing_keys also lists every base weight
+    if result.unexpected_keys or missing:
+        raise ConfigError(f"{path / ADAPTER_FILE}: adapter tensors do not fit this model and config.json: "
+                          f"unexpected {result.unexpected_keys[:3]}, missing {missing[:3]}")
     merged = peft_model.merge_and_unload()
     for name, param in merged.named_parameters():
         param.requires_grad_(frozen.get(name, False))
@@ -235,11 +312,16 @@ def optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, to
 
 
 def optimizer_from_tensors(optimizer: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor],
-                           groups: list[dict]) -> None:
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        if key.startswith("optim."):
-            _, index, name = key.split(".", 2)
-            state.setdefault(int(index), {})[name] = value
-    groups = [{key: tuple(value) if key == "betas" else value for key, value in group.items()} for group in groups]
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+                           groups: list[dict], where: str = f"{STATE_FILE} / {STATE_JSON}") -> None:
+    """Inverse of optimizer_to_tensors; ConfigError naming ``where`` if the saved state does not fit the optimizer."""
+    try:
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                _, index, name = key.split(".", 2)
+                state.setdefault(int(index), {})[name] = value
+        groups = [{key: tuple(value) if key == "betas" else value for key, value in group.items()}
+                  for group in groups]
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
+    except (ValueError, KeyError, TypeError, RuntimeError) as err:
+        raise ConfigError(f"{where}: the optimizer state does not fit this run ({err})") from None

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from shiva_export.errors import ConfigError
+from shiva_export.errors import ConfigError, ShivaError
 from shiva_export.io import sha256_file, sha256_json
+from shiva_export.schema import Int, ListOf, Nullable, Obj, Str, validate
 
 SUPPORTED_CLASSES = ("SD3Transformer2DModel",)
 VAE_SCALE_FACTOR = 8  # SD3/SD3.5 VAEs downsample by 8: image pixels -> latent pixels
@@ -43,18 +46,77 @@ class ModelSource:
     defaults: dict
 
 
+MAX_JSON_BYTES = 16 << 20  # a config.json beyond this is not a config
+
+
+def read_json(path: Path, error: type[ShivaError] = ConfigError) -> Any:
+    """A JSON file we do not control, parsed; `error` (one line naming the file) if it cannot be."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_JSON_BYTES:
+            raise error(f"{path}: {size} bytes; expected a JSON file of at most {MAX_JSON_BYTES} bytes")
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise error(f"{path}: not valid JSON ({err})") from None
+
+
+_SIZE = Int(minimum=1, maximum=65536)
+# SD3Transformer2DModel's config keys and the diffusers bookkeeping it reads (diffusers fills absent sizes with its
+# defaults and ignores other keys)
+MODEL_CONFIG = Obj(required={"_class_name": Str(choices=SUPPORTED_CLASSES)}, optional={
+    "_diffusers_version": Str(), "_name_or_path": Str(), "_use_default_values": ListOf(Str()),
+    "sample_size": _SIZE, "patch_size": Int(minimum=1, maximum=64), "in_channels": _SIZE,
+    "num_layers": Int(minimum=1, maximum=1024), "attention_head_dim": _SIZE,
+    "num_attention_heads": Int(minimum=1, maximum=1024), "joint_attention_dim": _SIZE,
+    "caption_projection_dim": _SIZE, "pooled_projection_dim": _SIZE, "out_channels": Nullable(_SIZE),
+    "pos_embed_max_size": _SIZE, "dual_attention_layers": ListOf(Int(minimum=0, maximum=1023), max_length=1024),
+    "qk_norm": Nullable(Str(choices=("layer_norm", "fp32_layer_norm", "rms_norm", "rms_norm_across_heads"))),
+}, extra=True)
+
+
+def read_model_config(path: Path) -> dict:
+    """A diffusers transformer config.json, checked before diffusers builds anything from it."""
+    config = read_json(path)
+    if isinstance(config, dict) and config.get("_class_name") not in SUPPORTED_CLASSES:
+        raise ConfigError(f"{path}: model class {config.get('_class_name')!r} is not supported; expected one of "
+                          f"{SUPPORTED_CLASSES}")
+    validate(config, MODEL_CONFIG, str(path), error=ConfigError)
+    from diffusers import SD3Transformer2DModel
+
+    defaults = {name: param.default for name, param in
+                inspect.signature(SD3Transformer2DModel.__init__).parameters.items() if name != "self"}
+    cfg = {**defaults, **{key: value for key, value in config.items() if key in defaults}}
+    inner = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+    grid = cfg["sample_size"] // cfg["patch_size"]
+    problems = [
+        ("sample_size", cfg["sample_size"] % cfg["patch_size"] == 0,
+         f"a multiple of patch_size {cfg['patch_size']}, got {cfg['sample_size']}"),
+        ("pos_embed_max_size", grid <= cfg["pos_embed_max_size"],
+         f">= sample_size / patch_size = {grid} (the default resolution must fit the positional table), "
+         f"got {cfg['pos_embed_max_size']}"),
+        ("num_attention_heads", inner <= 65536 and inner % 4 == 0,
+         f"num_attention_heads x attention_head_dim a multiple of 4 and <= 65536 (the sin-cos position "
+         f"embedding's width), got {cfg['num_attention_heads']} x {cfg['attention_head_dim']} = {inner}"),
+        ("caption_projection_dim", cfg["caption_projection_dim"] == inner,
+         f"num_attention_heads x attention_head_dim = {inner} (the text stream runs at the block width), "
+         f"got {cfg['caption_projection_dim']}"),
+        ("dual_attention_layers", all(layer < cfg["num_layers"] for layer in cfg["dual_attention_layers"]),
+         f"layer indices below num_layers {cfg['num_layers']}, got {list(cfg['dual_attention_layers'])}"),
+    ]
+    for name, ok, expected in problems:
+        if not ok:
+            raise ConfigError(f"{path}: field {name}: expected {expected}")
+    return config
+
+
 def resolve_model_dir(path: Path) -> Path:
-    """A pipeline folder (with transformer/) or the transformer folder itself."""
+    """A pipeline folder (with transformer/) or the transformer folder itself; its config.json is checked."""
     if not path.is_dir():
         raise ConfigError(f"model {str(path)!r} is neither a preset ({', '.join(preset_names())}) nor a folder")
     for candidate in (path / "transformer", path):
         config = candidate / "config.json"
         if config.is_file():
-            class_name = json.loads(config.read_text()).get("_class_name")
-            if class_name not in SUPPORTED_CLASSES:
-                raise ConfigError(
-                    f"{config}: model class {class_name!r} is not supported; expected one of {SUPPORTED_CLASSES}"
-                )
+            read_model_config(config)
             return candidate
     raise ConfigError(f"{path}: no transformer found (expected {path}/transformer/config.json or {path}/config.json)")
 
@@ -82,7 +144,7 @@ def load_transformer(name_or_dir: str, dtype: torch.dtype = torch.float32, devic
         source = ModelSource(name_or_dir, "preset", sha256_json(preset), preset["defaults"])
     else:
         model_dir = resolve_model_dir(path)
-        model = SD3Transformer2DModel.from_pretrained(model_dir, torch_dtype=dtype).to(device)
+        model = load_weights(model_dir, dtype).to(device)
         cfg = model.config
         size = cfg.sample_size * VAE_SCALE_FACTOR
         defaults = {"height": size, "width": size, "context_tokens": 333, "batch": 2}
@@ -92,6 +154,30 @@ def load_transformer(name_or_dir: str, dtype: torch.dtype = torch.float32, devic
     if model.dtype != dtype:
         model = model.to(dtype)
     return model.eval().requires_grad_(False), source
+
+
+def load_weights(model_dir: Path, dtype: torch.dtype):
+    """SD3Transformer2DModel.from_pretrained (safetensors only: never unpickle), refusing weights that do not fill
+    the model config.json describes (diffusers would initialise the missing tensors randomly)."""
+    from diffusers import SD3Transformer2DModel
+    from diffusers.utils import logging as diffusers_logging
+
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()      # what it would warn about is refused below, in one line
+    try:
+        model, info = SD3Transformer2DModel.from_pretrained(model_dir, torch_dtype=dtype, use_safetensors=True,
+                                                            output_loading_info=True)
+    except (OSError, ValueError, RuntimeError, TypeError) as err:  # missing, corrupt or mismatched weights file
+        reason = " ".join(str(err).split())[:200] or type(err).__name__
+        raise ConfigError(f"{model_dir}: the weights do not load ({reason}); expected the "
+                          "diffusion_pytorch_model*.safetensors that were saved with its config.json") from None
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        if info.get(kind):
+            raise ConfigError(f"{model_dir}: the weights do not fit its config.json: {len(info[kind])} "
+                              f"{kind.replace('_', ' ')} (e.g. {info[kind][:3]})")
+    return model
 
 
 def num_image_tokens(config, height: int, width: int) -> int:

@@ -35,6 +35,9 @@ class AdaptiveRatioPolicy(nn.Module):
             raise ConfigError(f"target keep ratio {target_keep:g} is outside (0, 1]")
         if not 0 < r_min <= target_keep:
             raise ConfigError(f"r_min {r_min:g} must be in (0, target_keep={target_keep:g}]")
+        if num_layers < 1 or hidden_dim < 2 or hidden_dim % 2:
+            raise ConfigError(f"policy sizes num_layers={num_layers}, hidden_dim={hidden_dim}; expected num_layers "
+                              ">= 1 and an even hidden_dim >= 2 (the timestep embedding's sin-cos pairs)")
         bad = [layer for layer in dense_layers if not 0 <= layer < num_layers]
         if bad:
             raise ConfigError(f"dense layers {bad} are out of range for a {num_layers}-layer policy")

@@ -38,7 +38,14 @@ class PrunedModel:
 
 def load_pruned_model(model: str, router_checkpoint: str | None = None, cfg_consistent: bool = False,
                       target_keep: float = DEFAULT_TARGET_KEEP, seed: int = 0, device: str = "cpu") -> PrunedModel:
-    """Backbone from a preset/folder; routers+policy from a checkpoint, or seeded untrained ones."""
+    """Backbone from a preset/folder; routers+policy from a checkpoint, or seeded untrained ones.
+
+    The checkpoint's config.json is checked before the backbone is built, so a damaged one fails at once.
+    """
+    if router_checkpoint:
+        from shiva_export.checkpoint import read_config
+
+        read_config(router_checkpoint)
     transformer, source = load_transformer(model, device=device)
     if router_checkpoint:
         from shiva_export.checkpoint import load_adapters, load_router_checkpoint

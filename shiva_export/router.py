@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from shiva_export import kernels
+from shiva_export.errors import ConfigError
 
 
 class ContextAwareRouter(nn.Module):
@@ -41,6 +42,12 @@ class RouterBank(nn.Module):
     def __init__(self, num_layers: int, token_dim: int, temb_dim: int, context_dim: int, hidden_dim: int = 64,
                  group_size: int = 2):
         super().__init__()
+        sizes = {"num_layers": num_layers, "token_dim": token_dim, "temb_dim": temb_dim, "context_dim": context_dim,
+                 "hidden_dim": hidden_dim, "group_size": group_size}
+        bad = {name: size for name, size in sizes.items() if isinstance(size, bool) or not isinstance(size, int)
+               or size < 1}
+        if bad:
+            raise ConfigError(f"router sizes {bad} must be integers >= 1")
         self.num_layers, self.group_size = num_layers, group_size
         count = (num_layers + group_size - 1) // group_size
         self.routers = nn.ModuleList(

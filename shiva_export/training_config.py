@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Iterable, Literal, Mapping
 
 from shiva_export.errors import ConfigError
+from shiva_export.schema import Bool, Float, Int, ListOf, Nullable, Obj, Str, validate
 
 Precision = Literal["auto", "fp32", "bf16"]
 
@@ -116,6 +118,9 @@ class TrainConfig:
         if self.distill_every < 1 or self.router_group_size < 1 or self.router_hidden_dim < 1 \
                 or self.policy_hidden_dim < 2 or self.adapter_rank < 1:
             raise ConfigError("distill_every, router sizes, policy_hidden_dim and adapter_rank must be >= 1")
+        if self.policy_hidden_dim % 2:
+            raise ConfigError(f"policy_hidden_dim {self.policy_hidden_dim} must be even (the timestep embedding's "
+                              "sin-cos pairs)")
         if not 0 <= self.cfg_dropout < 1:
             raise ConfigError(f"cfg_dropout {self.cfg_dropout:g} must be in [0, 1)")
         if self.eval_steps < 1 or self.eval_samples < 1:
@@ -134,6 +139,8 @@ class TrainConfig:
             raise ConfigError(f"ste_gate {self.ste_gate!r}; expected input or output")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"precision {self.precision!r}; expected auto, fp32 or bf16")
+        # the ranges a checkpoint is read back with: a run never writes one it could not load
+        validate(self.to_json(), train_spec(), "training config", error=ConfigError)
 
     @property
     def total_steps(self) -> int:
@@ -187,12 +194,64 @@ class TrainConfig:
         return {"schema": 1, **dataclasses.asdict(self), "dense_layers": list(self.dense_layers)}
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> "TrainConfig":
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - fields - {"schema"})
-        if unknown:
-            raise ConfigError(f"training config has unknown keys {unknown}; expected {sorted(fields)}")
-        return cls(**{key: value for key, value in data.items() if key != "schema"})
+    def from_json(cls, data: Mapping[str, Any], source: str = "training config") -> "TrainConfig":
+        """From `to_json`'s form, checked field by field (TRAIN_FIELDS); absent fields take their defaults.
+
+        ``source`` names where the data came from in errors (e.g. "<folder>/config.json: field train").
+        """
+        validate(data, train_spec(), source, error=ConfigError)
+        try:
+            return cls(**{key: value for key, value in data.items() if key != "schema"})
+        except ConfigError as err:
+            raise ConfigError(f"{source}: {err}") from None
+
+
+_STEPS = Int(minimum=0, maximum=10**9)
+_LR = Float(minimum=0, maximum=1)
+_WEIGHT = Float(minimum=0, maximum=1e6)
+_TEMPERATURE = Float(minimum=0, maximum=100, exclusive_minimum=True)
+_FRACTION = Float(minimum=0, maximum=1, exclusive_minimum=True)
+_PIXELS = Nullable(Int(minimum=1, maximum=65536))
+
+
+def _choices(name: str) -> Str:
+    return Str(choices=typing.get_args(typing.get_type_hints(TrainConfig)[name]))
+
+
+# Type and range of every TrainConfig field as it is stored in a checkpoint (cross-field rules: __post_init__)
+TRAIN_FIELDS = {
+    "target_keep": _FRACTION, "warmup_steps": _STEPS, "policy_steps": _STEPS, "joint_steps": _STEPS,
+    "lr_warmup_steps": _STEPS, "lr_decay": _choices("lr_decay"),
+    "lr_router": _LR, "lr_policy": _LR, "lr_policy_layer_scale": Float(minimum=0, maximum=1000), "lr_adapter": _LR,
+    "weight_decay": Float(minimum=0, maximum=10),
+    "global_batch": Int(minimum=1, maximum=65536), "micro_batch": Int(minimum=1, maximum=65536),
+    "r_min": _FRACTION, "r_max": _FRACTION, "dense_layers": ListOf(Int(minimum=0, maximum=1023), max_length=1024),
+    "tau_rank_start": _TEMPERATURE, "tau_rank_end": _TEMPERATURE, "tau_sel_start": _TEMPERATURE,
+    "tau_sel_end": _TEMPERATURE, "ste_gate": _choices("ste_gate"),
+    "score_noise": Float(minimum=0, maximum=100), "logit_noise": Float(minimum=0, maximum=100),
+    "policy_score_weight": _WEIGHT, "joint_policy": _choices("joint_policy"), "stage3_recenter": Bool(),
+    "budget_beta": _FRACTION, "budget_gradient": _choices("budget_gradient"),
+    "lambda_budget": _WEIGHT, "lambda_distill": _WEIGHT, "lambda_diffusion": _WEIGHT,
+    "distill_every": Int(minimum=1, maximum=1024), "router_hidden_dim": Int(minimum=1, maximum=65536),
+    "router_group_size": Int(minimum=1, maximum=1024), "policy_hidden_dim": Int(minimum=2, maximum=65536),
+    "adapter_rank": Int(minimum=1, maximum=65536),
+    "adapter_alpha": Float(minimum=0, maximum=1e6, exclusive_minimum=True),
+    "data": Nullable(Str()), "height": _PIXELS, "width": _PIXELS, "context_tokens": _PIXELS,
+    "data_free_contrast": Float(minimum=0, maximum=100),
+    "timestep_shift": Float(minimum=0, maximum=1000, exclusive_minimum=True),
+    "timestep_weighting": _choices("timestep_weighting"), "cfg_dropout": Float(minimum=0, maximum=1),
+    "eval_steps": Int(minimum=1, maximum=10000), "eval_samples": Int(minimum=1, maximum=65536),
+    "precision": _choices("precision"), "seed": Int(minimum=0, maximum=2**63 - 1),
+}
+assert set(TRAIN_FIELDS) == {f.name for f in dataclasses.fields(TrainConfig)}, "TrainConfig fields without a spec"
+
+
+def train_spec(required: Iterable[str] = ()) -> Obj:
+    """Schema of `TrainConfig.to_json`: every field optional (its default) except `required`; no unknown keys."""
+    fields = {"schema": Int(minimum=1, maximum=1), **TRAIN_FIELDS}
+    required = set(required)
+    return Obj(required={key: spec for key, spec in fields.items() if key in required},
+               optional={key: spec for key, spec in fields.items() if key not in required})
 
 
 @dataclasses.dataclass(frozen=True)

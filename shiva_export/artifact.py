@@ -27,7 +27,6 @@ import re
 import shutil
 import weakref
 from pathlib import Path, PurePosixPath
-from typing import Iterator
 
 from shiva_export.errors import ArtifactError
 
@@ -305,10 +304,3 @@ def sweep(root: str | os.PathLike) -> list[Path]:
     if removed:
         log.info("%s: removed %d partial file(s) of stopped processes", root, len(removed))
     return removed
-
-
-@contextlib.contextmanager
-def writing(root: str | os.PathLike) -> Iterator[Transaction]:
-    """`with writing(folder):` one stage's writes as a transaction (see the module docstring)."""
-    with Transaction(root) as txn:
-        yield txn

@@ -425,7 +425,7 @@ def run_engines(ws: Workspace, backend: str, options=None, force: bool = False) 
     impl.require_available()
     schedule = ws.schedule()  # schedule.json verified and validated before anything is built from it
     graphs = ws.bucket_graphs()
-    _check_graphs_match_schedule(ws, graphs, schedule)
+    check_export_matches_schedule(ws, graphs, schedule)
     schedule_hash = ws.manifest.require("freeze")["schedule_hash"]
     checkpoint_hash = ws.manifest.data["config"].get("router") and ws.pruned.checkpoint_hash
     options = options or BuildOptions()
@@ -451,14 +451,23 @@ def run_engines(ws: Workspace, backend: str, options=None, force: bool = False) 
     return records
 
 
-def _check_graphs_match_schedule(ws: Workspace, graphs: list[dict], schedule) -> None:
+def check_export_matches_schedule(ws: Workspace, graphs: list[dict], schedule) -> None:
+    """Refuse graphs exported from another schedule than schedule.json: hash, bucket k-vectors and shapes."""
+    root, record = ws.root, ws.manifest.require("export")
+    if record.get("schedule_hash") != schedule.schedule_hash:
+        raise StaleArtifactError(f"{root}: the ONNX graphs were exported from schedule {record.get('schedule_hash')}, "
+                                 f"but schedule.json is {schedule.schedule_hash}; re-run "
+                                 f"`python -m shiva_export export --out {root}`")
     exported = sorted((int(g["bucket"]), tuple(g["k"])) for g in graphs)
     frozen = [(b.index, tuple(b.k)) for b in schedule.buckets]
-    record = ws.manifest.require("export")
-    if record.get("schedule_hash") != schedule.schedule_hash or exported != frozen:
-        raise StaleArtifactError(f"{ws.root}: the ONNX graphs (buckets {exported}) were exported from another "
-                                 f"schedule than schedule.json ({frozen}); re-run `python -m shiva_export export "
-                                 f"--out {ws.root}`")
+    if exported != frozen:
+        raise StaleArtifactError(f"{root}: exported buckets {exported} differ from the schedule's {frozen}; re-run "
+                                 f"`python -m shiva_export export --out {root}`")
+    shape = {key: record["config"][key] for key in ("height", "width", "batch", "context_tokens")}
+    frozen_shape = {key: getattr(schedule, key) for key in shape}
+    if shape != frozen_shape:
+        raise StaleArtifactError(f"{root}: graphs exported for {shape} but the schedule was frozen for "
+                                 f"{frozen_shape}; re-run `python -m shiva_export export --out {root}`")
 
 
 @dataclasses.dataclass

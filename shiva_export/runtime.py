@@ -40,7 +40,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from shiva_export.errors import ArtifactError, ConfigError, InputError, NonFiniteError, StaleArtifactError
 from shiva_export.export import INPUT_NAMES, OUTPUT_NAME, ExportConfig, torch_dtype
 from shiva_export.models import VAE_SCALE_FACTOR
-from shiva_export.pipeline import Workspace, recorded_transformer_config
+from shiva_export.pipeline import Workspace, check_export_matches_schedule, recorded_transformer_config
 
 logger = logging.getLogger(__name__)
 
@@ -261,7 +261,7 @@ class ShivaEngineTransformer(_BucketedTransformer):
         engine_set = get_engine_set(name, ws, **kwargs)  # verifies the exported files against the manifest
         engine_set.identity()  # built engines: each checked against its metadata sidecar now, not at the first step
         record = ws.manifest.require("export")
-        _check_export_matches_schedule(ws.root, record, list(engine_set.graphs.values()), schedule)
+        check_export_matches_schedule(ws, list(engine_set.graphs.values()), schedule)
         if "transformer_config" not in record:
             raise ArtifactError(f"{ws.root}: the export record has no transformer_config (written by an older "
                                 f"shiva_export); re-run `python -m shiva_export export --out {ws.root}`")
@@ -340,23 +340,6 @@ def _engine_set_request(backend: str, providers: Sequence[str] | str | None) -> 
     if providers is not None:
         raise ConfigError(f"providers={providers!r} applies to ONNX Runtime only; backend is {backend!r}")
     return name, {}
-
-
-def _check_export_matches_schedule(root: Path, record: dict, graphs: list[dict], schedule) -> None:
-    if record.get("schedule_hash") != schedule.schedule_hash:
-        raise StaleArtifactError(f"{root}: the ONNX graphs were exported from schedule {record.get('schedule_hash')}, "
-                                 f"but schedule.json is {schedule.schedule_hash}; re-run "
-                                 f"`python -m shiva_export export --out {root}`")
-    exported = sorted((int(g["bucket"]), tuple(g["k"])) for g in graphs)
-    frozen = [(b.index, b.k) for b in schedule.buckets]
-    if exported != frozen:
-        raise StaleArtifactError(f"{root}: exported buckets {exported} differ from the schedule's {frozen}; re-run "
-                                 f"`python -m shiva_export export --out {root}`")
-    shape = {key: record["config"][key] for key in ("height", "width", "batch", "context_tokens")}
-    frozen_shape = {key: getattr(schedule, key) for key in shape}
-    if shape != frozen_shape:
-        raise StaleArtifactError(f"{root}: graphs exported for {shape} but the schedule was frozen for "
-                                 f"{frozen_shape}; re-run `python -m shiva_export export --out {root}`")
 
 
 def _ort_provider(providers: Sequence[str] | str | None) -> str:

@@ -526,6 +526,13 @@ def test_export_killed_while_writing_a_graph_leaves_the_folder_as_it_was(cli_exp
     assert main(["inspect", "--out", str(folder)]) == 0
 
 
+def run_until_killed(script: str, folder: Path) -> None:
+    """Run `script` (argv[1] = the folder) in a fresh interpreter that must end by its own SIGKILL."""
+    done = subprocess.run([sys.executable, "-c", script, str(folder)], capture_output=True, text=True,
+                          timeout=HANG_GUARD_S)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+
+
 def test_kill_between_a_stage_replacing_its_files_and_committing_is_rolled_back(folder):
     """A process replaces schedule.json inside a stage transaction and dies before the manifest is saved."""
     before = digest(folder)
@@ -539,9 +546,7 @@ def test_kill_between_a_stage_replacing_its_files_and_committing_is_rolled_back(
         "    write_json(ws.path('schedule.json'), {'forged': True})\n"
         "    write_json(ws.path('new-file.json'), {'new': True})\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n")
-    done = subprocess.run([sys.executable, "-c", script, str(folder)], capture_output=True, text=True,
-                          timeout=HANG_GUARD_S)
-    assert done.returncode == -signal.SIGKILL, done.stderr
+    run_until_killed(script, folder)
     assert (folder / ".shiva-journal.json").is_file()
     assert json.loads((folder / "schedule.json").read_text()) == {"forged": True}
     assert main(["inspect", "--out", str(folder)]) == 0   # the reader rolls the dead writer's stage back first
@@ -562,9 +567,7 @@ def test_kill_after_the_commit_keeps_the_new_stage(folder):
         "    ws.manifest.set_stage('lint', {'files': [ws.manifest.file_record(path)], 'errors': 0,\n"
         "                                   'warnings': 0, 'passed': True}, None)\n"
         "    ws.manifest.save()\n")
-    done = subprocess.run([sys.executable, "-c", script, str(folder)], capture_output=True, text=True,
-                          timeout=HANG_GUARD_S)
-    assert done.returncode == -signal.SIGKILL, done.stderr
+    run_until_killed(script, folder)
     assert main(["inspect", "--out", str(folder)]) == 0
     assert json.loads((folder / "lint.json").read_text()) == {"new": True}
     assert manifest(folder)["stages"]["lint"]["passed"] is True

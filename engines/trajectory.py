@@ -139,10 +139,13 @@ def _model_in_dtype(pruned, dtype_name: str) -> Iterator[None]:
 
 
 def _scheduler(schedule):
-    from diffusers import FlowMatchEulerDiscreteScheduler
+    """The pipeline's scheduler the schedule was frozen for, at its step count (and image length, for dynamic
+    shifting); refused if its timesteps are not the frozen ones."""
+    from shiva_export.passes.freeze import make_scheduler, set_pipeline_timesteps
 
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=float(schedule.freeze_config.shift))
-    scheduler.set_timesteps(schedule.num_steps)
+    cfg = schedule.freeze_config
+    scheduler = make_scheduler(cfg.shift, cfg.scheduler)
+    set_pipeline_timesteps(scheduler, schedule.num_steps, schedule.num_tokens)
     got = scheduler.timesteps.double().numpy()
     want = np.asarray(schedule.timesteps, dtype=np.float64)
     if got.shape != want.shape or not np.allclose(got, want, rtol=0, atol=TIMESTEP_ATOL):

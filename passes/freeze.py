@@ -50,7 +50,7 @@ import torch
 from shiva_export.errors import ArtifactError, ConfigError
 from shiva_export.flops import ModelDims, block_flops, embedding_flops
 from shiva_export.io import sha256_json, write_json
-from shiva_export.models import num_image_tokens
+from shiva_export.models import VAE_SCALE_FACTOR, num_image_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +94,8 @@ class FreezeConfig:
     k_min: int | None = None  # smallest k of a pruned layer; None -> align
     max_buckets: int = 4  # most distinct k-vectors, i.e. engines to build
     dense_layers: tuple[int, ...] = (0,)  # blocks that are never pruned (D3)
+    # the pipeline's scheduler config (models.scheduler_config, with `shift`); None: FlowMatchEuler(shift) as SD3
+    scheduler: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         _int(self.num_steps, "FreezeConfig.num_steps", 1)
@@ -105,6 +107,11 @@ class FreezeConfig:
                 math.isfinite(self.shift) and self.shift > 0):
             raise ConfigError(f"FreezeConfig.shift must be a finite number > 0, got {self.shift!r}")
         object.__setattr__(self, "shift", float(self.shift))
+        if self.scheduler is not None:
+            if not isinstance(self.scheduler, Mapping) or self.scheduler.get("shift") != self.shift:
+                raise ConfigError(f"FreezeConfig.scheduler must be a scheduler config whose shift is {self.shift:g}, "
+                                  f"got {self.scheduler!r}")
+            object.__setattr__(self, "scheduler", dict(self.scheduler))
         if self.k_min is None:
             object.__setattr__(self, "k_min", self.align)
         _int(self.k_min, "FreezeConfig.k_min", 1)
@@ -115,7 +122,10 @@ class FreezeConfig:
         object.__setattr__(self, "dense_layers", layers)
 
     def to_json(self) -> dict:
-        return {"schema": FREEZE_CONFIG_SCHEMA, **dataclasses.asdict(self), "dense_layers": list(self.dense_layers)}
+        data = {"schema": FREEZE_CONFIG_SCHEMA, **dataclasses.asdict(self), "dense_layers": list(self.dense_layers)}
+        if self.scheduler is None:  # schedules frozen before pipelines declared their scheduler read as before
+            del data["scheduler"]
+        return data
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "FreezeConfig":
@@ -132,17 +142,44 @@ class FreezeConfig:
         return cls(**{key: value for key, value in data.items() if key != "schema"})
 
 
-def scheduler_timesteps(num_steps: int, shift: float) -> torch.Tensor:
-    """The timesteps (0..1000, float32) that FlowMatchEulerDiscreteScheduler(shift=shift) visits in num_steps steps.
-
-    These are exactly what StableDiffusion3Pipeline passes to the transformer (no dynamic shifting in SD3/SD3.5).
-    """
+def make_scheduler(shift: float, scheduler: Mapping[str, Any] | None = None):
+    """The pipeline's scheduler: built from its config (models.scheduler_config), or FlowMatchEuler(shift)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    FreezeConfig(num_steps=num_steps, shift=shift)  # validates both
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=float(shift))
-    scheduler.set_timesteps(int(num_steps))
-    return scheduler.timesteps.detach().clone()
+    if scheduler is None:
+        return FlowMatchEulerDiscreteScheduler(shift=float(shift))
+    return FlowMatchEulerDiscreteScheduler.from_config({**scheduler, "shift": float(shift)})
+
+
+def set_pipeline_timesteps(scheduler, num_steps: int, image_seq_len: int | None) -> None:
+    """`scheduler.set_timesteps` as StableDiffusion3Pipeline calls it: with dynamic shifting, mu comes from the image
+    sequence length (diffusers' calculate_shift over the scheduler config's base/max lengths and shifts)."""
+    config, kwargs = scheduler.config, {}
+    if config.get("use_dynamic_shifting", False):
+        if image_seq_len is None:
+            raise ConfigError("a scheduler with dynamic shifting needs the image sequence length")
+        base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+        base_shift, max_shift = config.get("base_shift", 0.5), config.get("max_shift", 1.16)
+        slope = (max_shift - base_shift) / (max_len - base_len)
+        kwargs["mu"] = image_seq_len * slope + base_shift - slope * base_len
+    scheduler.set_timesteps(int(num_steps), **kwargs)
+
+
+def scheduler_timesteps(num_steps: int, shift: float, scheduler: Mapping[str, Any] | None = None,
+                        image_seq_len: int | None = None) -> torch.Tensor:
+    """The timesteps (0..1000, float32) that the pipeline's scheduler visits in num_steps steps: exactly what
+    StableDiffusion3Pipeline passes to the transformer (FlowMatchEuler(shift) when no scheduler config is given;
+    with dynamic shifting, at this image sequence length)."""
+    FreezeConfig(num_steps=num_steps, shift=shift, scheduler=scheduler)  # validates them
+    sampler = make_scheduler(shift, scheduler)
+    set_pipeline_timesteps(sampler, num_steps, image_seq_len)
+    return sampler.timesteps.detach().clone()
+
+
+def scheduler_text(cfg: FreezeConfig) -> str:
+    scheduler = cfg.scheduler or {}
+    dynamic = ", dynamic shifting" if scheduler.get("use_dynamic_shifting") else ""
+    return f"{scheduler.get('_class_name', 'FlowMatchEulerDiscreteScheduler')} shift={cfg.shift:g}{dynamic}"
 
 
 def _validated_ratios(ratios: Any, where: str = "ratios") -> torch.Tensor:
@@ -458,7 +495,7 @@ class Schedule:
             cfg = self.freeze_config
             raise ConfigError(
                 f"timestep {value!r} is not within {atol:g} of any of the {self.num_steps} frozen timesteps "
-                f"{shown} (steps={cfg.num_steps}, shift={cfg.shift:g}); run the sampler with these settings or "
+                f"{shown} (steps={cfg.num_steps}, {scheduler_text(cfg)}); run the sampler with these settings or "
                 "re-freeze with matching --steps/--shift")
         return self.step_to_bucket[step]
 
@@ -619,7 +656,7 @@ def _optional_str(value: Any, name: str) -> str | None:
 
 def freeze(ratio_fn: RatioFn, model_config: Mapping[str, Any], height: int, width: int, batch: int,
            context_tokens: int, cfg: FreezeConfig = FreezeConfig(), model_hash: str | None = None,
-           checkpoint_hash: str | None = None) -> Schedule:
+           checkpoint_hash: str | None = None, vae_scale_factor: int = VAE_SCALE_FACTOR) -> Schedule:
     """Freeze ``ratio_fn`` into a bucketed k schedule for one sampler, resolution and batch.
 
     Args:
@@ -631,17 +668,18 @@ def freeze(ratio_fn: RatioFn, model_config: Mapping[str, Any], height: int, widt
         context_tokens: S, text tokens (333 for SD3 with CLIP 77 + T5 256).
         cfg: step count, shift, alignment, k_min, bucket count and dense layers.
         model_hash, checkpoint_hash: recorded so later stages can refuse a schedule from other inputs.
+        vae_scale_factor: the pipeline's image pixels per latent pixel.
     """
     dims = ModelDims.from_config(model_config)
     height, width = _int(height, "height", 1), _int(width, "width", 1)
     batch = _int(batch, "batch", 1)
     context_tokens = _int(context_tokens, "context_tokens", 1)
-    num_tokens = num_image_tokens(model_config, height, width)
+    num_tokens = num_image_tokens(model_config, height, width, vae_scale_factor)
     outside = [layer for layer in cfg.dense_layers if layer >= dims.num_layers]
     if outside:
         raise ConfigError(f"dense layers {outside} do not exist; the model has {dims.num_layers} blocks")
 
-    timesteps = scheduler_timesteps(cfg.num_steps, cfg.shift)
+    timesteps = scheduler_timesteps(cfg.num_steps, cfg.shift, cfg.scheduler, image_seq_len=num_tokens)
     ratios = evaluate_policy(ratio_fn, timesteps, dims.num_layers)
     aligned = k_table(ratios, num_tokens, cfg, context_tokens)
     step_flops = StepFlops(dims, num_tokens, context_tokens, batch)

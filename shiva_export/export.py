@@ -45,7 +45,7 @@ def torch_dtype(name: str) -> torch.dtype:
 
 @dataclasses.dataclass(frozen=True)
 class ExportConfig:
-    """Static shapes of every bucket graph. height/width are image pixels (latents are /8)."""
+    """Static shapes of every bucket graph. height/width are image pixels (latents: / vae_scale_factor)."""
 
     height: int
     width: int
@@ -55,6 +55,7 @@ class ExportConfig:
     opset: int = 23
     debug_indices: bool = False   # extra outputs indices_layer{l}: the kept token indices, for parity checks
     row_scatter: str = "where"    # kept rows back into the sequence: "where" (Gather + Where) or "scatternd"
+    vae_scale_factor: int = VAE_SCALE_FACTOR   # the pipeline's: image pixels per latent pixel
 
     def validate(self, model_config) -> int:
         torch_dtype(self.dtype)
@@ -66,10 +67,10 @@ class ExportConfig:
             raise ConfigError(f"row scatter {self.row_scatter!r} is unknown; expected one of {list(ROW_SCATTERS)}")
         if not 18 <= self.opset <= 23:
             raise ConfigError(f"opset {self.opset} is not supported; expected 18..23 (23 gives fused Attention)")
-        return num_image_tokens(model_config, self.height, self.width)
+        return num_image_tokens(model_config, self.height, self.width, self.vae_scale_factor)
 
     def input_shapes(self, model_config) -> dict[str, tuple[int, ...]]:
-        lat_h, lat_w = self.height // VAE_SCALE_FACTOR, self.width // VAE_SCALE_FACTOR
+        lat_h, lat_w = self.height // self.vae_scale_factor, self.width // self.vae_scale_factor
         return {
             "hidden_states": (self.batch, model_config["in_channels"], lat_h, lat_w),
             "encoder_hidden_states": (self.batch, self.context_tokens, model_config["joint_attention_dim"]),

@@ -38,12 +38,16 @@ _ENGINE = Obj({"bucket": Int(minimum=0), "engine": RelPath(), "metadata": RelPat
 _POSITIVE = Nullable(Int(minimum=1))
 CONFIG_SPEC = Obj({
     "model": Str(), "router": Nullable(Str()), "steps": Int(minimum=1, maximum=10_000),
-    "shift": Float(minimum=0, exclusive_minimum=True), "buckets": Int(minimum=1, maximum=1024),
+    "shift": Nullable(Float(minimum=0, exclusive_minimum=True)), "buckets": Int(minimum=1, maximum=1024),
     "align": _POSITIVE, "align_to": Nullable(Str(choices=("k", "sequence", "either"))), "k_min": _POSITIVE,
     "height": _POSITIVE, "width": _POSITIVE, "batch": _POSITIVE, "context_tokens": _POSITIVE,
     "dtype": Str(choices=("fp32", "fp16", "bf16")), "opset": Int(minimum=18, maximum=23),
     "row_scatter": Str(choices=("where", "scatternd")),
-    "target_keep": Float(minimum=0, maximum=1, exclusive_minimum=True)})
+    "target_keep": Float(minimum=0, maximum=1, exclusive_minimum=True)},
+    # filled from the pipeline (absent in folders written before pipelines were read)
+    {"scheduler": Nullable(Obj({"_class_name": Str(), "shift": Float(minimum=0, exclusive_minimum=True)},
+                               extra=True)),
+     "vae_scale_factor": Nullable(Int(minimum=1, maximum=64))})
 _STAGES = {
     "freeze": Obj({**_STAGE, "schedule_hash": Hex(), "buckets": ListOf(_K, min_length=1)},
                   {**_STAGE_OPTIONAL, "summary": Obj({name: Float(minimum=0) for name in (

@@ -16,7 +16,10 @@ from shiva_export.io import sha256_file, sha256_json
 from shiva_export.schema import Int, ListOf, Nullable, Obj, Str, validate
 
 SUPPORTED_CLASSES = ("SD3Transformer2DModel",)
-VAE_SCALE_FACTOR = 8  # SD3/SD3.5 VAEs downsample by 8: image pixels -> latent pixels
+VAE_SCALE_FACTOR = 8  # SD3/SD3.5 VAEs downsample by 8: image pixels -> latent pixels (a folder's VAE may differ)
+SCHEDULER_CLASSES = ("FlowMatchEulerDiscreteScheduler",)   # what StableDiffusion3Pipeline accepts
+CLIP_TOKENS = 77           # CLIP-L/G prompt tokens in SD3's prompt embeddings (the tokenizers' model_max_length)
+T5_TOKENS = 256            # StableDiffusion3Pipeline's default max_sequence_length
 
 
 def preset_names() -> list[str]:
@@ -37,6 +40,27 @@ def shipped_router(name: str) -> str | None:
 
 
 @dataclasses.dataclass(frozen=True)
+class PipelineFacts:
+    """What the pipeline around the transformer decides, and every stage must agree on: the scheduler (its class
+    and config, so freeze and check step through the timesteps the pipeline will), the VAE's scale factor (image
+    pixels per latent pixel) and latent channels, and the text tokens the pipeline feeds. Read from a pipeline
+    folder, declared by a preset; `origin` says which, for messages."""
+
+    scheduler: dict
+    vae_scale_factor: int
+    latent_channels: int
+    context_tokens: int
+    origin: str
+
+    @property
+    def shift(self) -> float:
+        return float(self.scheduler.get("shift", 1.0))
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelSource:
     """Where a backbone came from, and a hash that changes when its weights or config do."""
 
@@ -44,6 +68,7 @@ class ModelSource:
     kind: str  # "preset" | "folder"
     model_hash: str
     defaults: dict
+    facts: PipelineFacts | None = None
 
 
 MAX_JSON_BYTES = 16 << 20  # a config.json beyond this is not a config
@@ -109,6 +134,84 @@ def read_model_config(path: Path) -> dict:
     return config
 
 
+def scheduler_config(config: dict, where: str) -> dict:
+    """A scheduler config (scheduler_config.json, or a preset's) completed with the class's defaults, as JSON.
+
+    Only the flow-matching Euler scheduler that StableDiffusion3Pipeline runs is accepted: freeze must step through
+    exactly the timesteps the pipeline will."""
+    if not isinstance(config, dict) or config.get("_class_name") not in SCHEDULER_CLASSES:
+        name = config.get("_class_name") if isinstance(config, dict) else config
+        raise ConfigError(f"{where}: scheduler class {name!r} is not supported; expected one of {SCHEDULER_CLASSES}")
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    try:
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{where}: the scheduler config does not load ({err})") from None
+    full = {key: value for key, value in dict(scheduler.config).items() if not key.startswith("_")}
+    shift = full.get("shift")
+    if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not shift > 0:
+        raise ConfigError(f"{where}: field shift: expected a number > 0, got {shift!r}")
+    return {"_class_name": SCHEDULER_CLASSES[0], **json.loads(json.dumps(full))}
+
+
+def preset_facts(name: str, preset: dict) -> PipelineFacts:
+    """The pipeline facts a preset declares (`pipeline` in its JSON)."""
+    declared = preset.get("pipeline") or {}
+    return PipelineFacts(scheduler=scheduler_config(declared.get("scheduler"), f"preset {name}"),
+                         vae_scale_factor=int(declared["vae_scale_factor"]),
+                         latent_channels=int(declared["latent_channels"]),
+                         context_tokens=int(declared["context_tokens"]), origin=f"preset {name}")
+
+
+def folder_facts(model_dir: Path, transformer_config) -> PipelineFacts:
+    """Pipeline facts of a model folder: from the pipeline folder around `model_dir` (model_index.json beside
+    transformer/), as StableDiffusion3Pipeline computes them; SD3's defaults for a transformer folder alone."""
+    root = model_dir.parent if (model_dir.parent / "model_index.json").is_file() else model_dir
+    if not (root / "model_index.json").is_file():
+        return PipelineFacts(scheduler=scheduler_config({"_class_name": SCHEDULER_CLASSES[0], "shift": 3.0},
+                                                        str(model_dir)),
+                             vae_scale_factor=VAE_SCALE_FACTOR, latent_channels=int(transformer_config.in_channels),
+                             context_tokens=CLIP_TOKENS + T5_TOKENS,
+                             origin=f"SD3 defaults ({model_dir} is a transformer folder without its pipeline)")
+    index = read_json(root / "model_index.json")
+    if not isinstance(index, dict):
+        raise ConfigError(f"{root / 'model_index.json'}: expected a JSON object")
+
+    def present(component: str) -> bool:
+        entry = index.get(component)
+        return isinstance(entry, list) and len(entry) == 2 and entry[0] is not None and (root / component).is_dir()
+
+    if not present("scheduler"):
+        raise ConfigError(f"{root}: the pipeline folder has no scheduler (expected scheduler/scheduler_config.json)")
+    scheduler = scheduler_config(read_json(root / "scheduler" / "scheduler_config.json"),
+                                 str(root / "scheduler" / "scheduler_config.json"))
+    factor, channels = VAE_SCALE_FACTOR, int(transformer_config.in_channels)
+    if present("vae"):
+        vae_path = root / "vae" / "config.json"
+        vae = read_json(vae_path)
+        blocks = vae.get("block_out_channels") if isinstance(vae, dict) else None
+        if not isinstance(blocks, list) or not blocks:
+            raise ConfigError(f"{vae_path}: field block_out_channels: expected a non-empty list, got {blocks!r}")
+        factor = 2 ** (len(blocks) - 1)  # as StableDiffusion3Pipeline computes vae_scale_factor
+        channels = vae.get("latent_channels", channels)
+        if channels != transformer_config.in_channels:
+            raise ConfigError(f"{vae_path}: field latent_channels: expected the transformer's in_channels "
+                              f"{transformer_config.in_channels}, got {channels!r}")
+    clip = CLIP_TOKENS
+    tokenizer_config = root / "tokenizer" / "tokenizer_config.json"
+    if present("tokenizer") and tokenizer_config.is_file():
+        clip = read_json(tokenizer_config)
+        clip = clip.get("model_max_length", CLIP_TOKENS) if isinstance(clip, dict) else None
+        if isinstance(clip, bool) or not isinstance(clip, int) or not 1 <= clip <= 4096:
+            raise ConfigError(f"{tokenizer_config}: field model_max_length: expected an integer in 1..4096 (CLIP's "
+                              f"77), got {clip!r}")
+    # without T5, StableDiffusion3Pipeline pads with CLIP-length zeros (its tokenizer_max_length)
+    text = clip + (T5_TOKENS if present("text_encoder_3") else clip)
+    return PipelineFacts(scheduler=scheduler, vae_scale_factor=factor, latent_channels=int(channels),
+                         context_tokens=text, origin=f"pipeline folder {root}")
+
+
 def resolve_model_dir(path: Path) -> Path:
     """A pipeline folder (with transformer/) or the transformer folder itself; its config.json is checked."""
     if not path.is_dir():
@@ -141,14 +244,18 @@ def load_transformer(name_or_dir: str, dtype: torch.dtype = torch.float32, devic
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
             torch.manual_seed(preset["seed"])
             model = SD3Transformer2DModel(**preset["config"])
-        source = ModelSource(name_or_dir, "preset", sha256_json(preset), preset["defaults"])
+        facts = preset_facts(name_or_dir, preset)
+        # the hash is the weights' identity (seed + architecture): pipeline facts are not weights, and a router
+        # checkpoint trained before a preset declared them stays valid
+        identity = sha256_json({key: value for key, value in preset.items() if key != "pipeline"})
+        source = ModelSource(name_or_dir, "preset", identity, preset["defaults"], facts)
     else:
         model_dir = resolve_model_dir(path)
         model = load_weights(model_dir, dtype).to(device)
-        cfg = model.config
-        size = cfg.sample_size * VAE_SCALE_FACTOR
-        defaults = {"height": size, "width": size, "context_tokens": 333, "batch": 2}
-        source = ModelSource(str(model_dir), "folder", folder_hash(model_dir), defaults)
+        facts = folder_facts(model_dir, model.config)
+        size = model.config.sample_size * facts.vae_scale_factor
+        defaults = {"height": size, "width": size, "context_tokens": facts.context_tokens, "batch": 2}
+        source = ModelSource(str(model_dir), "folder", folder_hash(model_dir), defaults, facts)
     if type(model).__name__ not in SUPPORTED_CLASSES:
         raise ConfigError(f"model class {type(model).__name__} is not supported; expected {SUPPORTED_CLASSES}")
     if model.dtype != dtype:
@@ -180,26 +287,27 @@ def load_weights(model_dir: Path, dtype: torch.dtype):
     return model
 
 
-def num_image_tokens(config, height: int, width: int) -> int:
+def num_image_tokens(config, height: int, width: int, vae_scale_factor: int = VAE_SCALE_FACTOR) -> int:
     """Image tokens for an image of height x width pixels; refuses sizes the patching cannot tile."""
-    step = VAE_SCALE_FACTOR * config["patch_size"]
+    step = vae_scale_factor * config["patch_size"]
     if height <= 0 or width <= 0 or height % step or width % step:
         raise ConfigError(
-            f"resolution {height}x{width} is not divisible by {step} (VAE factor {VAE_SCALE_FACTOR} x patch size "
+            f"resolution {height}x{width} is not divisible by {step} (VAE factor {vae_scale_factor} x patch size "
             f"{config['patch_size']}); choose e.g. {max(step, height // step * step)}x{max(step, width // step * step)}"
         )
-    latent_max = config["pos_embed_max_size"] * config["patch_size"] * VAE_SCALE_FACTOR
+    latent_max = config["pos_embed_max_size"] * config["patch_size"] * vae_scale_factor
     if height > latent_max or width > latent_max:
         raise ConfigError(f"resolution {height}x{width} exceeds the model's positional table ({latent_max} px)")
     return (height // step) * (width // step)
 
 
 def example_inputs(config, height: int, width: int, batch: int, context_tokens: int, seed: int = 0,
-                   dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+                   dtype: torch.dtype = torch.float32, vae_scale_factor: int = VAE_SCALE_FACTOR
+                   ) -> dict[str, torch.Tensor]:
     """Seeded transformer inputs with the shapes a StableDiffusion3Pipeline feeds."""
-    num_image_tokens(config, height, width)
+    num_image_tokens(config, height, width, vae_scale_factor)
     gen = torch.Generator().manual_seed(seed)
-    lat_h, lat_w = height // VAE_SCALE_FACTOR, width // VAE_SCALE_FACTOR
+    lat_h, lat_w = height // vae_scale_factor, width // vae_scale_factor
     return {
         "hidden_states": torch.randn(batch, config["in_channels"], lat_h, lat_w, generator=gen).to(dtype),
         "encoder_hidden_states": torch.randn(batch, context_tokens, config["joint_attention_dim"], generator=gen).to(dtype),

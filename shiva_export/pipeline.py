@@ -30,7 +30,7 @@ class ArtifactConfig:
     model: str = DEFAULT_MODEL
     router: str | None = None
     steps: int = 28
-    shift: float = 3.0
+    shift: float | None = None        # None: the pipeline's scheduler shift (a preset declares it)
     buckets: int = 4
     align: int | None = None          # None: the preset's default (64; 16 for tiny presets with 256 tokens)
     align_to: str | None = None       # None: the preset's default ("k"); "sequence" / "either" (FreezeConfig)
@@ -43,9 +43,14 @@ class ArtifactConfig:
     opset: int = 23
     row_scatter: str = "where"        # kept rows back into the sequence: Gather + Where, or "scatternd"
     target_keep: float = 0.6          # only used without --router (untrained, uniform policy)
+    # filled by resolve from the pipeline (folder or preset), not options: what freeze, export, check and the
+    # runtime must agree on with the pipeline that will call the engines
+    scheduler: dict | None = None     # the scheduler's config, with `shift` applied
+    vae_scale_factor: int | None = None
 
-    def resolve(self, defaults: dict) -> "ArtifactConfig":
-        """Fill unset (None) options from the model's defaults and validate what can be validated without the model."""
+    def resolve(self, defaults: dict, facts=None) -> "ArtifactConfig":
+        """Fill unset (None) options from the model's defaults and its pipeline facts (models.PipelineFacts), and
+        validate what can be validated without the model. An option that overrides a pipeline fact says so."""
         import math
 
         from shiva_export.export import torch_dtype
@@ -59,10 +64,17 @@ class ArtifactConfig:
                 raise ConfigError(f"{option} {value} must be >= 1")
         if not 18 <= self.opset <= 23:
             raise ConfigError(f"--opset {self.opset} is not supported; expected 18..23 (23 gives fused Attention)")
-        if not (math.isfinite(self.shift) and self.shift > 0):
+        if self.shift is not None and not (math.isfinite(self.shift) and self.shift > 0):
             raise ConfigError(f"--shift {self.shift:g} must be a finite number > 0")
         filled = {name: defaults.get(name) if getattr(self, name) is None else getattr(self, name)
                   for name in ("height", "width", "batch", "context_tokens")}
+        if facts is not None:
+            filled.update(_pipeline_fields(self, facts))
+            if filled["context_tokens"] is None:
+                filled["context_tokens"] = facts.context_tokens
+            elif self.context_tokens is not None and self.context_tokens != facts.context_tokens:
+                log.info("note: --context-tokens %d overrides the %d text tokens of %s", self.context_tokens,
+                         facts.context_tokens, facts.origin)
         filled["align"] = defaults.get("align", 64) if self.align is None else self.align
         filled["align_to"] = defaults.get("align_to", "k") if self.align_to is None else self.align_to
         if self.buckets < 1:
@@ -78,6 +90,14 @@ class ArtifactConfig:
         return dataclasses.replace(self, **filled)
 
     @property
+    def freeze_scheduler(self) -> dict:
+        """The scheduler config freeze steps through (SD3's FlowMatchEuler at `shift` for a config resolved
+        without pipeline facts)."""
+        if self.scheduler is not None:
+            return self.scheduler
+        return {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0 if self.shift is None else self.shift}
+
+    @property
     def cfg_consistent(self) -> bool:
         return bool(self.batch and self.batch % 2 == 0)
 
@@ -86,6 +106,18 @@ class ArtifactConfig:
         if self.router:
             data["router"] = str(Path(self.router).resolve())
         return data
+
+
+def _pipeline_fields(config: ArtifactConfig, facts) -> dict:
+    """scheduler / shift / vae_scale_factor from the pipeline facts, unless the config already holds them (a stored
+    config) or an option overrides them (with a note)."""
+    scheduler = dict(config.scheduler) if config.scheduler is not None else dict(facts.scheduler)
+    shift = float(scheduler.get("shift", facts.shift)) if config.shift is None else float(config.shift)
+    if config.shift is not None and config.scheduler is None and shift != facts.shift:
+        log.info("note: --shift %g overrides the scheduler shift %g of %s", shift, facts.shift, facts.origin)
+    scheduler["shift"] = shift
+    factor = facts.vae_scale_factor if config.vae_scale_factor is None else config.vae_scale_factor
+    return {"scheduler": scheduler, "shift": shift, "vae_scale_factor": factor}
 
 
 class Workspace:
@@ -130,15 +162,19 @@ class Workspace:
         self._config = None
 
     def _load(self):
-        from shiva_export.models import preset_names, read_preset
+        from shiva_export.models import preset_facts, preset_names, read_preset
         from shiva_export.pruned import load_pruned_model
 
         is_preset = self._given.model in preset_names()
-        config = self._given.resolve(read_preset(self._given.model)["defaults"] if is_preset else {})
+        if is_preset:  # options are checked before the model is built
+            preset = read_preset(self._given.model)
+            config = self._given.resolve(preset["defaults"], preset_facts(self._given.model, preset))
+        else:
+            config = self._given.resolve({})
         pruned = load_pruned_model(config.model, config.router, target_keep=config.target_keep,
                                    cfg_consistent=bool(config.batch and config.batch % 2 == 0))
-        if not is_preset:  # a folder's defaults come from its config (sample size); CFG follows the batch
-            config = self._given.resolve(pruned.source.defaults)
+        if not is_preset:  # a folder's defaults come from its config and pipeline; CFG follows the batch
+            config = self._given.resolve(pruned.source.defaults, pruned.source.facts)
             pruned.state.config = dataclasses.replace(pruned.state.config, cfg_consistent=config.cfg_consistent)
         self._config, self._pruned = config, pruned
 
@@ -241,15 +277,17 @@ def run_freeze(ws: Workspace, force: bool = False) -> bool:
     from shiva_export.passes.freeze import FreezeConfig, freeze
 
     cfg = ws.config
-    freeze_cfg = FreezeConfig(num_steps=cfg.steps, shift=cfg.shift, align=cfg.align, align_to=cfg.align_to,
+    freeze_cfg = FreezeConfig(num_steps=cfg.steps, shift=cfg.freeze_scheduler["shift"],
+                              scheduler=cfg.freeze_scheduler, align=cfg.align, align_to=cfg.align_to,
                               k_min=cfg.k_min, max_buckets=cfg.buckets, dense_layers=ws.pruned.policy.dense_layers)
-    inputs = sha256_json({"freeze": freeze_cfg.to_json(), "size": [cfg.height, cfg.width, cfg.batch, cfg.context_tokens],
+    inputs = sha256_json({"freeze": freeze_cfg.to_json(), "size": [cfg.height, cfg.width, cfg.batch, cfg.context_tokens,
+                                                                   cfg.vae_scale_factor],
                           **model_identity(ws)})
     if not force and ws.manifest.is_fresh("freeze", inputs):
         log.info("freeze: schedule.json is up to date, reused")
         return False
     schedule = freeze(ws.pruned.policy.ratios, ws.pruned.config, cfg.height, cfg.width, cfg.batch,
-                      cfg.context_tokens, freeze_cfg, **model_identity(ws))
+                      cfg.context_tokens, freeze_cfg, **model_identity(ws), vae_scale_factor=cfg.vae_scale_factor)
     previous = ws.manifest.stage("freeze") or {}
     if previous.get("schedule_hash") == schedule.schedule_hash and ws.manifest.is_fresh("freeze", inputs):
         log.info("freeze: the same schedule again; schedule.json and the later stages are kept")
@@ -275,7 +313,8 @@ def run_export(ws: Workspace, force: bool = False, progress=None) -> bool:
     cfg = ws.config
     schedule = ws.schedule()
     export_cfg = ExportConfig(cfg.height, cfg.width, cfg.batch, cfg.context_tokens, cfg.dtype, cfg.opset,
-                              debug_indices=True, row_scatter=cfg.row_scatter)
+                              debug_indices=True, row_scatter=cfg.row_scatter,
+                              vae_scale_factor=cfg.vae_scale_factor)
     transformer_config = recorded_transformer_config(ws.pruned.config)
     inputs = sha256_json({"schedule": schedule.schedule_hash, "export": dataclasses.asdict(export_cfg),
                           "transformer_config": transformer_config, **model_identity(ws)})
@@ -337,7 +376,7 @@ def start(root: str | Path, config: ArtifactConfig) -> Workspace:
     try:
         ws = Workspace(root, config)
         resolved = ws.config.to_json()  # every option checked (and the model loaded) before anything is written
-        num_image_tokens(ws.pruned.config, ws.config.height, ws.config.width)
+        num_image_tokens(ws.pruned.config, ws.config.height, ws.config.width, ws.config.vae_scale_factor)
     except BaseException:
         _remove_if_unused(created)
         raise

@@ -39,8 +39,8 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 from shiva_export.errors import ArtifactError, ConfigError, InputError, NonFiniteError, StaleArtifactError
 from shiva_export.export import INPUT_NAMES, OUTPUT_NAME, ExportConfig, torch_dtype
-from shiva_export.models import VAE_SCALE_FACTOR
 from shiva_export.pipeline import Workspace, check_export_matches_schedule, recorded_transformer_config
+from shiva_export.passes.freeze import scheduler_text
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +70,11 @@ class StaticInputs:
     @property
     def dtype(self) -> torch.dtype:
         return torch_dtype(self.precision)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Image pixels per latent pixel of the pipeline the graphs were exported for."""
+        return self.height // self.shapes["hidden_states"][2]
 
     def describe(self) -> str:
         lat_h, lat_w = self.shapes["hidden_states"][2:]
@@ -109,7 +114,8 @@ class StaticInputs:
         if len(shape) != len(expected):
             return problem
         if name == "hidden_states" and shape[2:] != expected[2:]:
-            pixels = f"{shape[2] * VAE_SCALE_FACTOR}x{shape[3] * VAE_SCALE_FACTOR}"
+            factor = self.vae_scale_factor
+            pixels = f"{shape[2] * factor}x{shape[3] * factor}"
             problem += f" (a {pixels} px image; call the pipeline with height={self.height}, width={self.width})"
         if name == "encoder_hidden_states" and shape[1] != expected[1]:
             problem += (f" ({shape[1]} text tokens; pass prompt embeddings of {expected[1]} tokens: SD3's encoders "
@@ -134,7 +140,7 @@ def _pipeline_config(transformer_config: dict, inputs: StaticInputs) -> FrozenDi
     """
     config = dict(transformer_config)
     if inputs.height == inputs.width:
-        config["sample_size"] = inputs.height // VAE_SCALE_FACTOR
+        config["sample_size"] = inputs.height // inputs.vae_scale_factor
     return FrozenDict(config)
 
 
@@ -171,7 +177,8 @@ class _BucketedTransformer(torch.nn.Module):
         except ConfigError as err:
             cfg = self.schedule.freeze_config
             raise ConfigError(f"{self.root}: {err}. Call StableDiffusion3Pipeline with num_inference_steps="
-                              f"{cfg.num_steps} and a FlowMatchEulerDiscreteScheduler(shift={cfg.shift:g})") from err
+                              f"{cfg.num_steps} and the scheduler the artifact was frozen for "
+                              f"({scheduler_text(cfg)})") from err
         if len(buckets) != 1:
             raise InputError(f"{self.root}: the batch's timesteps {values} fall in buckets {sorted(buckets)}; expected "
                              "one sampler step per call (every sample at the same timestep)")
@@ -397,8 +404,8 @@ def load_pruned_reference(folder: str | Path, check_finite: bool = False) -> Pru
                                  f"schedule.json was frozen from; re-run "
                                  f"`python -m shiva_export export --out {ws.root}`")
     cfg = ws.config
-    inputs = StaticInputs.from_export(ExportConfig(cfg.height, cfg.width, cfg.batch, cfg.context_tokens, cfg.dtype),
-                                      ws.pruned.config)
+    inputs = StaticInputs.from_export(ExportConfig(cfg.height, cfg.width, cfg.batch, cfg.context_tokens, cfg.dtype,
+                                                   vae_scale_factor=cfg.vae_scale_factor), ws.pruned.config)
     pruned = ws.pruned if inputs.dtype == torch.float32 else ws.pruned.to_dtype(inputs.dtype)
     reference = PrunedReferenceTransformer(ws.root, schedule, inputs, pruned)
     reference.check_finite = check_finite

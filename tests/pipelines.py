@@ -56,7 +56,7 @@ def _t5_tokenizer():
 
 
 def sd3_components(num_layers: int = 2, sd35: bool = False, vae_levels: int = 1,
-                   shift: float | None = None, seed: int = 0) -> dict:
+                   shift: float | None = None, seed: int = 0, **scheduler_options) -> dict:
     """The pipeline's components, at diffusers' tiny test sizes."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
@@ -84,7 +84,7 @@ def sd3_components(num_layers: int = 2, sd35: bool = False, vae_levels: int = 1,
                             up_block_types=("UpDecoderBlock2D",) * vae_levels, layers_per_block=1,
                             latent_channels=4, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
                             shift_factor=0.0609, scaling_factor=1.5035)
-    scheduler = FlowMatchEulerDiscreteScheduler() if shift is None else FlowMatchEulerDiscreteScheduler(shift=shift)
+    scheduler = FlowMatchEulerDiscreteScheduler(**({} if shift is None else {"shift": shift}), **scheduler_options)
     tokenizer = _clip_tokenizer()
     return {"scheduler": scheduler, "text_encoder": text_encoder.eval(), "text_encoder_2": text_encoder_2.eval(),
             "text_encoder_3": text_encoder_3.eval(), "tokenizer": tokenizer, "tokenizer_2": tokenizer,

@@ -23,7 +23,9 @@ def add_artifact_args(parser: argparse.ArgumentParser) -> None:
                             f"(without --router; default {ArtifactConfig.target_keep} where no router ships)")
     freeze = parser.add_argument_group("freeze", "turning learned ratios into fixed k")
     freeze.add_argument("--steps", type=int, default=ArtifactConfig.steps, help="sampler steps")
-    freeze.add_argument("--shift", type=float, default=ArtifactConfig.shift, help="flow-matching scheduler shift")
+    freeze.add_argument("--shift", type=float, default=None,
+                        help="flow-matching scheduler shift (default: the pipeline folder's scheduler config; 3.0, "
+                             "SD3's, for presets and bare transformer folders)")
     freeze.add_argument("--buckets", type=int, default=ArtifactConfig.buckets, help="most static graphs (k-vectors)")
     freeze.add_argument("--align", type=int, default=None, help="round k up to a multiple of this (default 64)")
     freeze.add_argument("--align-to", choices=("k", "sequence", "either"), default=None,
@@ -34,7 +36,8 @@ def add_artifact_args(parser: argparse.ArgumentParser) -> None:
     shape.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
     shape.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
     shape.add_argument("--batch", type=int, default=None, help="transformer batch; 2 = one image with CFG")
-    shape.add_argument("--context-tokens", type=int, default=None, help="text tokens (333 for SD3.5)")
+    shape.add_argument("--context-tokens", type=int, default=None,
+                       help="text tokens (default: the pipeline's: 77 CLIP + 256 T5 = 333 for SD3/SD3.5)")
     shape.add_argument("--dtype", default=ArtifactConfig.dtype, help="fp32, fp16 or bf16")
     shape.add_argument("--opset", type=int, default=ArtifactConfig.opset, help="ONNX opset (18..23)")
     shape.add_argument("--row-scatter", choices=("where", "scatternd"), default=ArtifactConfig.row_scatter,

@@ -8,8 +8,10 @@ the dense graph for all steps. Statistics per row: mean / P50 / P95 / P99 in ms.
 of P50s (robust to stragglers); the FLOP-bound speedup is dense FLOPs / pruned FLOPs from the schedule
 (`shiva_export.flops`: routers included, element-wise work excluded), i.e. what perfect scaling would give.
 
-Clocks: `time.perf_counter` around synchronous calls on the CPU; CUDA events on the GPU (torch's current stream;
-ORT CUDA is given that stream as its compute stream and runs with IO binding on preallocated device buffers).
+Clocks: `time.perf_counter` around synchronous calls on the CPU; on the GPU the same wall clock between device
+synchronizations, so work on any stream counts (ORT CUDA runs with IO binding on preallocated device buffers, as
+one CUDA graph per session where the graph allows). Per-step rows go on past `runs` until `min_seconds` of samples
+are taken, and the loop's P50 is compared with the sum of its steps' P50s (a warning beyond 15%).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ BENCH_STAGE = "bench"
 BENCH_JSON = "bench.json"
 BENCH_MD = "bench.md"
 SCHEMA = "shiva.bench/1"
+LOOP_AGREEMENT = 0.15   # a loop P50 further than this from the sum of its steps' P50s is reported
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +50,9 @@ class BenchConfig:
     runs: int = 20
     loop_runs: int = 3
     seed: int = 0
+    # per-step rows: warm-up and timed rounds go on past `warmup` / `runs` until each phase has lasted this long, so
+    # a fast graph gets enough samples for a stable P50 and a GPU has left its first-call and clock-ramp behaviour
+    min_seconds: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("warmup", "runs", "loop_runs", "seed"):
@@ -54,6 +60,9 @@ class BenchConfig:
             minimum = 1 if name in ("runs", "loop_runs") else 0
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ConfigError(f"--{name.replace('_', '-')} {value!r} must be an integer >= {minimum}")
+        value = self.min_seconds
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 600:
+            raise ConfigError(f"--min-seconds {value!r} must be a number in [0, 600]")
 
     def to_json(self) -> dict:
         return {"schema": 1, **dataclasses.asdict(self)}
@@ -87,7 +96,7 @@ class BenchRow:
     scope: str          # "bucket 0", ..., "loop"
     steps: int          # transformer calls per timed run
     flops: int          # per timed run
-    clock: str          # "perf_counter" | "cuda_event"
+    clock: str          # "perf_counter" | "cuda_sync" (wall clock between device synchronizations)
     timing: Timing
     device: str = "cpu"  # where the backend computes: "cpu" | "cuda"
 
@@ -192,16 +201,19 @@ class _Target:
 
 
 class _CudaEvents:
+    """GPU timing: the device is synchronized before and after the call and the wall clock read between, so work on
+    any stream counts (ONNX Runtime may not run on torch's current stream; events on that stream would then time
+    only the launches). Costs tens of microseconds against steps of milliseconds."""
+
     def timer(self):
         import torch
 
         def measure(fn: Callable[[], None]) -> float:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+            torch.cuda.synchronize()
+            start = time.perf_counter()
             fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end)
+            torch.cuda.synchronize()
+            return (time.perf_counter() - start) * 1e3
 
         return measure
 
@@ -233,20 +245,22 @@ class _RunnerTarget(_Target):
 
 
 class _OrtCudaTarget(_CudaEvents, _Target):
-    """ORT CUDA EP with IO binding on torch-allocated device buffers, on torch's current stream."""
+    """ORT CUDA EP with IO binding on torch-allocated device buffers: each bucket session captured as one ORT CUDA
+    graph (`enable_cuda_graph`) where the graph allows, else run on torch's current stream."""
 
-    clock = "cuda_event"
+    clock = "cuda_sync"
     device = "cuda"
 
-    def __init__(self, ws, keys: Sequence):
+    def __init__(self, ws, keys: Sequence, cuda_graph: bool = True):
         import torch
 
         from shiva_export.engines.runners import OnnxGraphs
 
-        self.name = "onnxruntime-cuda"
+        self.name = "onnxruntime-cuda-graph" if cuda_graph else "onnxruntime-cuda"
         stream = torch.cuda.current_stream().cuda_stream
-        engines = OnnxGraphs(ws, "cuda", provider_options={"user_compute_stream": str(stream),
-                                                           "has_user_compute_stream": "1"}, share_weights=False)
+        options = ({"enable_cuda_graph": "1"} if cuda_graph else
+                   {"user_compute_stream": str(stream), "has_user_compute_stream": "1"})
+        engines = OnnxGraphs(ws, "cuda", provider_options=options, share_weights=False)
         self.inner = _RunnerTarget(engines, keys)
         self.keep: list = []
 
@@ -269,6 +283,7 @@ class _OrtCudaTarget(_CudaEvents, _Target):
             tensor = torch.empty(output.shape, dtype=getattr(torch, np.dtype(dtype).name), device="cuda")
             self.keep.append(tensor)
             binding.bind_output(output.name, "cuda", 0, dtype, list(output.shape), tensor.data_ptr())
+        session.run_with_iobinding(binding)   # with enable_cuda_graph: the capture (a first run precedes it)
         session.run_with_iobinding(binding)
         return lambda: session.run_with_iobinding(binding)
 
@@ -279,7 +294,7 @@ class _OrtCudaTarget(_CudaEvents, _Target):
 class _TorchTarget(_CudaEvents, _Target):
     """The PyTorch static-mode model on the GPU: eager, or one CUDA graph per bucket (and the dense model)."""
 
-    clock = "cuda_event"
+    clock = "cuda_sync"
     device = "cuda"
 
     def __init__(self, ws, schedule, dtype: str, cuda_graph: bool):
@@ -350,11 +365,17 @@ def _time_target(target: _Target, schedule, feeds, config: BenchConfig, dense_fl
     first = {b.index: b.steps[0] for b in schedule.buckets}
     calls = {key: target.prepare(key, feeds[first.get(key, 0)]) for key in keys}
     samples: dict = {key: [] for key in keys}
-    for run in range(config.warmup + config.runs):
-        for key in keys:                               # interleaved: drift hits dense and pruned alike
-            elapsed = measure(calls[key])
-            if run >= config.warmup:
-                samples[key].append(elapsed)
+    for phase, rounds in (("warmup", config.warmup), ("timed", config.runs)):
+        spent, done = 0.0, 0
+        while done < rounds or spent < config.min_seconds * 1e3:
+            for key in keys:                           # interleaved: drift hits dense and pruned alike
+                elapsed = measure(calls[key])
+                spent += elapsed
+                if phase == "timed":
+                    samples[key].append(elapsed)
+            done += 1
+            if done >= 100 * max(rounds, 1):           # a phase of very fast graphs still ends
+                break
 
     # The loop: each step on its bucket's engine (dense: the dense graph every step). The inputs stay those of the
     # bucket's first step: values do not change the work of a static graph.
@@ -368,6 +389,14 @@ def _time_target(target: _Target, schedule, feeds, config: BenchConfig, dense_fl
                 loops[variant].append(elapsed)
 
     name, clock, device = target.name, target.clock, target.device
+    for variant, fns in loop_fns.items():              # the loop and the per-step rows must tell one story
+        steps = [("dense" if variant == "dense" else schedule.step_to_bucket[i]) for i in range(schedule.num_steps)]
+        expected = sum(statistics.median(samples[key]) for key in steps)
+        got = statistics.median(loops[variant])
+        if abs(got / expected - 1) > LOOP_AGREEMENT:
+            logger.warning("bench: %s %s loop P50 %.1f ms differs by %+.0f%% from the sum of its steps' P50s "
+                           "(%.1f ms); the per-step rows may not be representative", name, variant, got,
+                           100 * (got / expected - 1), expected)
     rows = [BenchRow(name, "dense", "step", 1, dense_flops, clock, Timing.of(samples["dense"]), device)]
     for bucket in schedule.buckets:
         rows.append(BenchRow(name, "pruned", f"bucket {bucket.index}", 1, bucket.flops_per_step, clock,
@@ -401,40 +430,57 @@ def _speed_options(name: str) -> dict:
     return {}
 
 
-def _targets(ws, schedule, cfg, backends: Sequence[str] | None) -> list[tuple[str, Callable[[], _Target]]]:
-    """(name, lazy maker) per target: the named engine sets, or the default set for this machine."""
-    import torch
+TORCH_TARGETS = ("torch-cudagraph", "torch-eager")
+ORT_CUDA_TARGETS = ("onnxruntime-cuda-graph", "onnxruntime-cuda")
 
+
+def default_targets(device: str) -> list[str]:
+    """What bench times by default: on a GPU, the PyTorch static model as a CUDA graph and eager, and the ONNX
+    graphs on ORT's CUDA EP as a CUDA graph (falling back to plain CUDA EP runs where a graph cannot be captured);
+    on the CPU, the ONNX graphs on ORT's CPU provider."""
+    return [*TORCH_TARGETS, ORT_CUDA_TARGETS[0]] if device == "cuda" else ["onnxruntime"]
+
+
+def _targets(ws, schedule, cfg, backends: Sequence[str] | None, device: str
+             ) -> list[tuple[str, Callable[[], _Target]]]:
+    """(name, lazy maker) per target: the named ones, or the default set for the device."""
     from shiva_export.engines.runners import get_engine_set
 
     keys = ["dense", *[b.index for b in schedule.buckets]]
-    if backends:
-        return [(name, lambda name=name: _RunnerTarget(get_engine_set(name, ws, **_speed_options(name)), keys))
-                for name in backends]
-    makers = [("onnxruntime", lambda: _RunnerTarget(get_engine_set("onnxruntime", ws, share_weights=False), keys))]
-    if torch.cuda.is_available():
-        makers += [("torch-eager", lambda: _TorchTarget(ws, schedule, cfg.dtype, cuda_graph=False)),
-                   ("torch-cudagraph", lambda: _TorchTarget(ws, schedule, cfg.dtype, cuda_graph=True)),
-                   ("onnxruntime-cuda", lambda: _OrtCudaTarget(ws, keys))]
+    makers = []
+    for name in (backends or default_targets(device)):
+        if name in TORCH_TARGETS:
+            if device != "cuda":
+                raise BackendUnavailableError(f"bench target {name} runs on a CUDA GPU; this run's device is {device}")
+            makers.append((name, lambda name=name: _TorchTarget(ws, schedule, cfg.dtype, name == TORCH_TARGETS[0])))
+        elif name in ORT_CUDA_TARGETS or (name == "onnxruntime" and device == "cuda"):
+            graph = name != ORT_CUDA_TARGETS[1]
+            makers.append((name, lambda graph=graph: _OrtCudaTarget(ws, keys, graph)))
+        else:
+            makers.append((name, lambda name=name: _RunnerTarget(
+                get_engine_set(name, ws, device=device, **_speed_options(name)), keys)))
     return makers
 
 
 def run_bench(ws, config: BenchConfig | None = None, backends: Sequence[str] | None = None, *,
-              runs: int | None = None, force: bool = False) -> BenchReport:
+              runs: int | None = None, force: bool = False, device: str | None = None) -> BenchReport:
     """Time dense vs pruned per bucket and for the whole loop on every available backend; write bench.json/.md.
 
     Args:
         config: warm-up, runs, loop runs, seed (default `BenchConfig()`); `runs` overrides config.runs.
-        backends: engine set names (`engines.runners`); default: ONNX Runtime CPU on the exported graphs, plus on a
-            CUDA machine torch eager, torch CUDA graph and (if onnxruntime-gpu is installed) ORT CUDA.
+        backends: engine set names (`engines.runners`) or torch-cudagraph / torch-eager / onnxruntime-cuda-graph /
+            onnxruntime-cuda; default: `default_targets(device)`.
         force: measure again even if bench.json is fresh (same graphs, device, config and backends).
+        device: "cpu" | "cuda" (default: the CUDA GPU if torch sees one).
 
     A backend that cannot run here (no CUDA EP) is recorded in `skipped` with its reason; a named one raises.
     """
+    from shiva_export.engines.backends.base import compute_device
     from shiva_export.engines.runners import library_versions
     from shiva_export.engines.trajectory import export_config
     from shiva_export.io import sha256_json, write_bytes, write_json
 
+    device = compute_device(device)
     config = config or BenchConfig()
     if runs is not None:
         config = dataclasses.replace(config, runs=runs)
@@ -445,7 +491,8 @@ def run_bench(ws, config: BenchConfig | None = None, backends: Sequence[str] | N
     if not dense_record:
         raise ConfigError(f"{ws.root}: the export has no dense.onnx baseline; re-export with this version")
     inputs = sha256_json({"graphs": [g["sha256"] for g in graphs], "dense": dense_record["sha256"],
-                          "config": config.to_json(), "device": device_facts(), "backends": list(backends or []),
+                          "config": config.to_json(), "device": device_facts(), "run_on": device,
+                          "backends": list(backends or []),
                           "versions": library_versions()})
     if not force and ws.manifest.is_fresh(BENCH_STAGE, inputs):
         logger.info("bench: bench.json is up to date for these graphs, device and settings, reused (--force re-runs)")
@@ -454,7 +501,7 @@ def run_bench(ws, config: BenchConfig | None = None, backends: Sequence[str] | N
     dense_flops = schedule.summary.dense_flops_per_step
     rows: list[BenchRow] = []
     skipped: list[dict] = []
-    for name, make in _targets(ws, schedule, cfg, backends):
+    for name, make in _targets(ws, schedule, cfg, backends, device):
         try:
             target = make()
         except BackendUnavailableError as err:
@@ -464,8 +511,17 @@ def run_bench(ws, config: BenchConfig | None = None, backends: Sequence[str] | N
             logger.info("bench: %s skipped: %s", name, err)
             continue
         try:
-            logger.info("bench: %s (%d warm-up + %d runs per step, %d loops)", target.name, config.warmup,
-                        config.runs, config.loop_runs)
+            logger.info("bench: %s (>= %d warm-up + >= %d runs per step and >= %g s each, %d loops)", target.name,
+                        config.warmup, config.runs, config.min_seconds, config.loop_runs)
+            rows += _time_target(target, schedule, feeds, config, dense_flops, schedule.summary.dense_flops_total)
+        except Exception as err:  # noqa: BLE001 - ORT refuses a CUDA graph with nodes off the CUDA EP at capture
+            if target.name != ORT_CUDA_TARGETS[0]:
+                raise
+            reason = " ".join(str(err).split())[:300]
+            logger.warning("bench: ORT could not capture the graphs as CUDA graphs (%s); timing CUDA EP runs", reason)
+            skipped.append({"backend": target.name, "reason": reason})
+            target.close()
+            target = _OrtCudaTarget(ws, ["dense", *[b.index for b in schedule.buckets]], cuda_graph=False)
             rows += _time_target(target, schedule, feeds, config, dense_flops, schedule.summary.dense_flops_total)
         finally:
             target.close()
@@ -510,7 +566,8 @@ def render_markdown(data: Mapping[str, Any]) -> str:
          f"CPU: {device['cpu']} ({device['cpu_count']} CPUs)" if device.get("kind") == "cuda"
          else f"Device: **{device['name']}** ({device['cpu_count']} CPUs)"),
         f"Versions: {versions}",
-        f"Runs: {cfg['warmup']} warm-up + {cfg['runs']} timed calls per step row (dense and buckets interleaved), "
+        f"Runs: at least {cfg['warmup']} warm-up + {cfg['runs']} timed calls per step row (dense and buckets "
+        f"interleaved; each phase goes on until it has lasted {cfg.get('min_seconds', 0):g} s), "
         f"1 warm-up + {cfg['loop_runs']} timed loops of {art['steps']} steps. Times in ms. ONNX Runtime sessions "
         "load their own (prepacked) weights.",
         "",

@@ -410,7 +410,7 @@ def check_full_trajectory(engines, ws, trajectory, gate: Gate) -> TrajectoryResu
 
 
 def run_check(ws, backends: Sequence[Any] = ("onnxruntime",), config: CheckConfig = CheckConfig(),
-              force: bool = False) -> CheckReport:
+              force: bool = False, device: str | None = None) -> CheckReport:
     """Check every bucket engine of `ws` (and the whole loop) against the PyTorch static-mode model.
 
     Args:
@@ -419,20 +419,24 @@ def run_check(ws, backends: Sequence[Any] = ("onnxruntime",), config: CheckConfi
             ...) or `EngineSet` objects.
         config: seed, guidance scale, whether to run the whole loop.
         force: re-run even if check.json is fresh for these inputs.
+        device: where the PyTorch reference and ONNX Runtime run ("cpu" | "cuda"; default: the CUDA GPU if torch
+            sees one). On "cuda" the ONNX Runtime sets run on its CUDA execution provider.
 
     Writes ``check.json``, ``check/bucket{i}/{inputs.json, reference.json, inputs/, reference/, outputs-*.json}``
     and ``check/repro.sh`` atomically, then records the ``check`` stage in the manifest. Returns the report; its
     truth value is whether every gate passed.
     """
+    from shiva_export.engines.backends.base import compute_device
     from shiva_export.engines.runners import get_engine_set, library_versions
     from shiva_export.engines.trajectory import capture_trajectory, export_config, save_bucket_data
     from shiva_export.io import atomic_directory, sha256_json, write_json
 
+    device = compute_device(device)
     schedule = ws.schedule()
     cfg = export_config(ws)
     if not backends:
         raise ConfigError("check needs at least one backend")
-    engine_sets = [get_engine_set(b, ws) if isinstance(b, str) else b for b in backends]
+    engine_sets = [get_engine_set(b, ws, device=device) if isinstance(b, str) else b for b in backends]
     names = [e.name for e in engine_sets]
     if len(set(names)) != len(names):
         raise ConfigError(f"backend given twice: {names}")
@@ -440,13 +444,14 @@ def run_check(ws, backends: Sequence[Any] = ("onnxruntime",), config: CheckConfi
     versions = library_versions()
     # The export's inputs hash covers the schedule, the shapes and the model/checkpoint identity of the reference.
     inputs = sha256_json({"engines": {e.name: e.identity() for e in engine_sets}, "config": config.to_json(),
+                          "device": device,
                           "export": ws.manifest.require("export").get("inputs_hash"), "schedule": schedule.schedule_hash,
                           "gates": [gate.to_json(), trajectory_gate.to_json()], "versions": versions})
     if not force and ws.manifest.is_fresh(CHECK_STAGE, inputs):
         logger.info("check: check.json is up to date for these engines and seed, reused (--force to re-run)")
         return CheckReport.from_json(json.loads(ws.path(CHECK_FILE).read_text()), reused=True)
 
-    trajectory = capture_trajectory(ws, config.seed, config.guidance_scale)
+    trajectory = capture_trajectory(ws, config.seed, config.guidance_scale, device=device)
     bucket_results, trajectory_results = [], []
     with ws.manifest.writing():
         with atomic_directory(ws.path(CHECK_DIR)) as tmp:
@@ -466,7 +471,8 @@ def run_check(ws, backends: Sequence[Any] = ("onnxruntime",), config: CheckConfi
         for bucket in schedule.buckets:
             files += [ws.path(f"{CHECK_DIR}/bucket{bucket.index}/{n}") for n in ("inputs.json", "reference.json")]
         ws.manifest.set_stage(CHECK_STAGE, {"files": [ws.manifest.file_record(p) for p in files],
-                                            "backends": names, "config": config.to_json(), "passed": bool(report),
+                                            "backends": names, "device": device, "config": config.to_json(),
+                                            "passed": bool(report),
                                             "failures": report.failures}, inputs)
         ws.manifest.save()
     for failure in report.failures:

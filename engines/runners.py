@@ -288,9 +288,14 @@ class BuiltEngines(EngineSet):
         return files
 
 
-def get_engine_set(name: str, ws, **kwargs: Any) -> EngineSet:
-    """The engine set `name` (see the module docstring) of artifact folder `ws`."""
+def get_engine_set(name: str, ws, device: str = "cpu", **kwargs: Any) -> EngineSet:
+    """The engine set `name` (see the module docstring) of artifact folder `ws`; device "cuda" runs the ONNX Runtime
+    sets (`onnxruntime`, `ort`) on its CUDA execution provider."""
     name = _ALIASES.get(name, name)
+    if name == "onnxruntime" and device == "cuda":
+        name = "onnxruntime-cuda"
+    if name == "ort" and device == "cuda":
+        kwargs.setdefault("provider", "cuda")
     if name == "onnxruntime":
         return OnnxGraphs(ws, "cpu", **kwargs)
     if name == "onnxruntime-cuda":

@@ -121,21 +121,28 @@ def _to_torch(array: np.ndarray):
 
 
 @contextlib.contextmanager
-def _model_in_dtype(pruned, dtype_name: str) -> Iterator[None]:
-    """Run the backbone in the export dtype (routers stay fp32, as exported); restore fp32 even on error."""
+def _model_in_dtype(pruned, dtype_name: str, device: str = "cpu") -> Iterator[None]:
+    """Run the backbone in the export dtype (routers stay fp32, as exported) on `device`; restore fp32 on the CPU
+    even on error. An fp32 reference on a GPU runs without TF32 (cuDNN convolutions default to it)."""
     import torch
 
     from shiva_export.export import torch_dtype
 
     dtype = torch_dtype(dtype_name)
-    if dtype == torch.float32:
-        yield
-        return
-    pruned.to_dtype(dtype)
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    if dtype != torch.float32:
+        pruned.to_dtype(dtype)
     try:
+        if device != "cpu":
+            pruned.transformer.to(device)
+            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
         yield
     finally:
-        pruned.to_dtype(torch.float32)
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+        if device != "cpu":
+            pruned.transformer.to("cpu")
+        if dtype != torch.float32:
+            pruned.to_dtype(torch.float32)
 
 
 def _scheduler(schedule):
@@ -213,8 +220,9 @@ def denoise(step_fn: StepFn, schedule, cfg, latents: np.ndarray, conditioning: M
     return _to_numpy(current, latents.dtype)
 
 
-def capture_trajectory(ws, seed: int = 0, guidance_scale: float = DEFAULT_GUIDANCE_SCALE) -> Trajectory:
-    """Run the sampler with the PyTorch pruned model in static mode and record every step.
+def capture_trajectory(ws, seed: int = 0, guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+                       device: str = "cpu") -> Trajectory:
+    """Run the sampler with the PyTorch pruned model in static mode on `device` and record every step.
 
     Each step calls ``StaticBucket(transformer, bucket.k, debug_indices=True)`` (the module the graphs were traced
     from) pinned to its bucket's k vector, in the export dtype, so its outputs and kept indices are the reference
@@ -236,7 +244,7 @@ def capture_trajectory(ws, seed: int = 0, guidance_scale: float = DEFAULT_GUIDAN
     def step_fn(step: int, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         bucket = schedule.step_to_bucket[step]
         with torch.inference_mode():
-            result = modules[bucket](**{name: _to_torch(value) for name, value in feed.items()})
+            result = modules[bucket](**{name: _to_torch(value).to(device) for name, value in feed.items()})
         result = result if isinstance(result, tuple) else (result,)
         out_dtype = latents.dtype
         return {name: (_to_numpy(value, out_dtype) if name == "sample" else value.cpu().numpy().astype(np.int64))
@@ -247,9 +255,10 @@ def capture_trajectory(ws, seed: int = 0, guidance_scale: float = DEFAULT_GUIDAN
                                   dict(feed), dict(outputs)))
 
     scale = float(guidance_scale) if cfg.batch % 2 == 0 else 1.0
-    with _model_in_dtype(pruned, cfg.dtype):
+    with _model_in_dtype(pruned, cfg.dtype, device):
         final = denoise(step_fn, schedule, cfg, latents, conditioning, scale, on_step)
-    logger.info("captured a %d-step trajectory (seed %d, guidance %.1f, %s)", len(records), seed, scale, cfg.dtype)
+    logger.info("captured a %d-step trajectory (seed %d, guidance %.1f, %s, %s)", len(records), seed, scale,
+                cfg.dtype, device)
     return Trajectory(seed=int(seed), guidance_scale=scale, dtype=cfg.dtype, steps=tuple(records),
                       initial_latents=latents, final_latents=final, conditioning=dict(conditioning))
 

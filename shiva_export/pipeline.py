@@ -520,6 +520,8 @@ class BuildResult:
     check: object = None
     bench: object = None
     not_run: list[str] = dataclasses.field(default_factory=list)
+    device: str = "cpu"
+    seconds: dict[str, float] = dataclasses.field(default_factory=dict)   # wall time per stage, in pipeline order
 
     @property
     def passed(self) -> bool:
@@ -529,44 +531,62 @@ class BuildResult:
         return self.passed
 
 
-def build(ws: Workspace, backends: list[str], runs: int = 5, force: bool = False, progress=True) -> BuildResult:
-    """freeze -> export -> lint -> engines -> check -> bench -> report, each reused when its inputs are unchanged."""
+def build(ws: Workspace, backends: list[str], runs: int = 5, force: bool = False, progress=True,
+          device: str | None = None) -> BuildResult:
+    """freeze -> export -> lint -> engines -> check -> bench -> report, each reused when its inputs are unchanged.
+
+    device: where check and bench run the PyTorch reference and ONNX Runtime ("cpu" | "cuda"; default: the CUDA GPU
+    when torch sees one). Each stage's wall time is kept in `BuildResult.seconds`."""
+    import time
+
     from tqdm import tqdm
 
-    result = BuildResult()
+    from shiva_export.engines.backends.base import compute_device
 
-    def note(stage: str, ran: bool) -> None:
+    device = compute_device(device)
+    result = BuildResult(device=device)
+
+    def note(stage: str, ran: bool, started: float) -> None:
         (result.ran if ran else result.reused).append(stage)
+        result.seconds[stage] = round(time.perf_counter() - started, 2)
 
-    note("freeze", run_freeze(ws, force=force))
+    started = time.perf_counter()
+    note("freeze", run_freeze(ws, force=force), started)
     schedule = ws.schedule()
+    started = time.perf_counter()
     with tqdm(total=len(schedule.buckets) + 1, desc="export", unit="graph", disable=not progress or None) as bar:
-        note("export", run_export(ws, force=force, progress=bar))
+        note("export", run_export(ws, force=force, progress=bar), started)
+    started = time.perf_counter()
     reports = run_lint(ws, force=force)
+    result.seconds["lint"] = round(time.perf_counter() - started, 2)
     result.lint_passed = all(r["errors"] == 0 for r in reports.values())
     runnable = []
     for backend in backends:
+        started = time.perf_counter()
         records = run_engines(ws, backend, force=force)
         result.engines[backend] = records
-        note(f"engine:{backend}", any(r["status"] == "built" for r in records))
+        note(f"engine:{backend}", any(r["status"] == "built" for r in records), started)
         if runnable_here(backend):
             runnable.append(backend)
         else:
             result.not_run.append(f"{backend}: engines built, not run ({runnable_reason(backend)})")
     from shiva_export.engines.compare import run_check
 
+    started = time.perf_counter()
     previous = (ws.manifest.stage("check") or {}).get("finished")
-    result.check = run_check(ws, backends=runnable, force=force)
-    note("check", (ws.manifest.stage("check") or {}).get("finished") != previous)
+    result.check = run_check(ws, backends=runnable, force=force, device=device)
+    note("check", (ws.manifest.stage("check") or {}).get("finished") != previous, started)
     from shiva_export.engines.bench import run_bench
 
+    started = time.perf_counter()
     previous = (ws.manifest.stage("bench") or {}).get("finished")
-    result.bench = run_bench(ws, runs=runs, force=force)
-    note("bench", (ws.manifest.stage("bench") or {}).get("finished") != previous)
+    result.bench = run_bench(ws, runs=runs, force=force, device=device)
+    note("bench", (ws.manifest.stage("bench") or {}).get("finished") != previous, started)
     from shiva_export.report import write_report
 
+    started = time.perf_counter()
     write_report(ws.manifest)
-    note("report", True)
+    note("report", True, started)
     return result
 
 

@@ -123,6 +123,23 @@ def current_device(index: int = 0) -> DeviceInfo:
     )
 
 
+DEVICES = ("cpu", "cuda")
+
+
+def compute_device(requested: str | None = None) -> str:
+    """Where check, bench and generate run the PyTorch reference and ONNX Runtime: "cuda" when torch sees a CUDA
+    GPU, else "cpu"; `requested` overrides, and "cuda" on a machine without one is refused in one line."""
+    import torch
+
+    if requested is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested not in DEVICES:
+        raise ConfigError(f"--device {requested!r} is unknown; expected one of {list(DEVICES)}")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise BackendUnavailableError("--device cuda: torch sees no CUDA GPU on this machine; use --device cpu")
+    return requested
+
+
 def sidecar_path(engine_path: str | Path) -> Path:
     """`<engine>.meta.json`: the metadata file that must sit beside every engine."""
     engine_path = Path(engine_path)

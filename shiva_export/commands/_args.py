@@ -46,6 +46,12 @@ def add_artifact_args(parser: argparse.ArgumentParser) -> None:
     add_out_arg(parser)
 
 
+def add_device_arg(parser) -> None:
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                        help="where the PyTorch reference and ONNX Runtime run (default: cuda when torch sees a CUDA "
+                             "GPU, else cpu)")
+
+
 def artifact_config(args: argparse.Namespace, default_router: bool = True) -> ArtifactConfig:
     """default_router: without --router or --target-keep, use the checkpoint shipped for a preset (if any)."""
     router = args.router

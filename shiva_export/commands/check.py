@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from shiva_export.commands._args import add_out_arg
+from shiva_export.commands._args import add_device_arg, add_out_arg
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -32,6 +32,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                        help="classifier-free guidance scale of the trajectory")
     group.add_argument("--no-trajectory", action="store_true", help="skip the whole-loop comparison")
     group.add_argument("--force", action="store_true", help="re-run even if check.json is fresh for these inputs")
+    add_device_arg(group)
     parser.set_defaults(func=run)
     return parser
 
@@ -42,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
 
     config = CheckConfig(seed=args.seed, guidance_scale=args.guidance_scale, full_trajectory=not args.no_trajectory)
     ws = Workspace(args.out)
-    report = run_check(ws, backends=tuple(args.backend or ("onnxruntime",)), config=config, force=args.force)
+    report = run_check(ws, backends=tuple(args.backend or ("onnxruntime",)), config=config, force=args.force,
+                       device=args.device)
     print(render_report(report.to_json()))
     print(f"\n{ws.path('check.json')}" + (" (reused: inputs unchanged; --force re-runs)" if report.reused else ""))
     return 0 if report else 1

@@ -20,7 +20,8 @@ def benched(tiny_artifact, tmp_path_factory):
     root = Path(shutil.copytree(tiny_artifact, tmp_path_factory.mktemp("benched") / "artifact"))
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        code = main(["bench", "--out", str(root), "--warmup", "1", "--runs", "3", "--loop-runs", "1"])
+        code = main(["bench", "--out", str(root), "--warmup", "1", "--runs", "3", "--loop-runs", "1",
+                     "--min-seconds", "0"])
     return root, code, out.getvalue()
 
 
@@ -79,6 +80,36 @@ def test_timing_percentiles_use_nearest_rank():
 def test_bench_is_reused_when_graphs_device_and_settings_are_unchanged(benched, capsys):
     root, _, _ = benched
     before = json.loads((root / "manifest.json").read_text())["stages"]["bench"]["finished"]
-    assert main(["bench", "--out", str(root), "--warmup", "1", "--runs", "3", "--loop-runs", "1"]) == EXIT_OK
+    assert main(["bench", "--out", str(root), "--warmup", "1", "--runs", "3", "--loop-runs", "1",
+                 "--min-seconds", "0"]) == EXIT_OK
     assert "reused: same graphs, device and settings" in capsys.readouterr().out
     assert json.loads((root / "manifest.json").read_text())["stages"]["bench"]["finished"] == before
+
+
+def test_per_step_rows_run_until_min_seconds_have_passed(artifact_copy):
+    from shiva_export.engines.bench import BenchConfig, run_bench
+    from shiva_export.pipeline import Workspace
+
+    report = run_bench(Workspace(artifact_copy), BenchConfig(warmup=0, runs=1, loop_runs=1, min_seconds=0.5),
+                       device="cpu")
+    steps = [row for row in report.rows if row.scope != "loop"]
+    for row in steps:   # interleaved rounds: every step row has the same count, and together they took >= 0.5 s
+        assert row.timing.runs == steps[0].timing.runs > 1
+    assert sum(row.timing.mean_ms * row.timing.runs for row in steps) >= 500
+
+
+def test_default_targets_follow_the_device():
+    from shiva_export.engines.bench import default_targets
+
+    assert default_targets("cpu") == ["onnxruntime"]
+    assert default_targets("cuda") == ["torch-cudagraph", "torch-eager", "onnxruntime-cuda-graph"]
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without a CUDA GPU")
+@pytest.mark.parametrize("verb", ["bench", "check"])
+def test_device_cuda_without_a_gpu_is_refused_in_one_line_before_any_work(verb, artifact_copy, capsys):
+    before = (artifact_copy / "manifest.json").read_bytes()
+    assert main([verb, "--out", str(artifact_copy), "--device", "cuda"]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: --device cuda: torch sees no CUDA GPU on this machine; use --device cpu"]
+    assert (artifact_copy / "manifest.json").read_bytes() == before

@@ -357,7 +357,7 @@ def test_every_frozen_timestep_maps_to_its_steps_bucket(schedule):
 
 def test_timestep_off_the_frozen_grid_is_config_error_naming_it_and_the_grid(schedule):
     with pytest.raises(ConfigError, match=r"timestep 500\.0 is not within 0\.01 of any of the 10 frozen timesteps "
-                                          r"\[1000\.0, .*\] \(steps=10, shift=3\)"):
+                                          r"\[1000\.0, .*\] \(steps=10, FlowMatchEulerDiscreteScheduler shift=3\)"):
         schedule.bucket_for_timestep(500.0)
     with pytest.raises(ConfigError, match="step 10 is out of range; the schedule has 10 steps"):
         schedule.bucket_for_step(10)

@@ -308,7 +308,10 @@ class _TorchTarget(_CudaEvents, _Target):
         self.pruned.to_dtype(torch_dtype(dtype))
         self.pruned.transformer.to("cuda")
         self.modules = {"dense": DenseModel(self.pruned.transformer).eval()}
-        self.modules.update({b.index: StaticBucket(self.pruned.transformer, b.k).eval() for b in schedule.buckets})
+        # kept rows are written back into each block's own input (no copy of the sequence): what a PyTorch
+        # deployment of the static model runs under inference mode
+        self.modules.update({b.index: StaticBucket(self.pruned.transformer, b.k, inplace_scatter=True).eval()
+                             for b in schedule.buckets})
         self.pool = torch.cuda.graph_pool_handle() if cuda_graph else None
         self.graphs: list = []
 

@@ -193,6 +193,8 @@ class SessionFromOnnxPath(BaseLoader):
         ort = _onnxruntime()
         ep = _require_provider(self.provider)
         options = ort.SessionOptions()
+        # errors only: the CUDA EP warns once per unused initializer it drops (thousands of lines on a 2.5B model)
+        options.log_severity_level = 3
         if self.intra_op_num_threads is not None:
             options.intra_op_num_threads = self.intra_op_num_threads
         if self.weights is not None:

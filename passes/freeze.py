@@ -158,11 +158,17 @@ def set_pipeline_timesteps(scheduler, num_steps: int, image_seq_len: int | None)
     if config.get("use_dynamic_shifting", False):
         if image_seq_len is None:
             raise ConfigError("a scheduler with dynamic shifting needs the image sequence length")
-        base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
-        base_shift, max_shift = config.get("base_shift", 0.5), config.get("max_shift", 1.16)
-        slope = (max_shift - base_shift) / (max_len - base_len)
-        kwargs["mu"] = image_seq_len * slope + base_shift - slope * base_len
+        kwargs["mu"] = dynamic_shift_mu(config, image_seq_len)
     scheduler.set_timesteps(int(num_steps), **kwargs)
+
+
+def dynamic_shift_mu(config: Mapping[str, Any], image_seq_len: int) -> float:
+    """mu of a dynamically shifted scheduler at this image length: diffusers' calculate_shift, a line through
+    (base_image_seq_len, base_shift) and (max_image_seq_len, max_shift), with the pipeline's defaults."""
+    base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+    base_shift, max_shift = config.get("base_shift", 0.5), config.get("max_shift", 1.16)
+    slope = (max_shift - base_shift) / (max_len - base_len)
+    return image_seq_len * slope + base_shift - slope * base_len
 
 
 def scheduler_timesteps(num_steps: int, shift: float, scheduler: Mapping[str, Any] | None = None,

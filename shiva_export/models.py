@@ -56,6 +56,17 @@ class PipelineFacts:
     def shift(self) -> float:
         return float(self.scheduler.get("shift", 1.0))
 
+    def effective_shift(self, image_seq_len: int) -> float:
+        """The shift s of sigma = s u / (1 + (s - 1) u) the sampler applies at this image length: the config's, or
+        with dynamic shifting exp(mu), mu from the length as the pipeline computes it (exponential time shift)."""
+        import math
+
+        from shiva_export.passes.freeze import dynamic_shift_mu
+
+        if not self.scheduler.get("use_dynamic_shifting"):
+            return self.shift
+        return math.exp(dynamic_shift_mu(self.scheduler, image_seq_len))
+
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
 

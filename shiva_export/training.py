@@ -50,7 +50,7 @@ from shiva_export.patching import (PruningConfig, apply_token_pruning, keep_rati
 from shiva_export.policy import AdaptiveRatioPolicy, BudgetLoss, stratified_ratios
 from shiva_export.router import RouterBank
 from shiva_export.training_config import RunOptions, TrainConfig
-from shiva_export.training_data import VAE_SCALE_FACTOR, DataFreeSource, LatentDataset
+from shiva_export.training_data import DataFreeSource, LatentDataset
 
 logger = logging.getLogger(__name__)
 
@@ -293,6 +293,9 @@ class Trainer:
         patch = mcfg.patch_size
         self.grid = (height // patch, width // patch)
         self.num_tokens = self.grid[0] * self.grid[1]
+        if config.timestep_shift is None:  # the sampler the router will be frozen for: the pipeline's own
+            shift = self.source.facts.effective_shift(self.num_tokens)
+            self.config = config = dataclasses.replace(config, timestep_shift=shift)
         if config.micro_batches % dist.world_size:
             raise ConfigError(f"global_batch / micro_batch = {config.micro_batches} micro-batches per step cannot be "
                               f"split over {dist.world_size} processes; choose a multiple of the process count")
@@ -325,12 +328,13 @@ class Trainer:
         if config.data is None:
             defaults = self.source.defaults
             return DataFreeSource(mcfg, config.height or defaults["height"], config.width or defaults["width"],
-                                  config.context_tokens or defaults["context_tokens"], config.data_free_contrast)
+                                  config.context_tokens or defaults["context_tokens"], config.data_free_contrast,
+                                  vae_scale_factor=self.source.facts.vae_scale_factor)
         return LatentDataset(config.data, mcfg, seed=config.seed)
 
     def _resolve_sizes(self, config: TrainConfig, mcfg) -> TrainConfig:
         """Fill height/width/context_tokens from the data (or the model's defaults) and refuse conflicts."""
-        height, width = (size * VAE_SCALE_FACTOR for size in self.data.latent_hw)
+        height, width = (size * self.source.facts.vae_scale_factor for size in self.data.latent_hw)
         actual = {"height": height, "width": width, "context_tokens": self.data.context_tokens}
         for name, value in actual.items():
             given = getattr(config, name)

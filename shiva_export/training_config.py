@@ -77,7 +77,7 @@ class TrainConfig:
     width: int | None = None
     context_tokens: int | None = None
     data_free_contrast: float = 1.0   # data-free latents: log-amplitude spread of the smooth envelope (0: i.i.d.)
-    timestep_shift: float = 3.0       # flow-matching scheduler shift (SD3/SD3.5): sigma = s u / (1 + (s - 1) u)
+    timestep_shift: float | None = None   # flow-matching shift, sigma = s u / (1 + (s - 1) u); None: the pipeline's
     # distillation weight per timestep: "euler-step" = d(sigma)/du, how far the sampler's Euler step moves the latent
     # with the velocity predicted at that timestep (mean 1 over u); "none" = uniform (see trajectory_weight)
     timestep_weighting: Literal["none", "euler-step"] = "euler-step"
@@ -125,7 +125,7 @@ class TrainConfig:
             raise ConfigError(f"cfg_dropout {self.cfg_dropout:g} must be in [0, 1)")
         if self.eval_steps < 1 or self.eval_samples < 1:
             raise ConfigError("eval_steps and eval_samples must be >= 1")
-        if self.timestep_shift <= 0:
+        if self.timestep_shift is not None and self.timestep_shift <= 0:
             raise ConfigError(f"timestep_shift {self.timestep_shift:g} must be > 0")
         if self.timestep_weighting not in ("none", "euler-step"):
             raise ConfigError(f"timestep_weighting {self.timestep_weighting!r}; expected none or euler-step")
@@ -238,7 +238,7 @@ TRAIN_FIELDS = {
     "adapter_alpha": Float(minimum=0, maximum=1e6, exclusive_minimum=True),
     "data": Nullable(Str()), "height": _PIXELS, "width": _PIXELS, "context_tokens": _PIXELS,
     "data_free_contrast": Float(minimum=0, maximum=100),
-    "timestep_shift": Float(minimum=0, maximum=1000, exclusive_minimum=True),
+    "timestep_shift": Nullable(Float(minimum=0, maximum=1000, exclusive_minimum=True)),
     "timestep_weighting": _choices("timestep_weighting"), "cfg_dropout": Float(minimum=0, maximum=1),
     "eval_steps": Int(minimum=1, maximum=10000), "eval_samples": Int(minimum=1, maximum=65536),
     "precision": _choices("precision"), "seed": Int(minimum=0, maximum=2**63 - 1),

@@ -67,16 +67,16 @@ class DataFreeSource:
     has_targets = False
 
     def __init__(self, model_config: Mapping[str, Any], height: int, width: int, context_tokens: int,
-                 contrast: float = 1.0):
-        if height % VAE_SCALE_FACTOR or width % VAE_SCALE_FACTOR:
+                 contrast: float = 1.0, vae_scale_factor: int = VAE_SCALE_FACTOR):
+        if height % vae_scale_factor or width % vae_scale_factor:
             raise ConfigError(f"data-free size {height}x{width} px is not a multiple of the VAE factor "
-                              f"{VAE_SCALE_FACTOR}")
+                              f"{vae_scale_factor}")
         if context_tokens < 1:
             raise ConfigError(f"context_tokens={context_tokens} must be >= 1")
         if contrast < 0:
             raise ConfigError(f"data-free contrast {contrast:g} must be >= 0")
         self.sizes = _model_sizes(model_config)
-        self.latent_hw = (height // VAE_SCALE_FACTOR, width // VAE_SCALE_FACTOR)
+        self.latent_hw = (height // vae_scale_factor, width // vae_scale_factor)
         check_latent_size(model_config, *self.latent_hw, where="data-free inputs")
         self.context_tokens, self.contrast = context_tokens, contrast
 

@@ -10,6 +10,7 @@ PyTorch pruned transformer.
 from __future__ import annotations
 
 import json
+import math
 import logging
 import subprocess
 import sys
@@ -126,3 +127,24 @@ def test_a_wrong_size_is_named_in_the_folders_pixels(sd3):
         with pytest.raises(InputError, match=r"expected \(2, 4, 32, 32\) \(a 64x96 px image; call the pipeline with "
                                              r"height=32, width=32\)"):
             run(pipe, height=64, width=96)
+
+
+def test_train_takes_the_scheduler_shift_and_vae_factor_from_the_folder(sd35_dynamic, tmp_path):
+    from shiva_export import checkpoint as ckpt
+    from shiva_export.cli import main
+
+    folder, _ = sd35_dynamic
+    out = tmp_path / "router"
+    assert main(["train", "--model", str(folder), "--out", str(out), "--no-progress", "--warmup-steps", "1",
+                 "--policy-steps", "1", "--joint-steps", "1", "--lr-warmup-steps", "1", "--global-batch", "2",
+                 "--micro-batch", "1", "--eval-steps", "2", "--eval-samples", "1"]) == 0
+    train = ckpt.read_config(out)["train"]
+    # the folder's scheduler shifts dynamically: at 32x32 tokens the sampler's shift is exp(mu), not SD3's 3.0
+    scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    slope = (scheduler["max_shift"] - scheduler["base_shift"]) / (4096 - 256)
+    mu = 1024 * slope + scheduler["base_shift"] - slope * 256
+    assert train["timestep_shift"] == pytest.approx(math.exp(mu))
+    # data-free latents at the pipeline's default size: 64 px through a factor-2 VAE = the transformer's 32x32
+    assert (train["height"], train["width"]) == (64, 64)
+    summary = json.loads((out / ckpt.SUMMARY_FILE).read_text())
+    assert summary["num_image_tokens"] == 32 * 32

@@ -40,7 +40,7 @@ HELP = {
     "width": "data-free image width in pixels (default: the model's)",
     "context_tokens": "data-free text tokens (default: the model's)",
     "data_free_contrast": "data-free latents: spread of their smooth random amplitude envelope (0: i.i.d. noise)",
-    "timestep_shift": "flow-matching scheduler shift (3.0 for SD3/SD3.5)",
+    "timestep_shift": "flow-matching scheduler shift (None: the pipeline folder's scheduler; 3.0 for presets)",
     "budget_gradient": "budget-loss gradient through the batch's sampled ratios into the whole policy (batch, Eq. 13) "
                        "or into the anchor alone (anchor: the budget sets the level, the losses the shape)",
     "timestep_weighting": "distillation weight per timestep: euler-step = the sampler's step size d(sigma)/du there "

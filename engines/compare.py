@@ -397,7 +397,7 @@ def check_full_trajectory(engines, ws, trajectory, gate: Gate) -> TrajectoryResu
             return runners[schedule.step_to_bucket[step]].infer(dict(feed))
 
         final = denoise(step_fn, schedule, cfg, trajectory.initial_latents, trajectory.conditioning,
-                        trajectory.guidance_scale)
+                        trajectory.guidance_scale, progress=f"loop on {engines.name}")
     finally:
         for runner in active:
             runner.deactivate()
@@ -440,6 +440,9 @@ def run_check(ws, backends: Sequence[Any] = ("onnxruntime",), config: CheckConfi
     names = [e.name for e in engine_sets]
     if len(set(names)) != len(names):
         raise ConfigError(f"backend given twice: {names}")
+    from shiva_export.pipeline import require_runnable
+
+    require_runnable(engine_sets, "check")   # before minutes of trajectory capture
     gate, trajectory_gate = _gate(GATES, cfg.dtype), _gate(TRAJECTORY_GATES, cfg.dtype)
     versions = library_versions()
     # The export's inputs hash covers the schedule, the shapes and the model/checkpoint identity of the reference.
@@ -487,6 +490,9 @@ def _polygraphy_tolerances(gate: Gate) -> str:
 
 def write_repro(path: Path, ws, schedule, gate: Gate, config: CheckConfig, engine_sets) -> Path:
     """Shell script with the polygraphy / trtexec commands that repeat the check outside shiva_export."""
+    import shlex
+    import sys
+
     from shiva_export.export import INPUT_NAMES
     from shiva_export.engines.trajectory import REFERENCE_RUNNER, step_ranges
 
@@ -507,8 +513,15 @@ def write_repro(path: Path, ws, schedule, gate: Gate, config: CheckConfig, engin
         "# Polygraphy compares the outputs both runs have: the debug graphs also return indices_layer{l} (exact).",
         "set -euo pipefail",
         'cd "$(dirname "$0")/.."',
+        "# the polygraphy of the Python that wrote this script (no venv on PATH needed); POLYGRAPHY=... overrides",
+        f"PY={shlex.quote(sys.executable)}",
+        'POLYGRAPHY=${POLYGRAPHY:-"$(dirname "$PY")/polygraphy"}',
+        '[ -x "$POLYGRAPHY" ] || { echo "polygraphy not found at $POLYGRAPHY; set POLYGRAPHY=/path/to/polygraphy" >&2; '
+        "exit 2; }",
         "",
     ]
+    built = ((ws.manifest.stage("engine") or {}).get("engines") or {})
+    trt_rtx = _trt_rtx_convert_flags(ws) if "trt-rtx" in built else None
     for bucket in schedule.buckets:
         graph = graphs[bucket.index]
         data = f"{CHECK_DIR}/bucket{bucket.index}"
@@ -516,9 +529,9 @@ def write_repro(path: Path, ws, schedule, gate: Gate, config: CheckConfig, engin
         load = f"--load-inputs {data}/inputs.json --load-outputs {data}/reference.json"
         lines += [
             f"# bucket {bucket.index}: steps {step_ranges(bucket.steps)}, k={list(bucket.k)}",
-            f"polygraphy run {debug} --onnxrt {load} {tol}",
+            f'"$POLYGRAPHY" run {debug} --onnxrt {load} {tol}',
             f"# with TensorRT (precision comes from the graph's dtypes):",
-            f"# polygraphy run onnx/{graph['file']} --trt --strongly-typed {load} {tol}",
+            f'# "$POLYGRAPHY" run onnx/{graph["file"]} --trt --strongly-typed {load} {tol}',
             f"# trtexec, one run per step (raw inputs in the layout of polygraphy --save-input-blob; compare its "
             f"exported 'sample' with {data}/reference/<step>/sample.bin):",
             f"# for d in {data}/inputs/*/; do trtexec --onnx=onnx/{graph['file']} --stronglyTyped \\",
@@ -526,10 +539,30 @@ def write_repro(path: Path, ws, schedule, gate: Gate, config: CheckConfig, engin
             + " --exportOutput=\"${d%/}.trtexec.json\"; done",
             "",
         ]
+        if trt_rtx is not None:  # the flags the engine stage built the TensorRT-RTX plans with
+            lines[-1:-1] = [f"# the TensorRT-RTX plan, built as the engine stage built it (runs on a supported GPU):",
+                            f"POLYGRAPHY_USE_TENSORRT_RTX=1 \"$POLYGRAPHY\" convert onnx/{graph['file']} "
+                            f"--convert-to trt {trt_rtx} -o \"${{TMPDIR:-/tmp}}/b{bucket.index}.plan\""]
     lines.append(f"# engine sets checked by shiva_export: {', '.join(e.name for e in engine_sets)}")
     path.write_text("\n".join(lines) + "\n")
     path.chmod(0o755)
     return path
+
+
+def _trt_rtx_convert_flags(ws) -> str:
+    """`polygraphy convert` flags for the options the engine stage built the TensorRT-RTX plans with (their
+    sidecars), e.g. --decomposable-attentions, without which an fp32 graph's attention does not build."""
+    from shiva_export.engines.backends.base import BuildOptions
+
+    flags = ["--strongly-typed"]
+    options = BuildOptions()
+    record = ((ws.manifest.stage("engine") or {}).get("engines") or {}).get("trt-rtx") or []
+    recorded = [r.get("build_options") for r in record if isinstance(r.get("build_options"), dict)]
+    decomposable = recorded[0].get("decomposable_attention", options.decomposable_attention) if recorded else \
+        options.decomposable_attention
+    if decomposable:
+        flags.append("--decomposable-attentions")
+    return " ".join(flags)
 
 
 # --------------------------------------------------------------------------------------------------- report

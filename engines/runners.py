@@ -31,8 +31,10 @@ from shiva_export.errors import ArtifactError, ConfigError, StaleArtifactError
 logger = logging.getLogger(__name__)
 
 ONNX_DIR = "onnx"
-_ALIASES = {"ort-cpu": "onnxruntime"}
+# the long names every verb accepts for the built engine sets (pipeline.BACKEND_ALIASES is the same table)
+_ALIASES = {"ort-cpu": "onnxruntime", "tensorrt": "trt", "tensorrt-rtx": "trt-rtx"}
 ENGINE_SET_NAMES = ("onnxruntime", "onnxruntime-cuda", "ort", "trt", "trt-rtx")
+ENGINE_SET_CHOICES = (*ENGINE_SET_NAMES, *_ALIASES)   # what --backend of check and bench accepts
 
 
 class EngineSet(abc.ABC):

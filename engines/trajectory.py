@@ -182,8 +182,8 @@ def _seeded_inputs(cfg, model_config, seed: int) -> tuple[np.ndarray, dict[str, 
 
 
 def denoise(step_fn: StepFn, schedule, cfg, latents: np.ndarray, conditioning: Mapping[str, np.ndarray],
-            guidance_scale: float, on_step: Callable[[int, dict, Mapping[str, np.ndarray]], None] | None = None
-            ) -> np.ndarray:
+            guidance_scale: float, on_step: Callable[[int, dict, Mapping[str, np.ndarray]], None] | None = None,
+            progress: str | None = None) -> np.ndarray:
     """The SD3 pipeline's denoising loop around any transformer; returns the final latents.
 
     Mirrors ``StableDiffusion3Pipeline.__call__``: latents are duplicated for the [uncond; cond] batch, the
@@ -195,14 +195,17 @@ def denoise(step_fn: StepFn, schedule, cfg, latents: np.ndarray, conditioning: M
         latents: initial latents [images, C, H, W] in the export dtype.
         conditioning: encoder_hidden_states / pooled_projections for the whole batch.
         on_step: called as on_step(step, feed, outputs) after each transformer call.
+        progress: a progress bar with this label, one tick per step (shown on a terminal only).
     """
     import torch
+    from tqdm import tqdm
 
     scheduler = _scheduler(schedule)
     cfg_halves = cfg.batch // latents.shape[0]
     if cfg_halves not in (1, 2) or latents.shape[0] * cfg_halves != cfg.batch:
         raise ConfigError(f"latents for {latents.shape[0]} image(s) do not fit the exported batch {cfg.batch}")
     current = _to_torch(latents)
+    bar = tqdm(total=len(scheduler.timesteps), desc=progress, unit="step", disable=None if progress else True)
     for step, t in enumerate(scheduler.timesteps):
         model_input = torch.cat([current] * cfg_halves) if cfg_halves == 2 else current
         feed = {"hidden_states": _to_numpy(model_input, latents.dtype),
@@ -217,6 +220,8 @@ def denoise(step_fn: StepFn, schedule, cfg, latents: np.ndarray, conditioning: M
         current = scheduler.step(noise.to(current.dtype), t, current, return_dict=False)[0]
         if on_step is not None:
             on_step(step, feed, outputs)
+        bar.update()
+    bar.close()
     return _to_numpy(current, latents.dtype)
 
 
@@ -256,7 +261,8 @@ def capture_trajectory(ws, seed: int = 0, guidance_scale: float = DEFAULT_GUIDAN
 
     scale = float(guidance_scale) if cfg.batch % 2 == 0 else 1.0
     with _model_in_dtype(pruned, cfg.dtype, device):
-        final = denoise(step_fn, schedule, cfg, latents, conditioning, scale, on_step)
+        final = denoise(step_fn, schedule, cfg, latents, conditioning, scale, on_step,
+                        progress=f"trajectory (PyTorch, {device})")
     logger.info("captured a %d-step trajectory (seed %d, guidance %.1f, %s, %s)", len(records), seed, scale,
                 cfg.dtype, device)
     return Trajectory(seed=int(seed), guidance_scale=scale, dtype=cfg.dtype, steps=tuple(records),

@@ -81,6 +81,8 @@ def _int(value: Any, name: str, minimum: int) -> int:
 # (docs/benchmarks/h200/attention-lengths.md). In a dual-attention block k is also the length of the image-only
 # attention, so neither target wins everywhere; "either" never rounds up further than "k" does.
 ALIGN_TARGETS = ("k", "sequence", "either")
+# realised minus aligned keep ratio beyond which freeze warns that the bucket count throws pruning away
+BUCKETING_WARN_KEEP = 0.05
 
 
 @dataclasses.dataclass(frozen=True)
@@ -732,4 +734,11 @@ def freeze(ratio_fn: RatioFn, model_config: Mapping[str, Any], height: int, widt
     logger.info("froze %d steps into %d bucket(s): keep ratio learned %.3f, realised %.3f; FLOPs learned %.3f, "
                 "realised %.3f of dense", cfg.num_steps, len(buckets), summary.learned_keep_ratio,
                 summary.realised_keep_ratio, summary.learned_flop_ratio, summary.realised_flop_ratio)
+    given_away = summary.realised_keep_ratio - summary.aligned_keep_ratio
+    if given_away > BUCKETING_WARN_KEEP:
+        logger.warning("%d bucket(s) run keep %.3f where the schedule asks for %.3f: bucketing gives away %.3f of "
+                       "the keep ratio (FLOPs %.3f instead of %.3f of dense); --buckets %d or more keeps more of it",
+                       len(buckets), summary.realised_keep_ratio, summary.aligned_keep_ratio, given_away,
+                       summary.realised_flop_ratio, summary.aligned_flop_ratio,
+                       min(cfg.num_steps, len(buckets) + 1))
     return schedule

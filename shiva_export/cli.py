@@ -18,6 +18,18 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
 INTERRUPTED = "interrupted: partial outputs were discarded; existing artifacts are unchanged"
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless the help already says it (derived defaults, e.g. "the
+    model's") or there is none to show (flags, required options)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default" in text or not action.option_strings or action.required or action.nargs == 0
+                or action.default in (None, argparse.SUPPRESS)):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m shiva_export",
@@ -33,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue
         module.add_parser(subparsers)
+    for verb_parser in subparsers.choices.values():
+        verb_parser.formatter_class = DefaultsHelpFormatter
     return parser
 
 

@@ -442,7 +442,10 @@ def resolve_backends(requested: list[str] | None) -> list[str]:
     from shiva_export.engines.backends.base import get_backend
 
     if requested:
-        return list(dict.fromkeys(backend_name(name) for name in requested))
+        names = list(dict.fromkeys(backend_name(name) for name in requested))
+        for name in names:  # refused before any stage runs, not after minutes of freeze and export
+            get_backend(name).require_available()
+        return names
     names = ["ort"]
     for name in ("trt", "trt-rtx"):
         available, reason = get_backend(name).is_available()
@@ -476,7 +479,8 @@ def run_engines(ws: Workspace, backend: str, options=None, force: bool = False) 
             engine_path = engine_path_for(ws.path(ONNX_DIR), impl, source.path)
             record = build_engine(impl, source, engine_path, options, schedule_hash=schedule_hash,
                                   checkpoint_hash=checkpoint_hash, force=force)
-            records.append({**record.to_json(), "engine": engine_path.relative_to(ws.root).as_posix(),
+            records.append({**record.to_json(), "build_options": options.to_json(),
+                            "engine": engine_path.relative_to(ws.root).as_posix(),
                             "metadata": metadata_path(engine_path).relative_to(ws.root).as_posix(),
                             "onnx": graph["file"], "bucket": graph["bucket"]})
             files += [ws.manifest.file_record(engine_path), ws.manifest.file_record(metadata_path(engine_path))]
@@ -588,6 +592,18 @@ def build(ws: Workspace, backends: list[str], runs: int = 5, force: bool = False
     write_report(ws.manifest)
     note("report", True, started)
     return result
+
+
+def require_runnable(engine_sets, verb: str) -> None:
+    """Refuse, before any work, engine sets whose engines cannot run on this machine (TensorRT flavours without a
+    supported GPU)."""
+    from shiva_export.errors import BackendUnavailableError
+
+    for engines in engine_sets:
+        backend = getattr(getattr(engines, "backend", None), "name", None)
+        reason = runnable_reason(backend) if backend in ("trt", "trt-rtx") else None
+        if reason is not None:
+            raise BackendUnavailableError(f"{verb} --backend {backend}: its engines cannot run here ({reason})")
 
 
 def runnable_here(backend: str) -> bool:

@@ -6,6 +6,7 @@ import dataclasses
 
 import torch
 
+from shiva_export.errors import ConfigError
 from shiva_export.models import ModelSource, load_transformer
 from shiva_export.patching import PruningConfig, PruningState, apply_token_pruning
 from shiva_export.policy import AdaptiveRatioPolicy
@@ -47,6 +48,10 @@ def load_pruned_model(model: str, router_checkpoint: str | None = None, cfg_cons
 
         read_config(router_checkpoint)
     transformer, source = load_transformer(model, device=device)
+    blocks = transformer.config.num_layers
+    if blocks < 2:  # block 0 always runs dense (D3): a pruning hook would have nothing to attach to
+        raise ConfigError(f"{model}: the transformer has {blocks} block; block 0 stays dense, so there is nothing "
+                          "to prune (expected a model with at least 2 transformer blocks)")
     if router_checkpoint:
         from shiva_export.checkpoint import load_adapters, load_router_checkpoint
 

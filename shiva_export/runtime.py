@@ -37,7 +37,8 @@ import torch
 from diffusers.configuration_utils import FrozenDict
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
-from shiva_export.errors import ArtifactError, ConfigError, InputError, NonFiniteError, StaleArtifactError
+from shiva_export.errors import (ArtifactError, BackendUnavailableError, ConfigError, InputError, NonFiniteError,
+                                 StaleArtifactError)
 from shiva_export.export import INPUT_NAMES, OUTPUT_NAME, ExportConfig, torch_dtype
 from shiva_export.pipeline import Workspace, check_export_matches_schedule, recorded_transformer_config
 from shiva_export.passes.freeze import scheduler_text
@@ -261,10 +262,11 @@ class ShivaEngineTransformer(_BucketedTransformer):
             ConfigError / BackendUnavailableError: unknown backend or provider, runtime not installed.
         """
         from shiva_export.engines.runners import get_engine_set
+        from shiva_export.pipeline import runnable_reason
 
+        name, kwargs = _engine_set_request(backend, providers)
         ws = Workspace(folder, write=False)
         schedule = ws.schedule()  # verifies schedule.json against the manifest
-        name, kwargs = _engine_set_request(backend, providers)
         engine_set = get_engine_set(name, ws, **kwargs)  # verifies the exported files against the manifest
         engine_set.identity()  # built engines: each checked against its metadata sidecar now, not at the first step
         record = ws.manifest.require("export")
@@ -272,6 +274,9 @@ class ShivaEngineTransformer(_BucketedTransformer):
         if "transformer_config" not in record:
             raise ArtifactError(f"{ws.root}: the export record has no transformer_config (written by an older "
                                 f"shiva_export); re-run `python -m shiva_export export --out {ws.root}`")
+        if name in _CUDA_FED and runnable_reason(name) is not None:  # verified, then refused here, not at step 1
+            raise BackendUnavailableError(f"{ws.root}: the {name} engines are intact but cannot run on this "
+                                          f"machine ({runnable_reason(name)})")
         inputs = StaticInputs.from_export(ExportConfig(**record["config"]), record["transformer_config"])
         logger.info("%s: %d bucket engine(s), %s on %s; %s", ws.root, len(engine_set.graphs), engine_set.name,
                     engine_set.device, inputs.describe())

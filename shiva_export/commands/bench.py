@@ -9,7 +9,7 @@ from shiva_export.commands._args import add_device_arg, add_out_arg
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     from shiva_export.engines.bench import ORT_CUDA_TARGETS, TORCH_TARGETS, BenchConfig
-    from shiva_export.engines.runners import ENGINE_SET_NAMES
+    from shiva_export.engines.runners import ENGINE_SET_CHOICES
 
     parser = subparsers.add_parser(
         "bench", help="time dense vs pruned per bucket and for the whole sampling loop",
@@ -25,7 +25,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     group.add_argument("--loop-runs", type=int, default=BenchConfig.loop_runs, help="timed whole loops per variant")
     group.add_argument("--seed", type=int, default=BenchConfig.seed, help="seeds the (random) inputs")
     group.add_argument("--backend", action="append",
-                       choices=list(dict.fromkeys([*ENGINE_SET_NAMES, "ort-cpu", *TORCH_TARGETS, *ORT_CUDA_TARGETS])),
+                       choices=list(dict.fromkeys([*ENGINE_SET_CHOICES, *TORCH_TARGETS, *ORT_CUDA_TARGETS])),
                        default=None,
                        help="engine set to time; repeat for several (default: on a GPU torch-cudagraph, torch-eager "
                             "and onnxruntime-cuda-graph; on the CPU onnxruntime)")

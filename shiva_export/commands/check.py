@@ -12,7 +12,7 @@ from shiva_export.commands._args import add_device_arg, add_out_arg
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     from shiva_export.engines.compare import CheckConfig
-    from shiva_export.engines.runners import ENGINE_SET_NAMES
+    from shiva_export.engines.runners import ENGINE_SET_CHOICES
 
     parser = subparsers.add_parser(
         "check", help="compare every bucket engine with the PyTorch static-mode model",
@@ -24,7 +24,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "gates pass, 1 a gate failed, 2 unusable input.")
     add_out_arg(parser)
     group = parser.add_argument_group("check", "what runs and how it is compared")
-    group.add_argument("--backend", action="append", choices=[*ENGINE_SET_NAMES, "ort-cpu"], default=None,
+    group.add_argument("--backend", action="append", choices=ENGINE_SET_CHOICES, default=None,
                        help="engine set to check; repeat for several (default: onnxruntime = the exported graphs "
                             "on ONNX Runtime CPU). ort/trt/trt-rtx use engines built by `engine`")
     group.add_argument("--seed", type=int, default=CheckConfig.seed, help="seeds latents and prompt embeddings")

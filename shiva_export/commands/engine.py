@@ -14,11 +14,14 @@ def add_parser(subparsers) -> None:
                     "checkpoint hash, precision, backend version, GPU, build options). Engines whose metadata still "
                     "matches are kept; stale ones are rebuilt and the reason is printed.")
     parser.add_argument("--backend", required=True, choices=["onnxruntime", "tensorrt", "tensorrt-rtx", "ort", "trt",
-                                                             "trt-rtx"])
+                                                             "trt-rtx"],
+                        help="engine backend: onnxruntime, tensorrt or tensorrt-rtx (ort, trt, trt-rtx: the same)")
     add_out_arg(parser)
     group = parser.add_argument_group("build options", "TensorRT / TensorRT-RTX builder settings")
-    group.add_argument("--opt-level", type=int, default=None, help="builder optimisation level 0..5")
-    group.add_argument("--timing-cache", default=None, help="TensorRT timing cache file (loaded, merged, saved)")
+    group.add_argument("--opt-level", type=int, default=None,
+                       help="builder optimisation level 0..5 (default: the builder's own, 3)")
+    group.add_argument("--timing-cache", default=None,
+                       help="TensorRT timing cache file (loaded, merged, saved; default: none)")
     group.add_argument("--compute-capability", action="append", default=None,
                        help="TensorRT-RTX target GPU, repeatable, e.g. 8.9 (default: the builder's targets)")
     group.add_argument("--no-decomposable-attention", action="store_true",

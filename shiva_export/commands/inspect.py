@@ -64,7 +64,7 @@ def runtime_verdicts(ws) -> dict:
     """backend -> "loads" / "not verifiable here: why" / the ShivaError the runtime raises, for the exported graphs
     and every engine set the manifest records."""
     from shiva_export.engines.backends.base import get_backend
-    from shiva_export.errors import ShivaError
+    from shiva_export.errors import BackendUnavailableError, ShivaError
     from shiva_export.runtime import ShivaEngineTransformer
 
     if not ws.manifest.stage("export"):
@@ -80,6 +80,8 @@ def runtime_verdicts(ws) -> dict:
         try:
             ShivaEngineTransformer.from_artifacts(ws.root, backend=backend).close()
             verdicts[backend] = "loads"
+        except BackendUnavailableError as err:  # raised after every check passed: intact, but not runnable here
+            verdicts[backend] = f"intact, cannot run here: {str(err).split('(', 1)[-1].rstrip(')')}"
         except ShivaError as err:
             verdicts[backend] = err
     return verdicts

@@ -96,7 +96,7 @@ def add_parser(subparsers) -> None:
                     "(--out) with safetensors weights, config.json, log.jsonl and summary.json; prints the summary.")
     parser.add_argument("--model", default=argparse.SUPPRESS,
                         help="preset (tiny-sd3, tiny-sd35, sd35-medium-shape) or a local diffusers folder "
-                             "(required unless --resume)")
+                             "(required unless --resume, which takes the checkpoint's; no default)")
     fields = {field.name: field for field in dataclasses.fields(TrainConfig)}
     for title, names in GROUPS.items():
         group = parser.add_argument_group(title)
@@ -113,7 +113,8 @@ def add_parser(subparsers) -> None:
     run = parser.add_argument_group("run", "where and how this invocation runs (not hyperparameters)")
     run.add_argument("--out", required=True, help="checkpoint folder (replaced atomically at every save)")
     run.add_argument("--resume", action="store_true", help="continue the checkpoint in --out where it stopped")
-    run.add_argument("--stop-after", type=int, default=None, help="stop with a checkpoint after this many steps")
+    run.add_argument("--stop-after", type=int, default=None,
+                     help="stop with a checkpoint after this many steps (default: run to the end)")
     run.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (and at stage ends)")
     run.add_argument("--device", default=None, help="cpu or cuda (default: the local GPU if any)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -11,7 +11,8 @@ import sys
 from shiva_export.errors import ShivaError
 
 # One module per verb under shiva_export/commands; each exposes add_parser(subparsers).
-VERBS = ("train", "freeze", "export", "lint", "engine", "check", "bench", "report", "inspect", "build")
+VERBS = ("data", "train", "freeze", "export", "lint", "engine", "check", "bench", "report", "inspect", "build",
+         "generate")
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C

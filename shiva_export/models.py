@@ -325,3 +325,41 @@ def example_inputs(config, height: int, width: int, batch: int, context_tokens: 
         "pooled_projections": torch.randn(batch, config["pooled_projection_dim"], generator=gen).to(dtype),
         "timestep": torch.full((batch,), 500.0),
     }
+
+
+def pipeline_root(path: str | Path) -> Path:
+    """The diffusers pipeline folder at `path` (or around its transformer/ subfolder); one line if there is none."""
+    path = Path(path)
+    for candidate in (path, path.parent):
+        if (candidate / "model_index.json").is_file():
+            return candidate
+    if path.exists():
+        raise ConfigError(f"{path}: not a diffusers pipeline folder (no model_index.json); expected a folder saved "
+                          "with StableDiffusion3Pipeline.save_pretrained, with scheduler/, vae/ and the text encoders")
+    raise ConfigError(f"{path}: no such pipeline folder")
+
+
+def load_pipeline(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """StableDiffusion3Pipeline.from_pretrained(folder) with safetensors only (never unpickled), on `device`;
+    the transformer is checked as `--model` checks it."""
+    from diffusers import StableDiffusion3Pipeline
+    from diffusers.utils import logging as diffusers_logging
+
+    root = pipeline_root(path)
+    resolve_model_dir(root)  # the transformer's config.json, validated before anything is built
+    index = read_json(root / "model_index.json")
+    if not isinstance(index, dict) or index.get("_class_name") != "StableDiffusion3Pipeline":
+        found = index.get("_class_name") if isinstance(index, dict) else index
+        raise ConfigError(f"{root / 'model_index.json'}: field _class_name: expected 'StableDiffusion3Pipeline', "
+                          f"got {found!r}")
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        pipe = StableDiffusion3Pipeline.from_pretrained(root, torch_dtype=dtype, use_safetensors=True)
+    except (OSError, ValueError, RuntimeError, TypeError, ImportError) as err:
+        reason = " ".join(str(err).split())[:200] or type(err).__name__
+        raise ConfigError(f"{root}: the pipeline does not load ({reason})") from None
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)

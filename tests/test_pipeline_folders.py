@@ -148,3 +148,147 @@ def test_train_takes_the_scheduler_shift_and_vae_factor_from_the_folder(sd35_dyn
     assert (train["height"], train["width"]) == (64, 64)
     summary = json.loads((out / ckpt.SUMMARY_FILE).read_text())
     assert summary["num_image_tokens"] == 32 * 32
+
+
+# ------------------------------------------------------------------------------------------ generate
+def test_generate_writes_dense_engine_and_difference_side_by_side_with_time_and_fidelity(sd3, tmp_path):
+    from PIL import Image
+
+    from shiva_export.cli import main
+
+    _, out = sd3
+    assert main(["generate", "--out", str(out), "--prompt", "a red square", "--seed", "3",
+                 "--image-out", str(tmp_path)]) == 0
+    record = json.loads(next(tmp_path.glob("seed3-*.json")).read_text())
+    png = Image.open(tmp_path / record["png"])
+    assert png.size == (3 * 32 + 2 * 4, 32) and png.mode == "RGB"
+    assert record["steps"] == 28 and record["guidance_scale"] == 7.0 and record["backend"] == "onnxruntime"
+    assert record["seconds"]["dense"] > 0 and record["seconds"]["engine"] > 0
+    # pruned (keep ~0.6) differs from dense, but is the same image, not another one
+    assert 15 < record["psnr_db"] < 200 and 0.5 < record["ssim"] < 1
+
+
+def test_image_metrics_are_exact_on_equal_images_and_fall_with_noise():
+    from shiva_export.generate import psnr, ssim
+
+    rng = np.random.default_rng(0)
+    image = rng.random((32, 40, 3))
+    assert psnr(image, image) == float("inf") and ssim(image, image) == pytest.approx(1.0, abs=1e-12)
+    noisy = np.clip(image + rng.normal(0, 0.05, image.shape), 0, 1)
+    assert 20 < psnr(image, noisy) < 30 and ssim(image, noisy) < ssim(image, (image + noisy) / 2) < 1
+
+
+def test_generate_on_a_preset_artifact_asks_for_the_pipeline_folder(tiny_artifact, capsys):
+    from shiva_export.cli import main
+
+    assert main(["generate", "--out", str(tiny_artifact), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not a pipeline folder" in err[0] and "--model PIPELINE_DIR" in err[0]
+
+
+# ------------------------------------------------------------------------------------------ data
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory):
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("prompts")
+    (root / "prompts.txt").write_text("a red square\n\na blue circle\na green field\n")
+    (root / "images").mkdir()
+    for i, colour in enumerate([(255, 0, 0), (0, 0, 255), (0, 255, 0)]):
+        array = np.zeros((40, 52, 3), np.uint8)
+        array[...] = colour
+        array[5:20, 5:30] = 255 - np.array(colour)
+        Image.fromarray(array).save(root / "images" / f"{i:02d}.png")
+    return root
+
+
+def make(folder, prompts, out, *options) -> int:
+    from shiva_export.cli import main
+
+    return main(["data", "--model", str(folder), "--prompts", str(prompts / "prompts.txt"), "--out", str(out),
+                 "--no-progress", *options])
+
+
+def tensors(folder):
+    from safetensors.torch import load_file
+
+    index = json.loads((folder / "index.json").read_text())
+    parts = [load_file(folder / shard["file"]) for shard in index["shards"]]
+    return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+
+
+def test_data_from_images_and_from_teacher_samples_trains(sd3, prompts, tmp_path):
+    from shiva_export.cli import main
+
+    folder, _ = sd3
+    pipe = load_pipe(folder)
+    assert make(folder, prompts, tmp_path / "img", "--images", str(prompts / "images"), "--shard-size", "2") == 0
+    assert make(folder, prompts, tmp_path / "teacher", "--steps", "3", "--shard-size", "2") == 0
+    for name in ("img", "teacher"):
+        index = json.loads((tmp_path / name / "index.json").read_text())
+        assert [s["count"] for s in index["shards"]] == [2, 1]
+        assert (index["latent_channels"], index["latent_height"], index["latent_width"]) == (4, 32, 32)
+        assert (index["context_tokens"], index["context_dim"], index["pooled_dim"]) == (333, 32, 64)
+        data = tensors(tmp_path / name)
+        context, _, pooled, _ = pipe.encode_prompt("a blue circle", None, None, do_classifier_free_guidance=False)
+        torch.testing.assert_close(data["encoder_hidden_states"][1], context[0])  # line 3 (a blank line skipped)
+        torch.testing.assert_close(data["pooled_projections"][1], pooled[0])
+    # image latents: a sample of the VAE's posterior (keyed by seed and index) of the image fitted to 32x32 (cover,
+    # centre crop), normalised as the pipeline feeds the transformer
+    from PIL import Image, ImageOps
+
+    from shiva_export.data import sample_generator
+
+    fitted = ImageOps.fit(Image.open(prompts / "images" / "00.png").convert("RGB"), (32, 32),
+                          method=Image.Resampling.BICUBIC)
+    pixels = torch.from_numpy(np.asarray(fitted, np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        posterior = pipe.vae.encode(pixels).latent_dist
+    sample = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=sample_generator(0, 0))
+    normalised = (sample - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
+    torch.testing.assert_close(tensors(tmp_path / "img")["latents"][0], normalised[0])
+    assert main(["train", "--model", str(folder), "--data", str(tmp_path / "teacher"), "--out", str(tmp_path / "r"),
+                 "--no-progress", "--warmup-steps", "1", "--policy-steps", "1", "--joint-steps", "1",
+                 "--lr-warmup-steps", "1", "--global-batch", "2", "--micro-batch", "1", "--eval-steps", "2",
+                 "--eval-samples", "1"]) == 0
+
+
+def test_data_resumes_after_the_last_finished_shard_and_does_not_depend_on_shard_size(sd3, prompts, tmp_path):
+    folder, _ = sd3
+    options = ("--images", str(prompts / "images"))
+    assert make(folder, prompts, tmp_path / "a", *options, "--shard-size", "1") == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()}
+    first_mtime = (tmp_path / "a" / "shard-00000.safetensors").stat().st_mtime_ns
+    (tmp_path / "a" / "shard-00002.safetensors").unlink()   # as if killed before the last shard and the index
+    (tmp_path / "a" / "index.json").unlink()
+    assert make(folder, prompts, tmp_path / "a", *options, "--shard-size", "1") == 0
+    assert {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()} == before
+    assert (tmp_path / "a" / "shard-00000.safetensors").stat().st_mtime_ns == first_mtime  # not redone
+    assert make(folder, prompts, tmp_path / "b", *options, "--shard-size", "3") == 0
+    a, b = tensors(tmp_path / "a"), tensors(tmp_path / "b")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
+def test_data_refuses_bad_input_in_one_line_and_writes_nothing(sd3, prompts, tmp_path, capsys):
+    folder, _ = sd3
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "0.png").write_text("not an image")
+    cases = [
+        (["data", "--model", str(folder), "--prompts", str(tmp_path / "empty.txt")], "no prompts"),
+        (["data", "--model", str(tmp_path), "--prompts", str(prompts / "prompts.txt")], "not a diffusers pipeline"),
+        (["data", "--model", str(folder), "--prompts", str(prompts / "prompts.txt"), "--images",
+          str(tmp_path / "bad")], "1 image files"),
+    ]
+    from shiva_export.cli import main
+
+    for argv, expected in cases:
+        out = tmp_path / "out"
+        assert main([*argv, "--out", str(out), "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and expected in err[0], err
+        assert not out.exists()
+    assert make(folder, prompts, tmp_path / "c", "--images", str(prompts / "images")) == 0
+    assert make(folder, prompts, tmp_path / "c", "--images", str(prompts / "images"), "--seed", "1") == 2
+    assert "made from other inputs" in capsys.readouterr().err

@@ -176,9 +176,9 @@ def test_raw_input_blobs_for_trtexec_hold_the_same_feeds(checked):
 def test_repro_script_has_polygraphy_and_trtexec_commands_and_its_polygraphy_line_passes(checked):
     root, _, _ = checked
     script = (root / "check" / "repro.sh").read_text()
-    line = ("polygraphy run onnx/b1.debug.onnx --onnxrt --load-inputs check/bucket1/inputs.json "
+    line = ('"$POLYGRAPHY" run onnx/b1.debug.onnx --onnxrt --load-inputs check/bucket1/inputs.json '
             "--load-outputs check/bucket1/reference.json --atol 0.0001 --rtol 0 --check-error-stat max")
-    assert line in script
+    assert line in script and f"PY={sys.executable}" in script   # the polygraphy beside the Python that wrote it
     assert "trtexec --onnx=onnx/b0.onnx --stronglyTyped" in script and "--loadInputs='hidden_states':" in script
     polygraphy = Path(sys.executable).with_name("polygraphy")
     done = subprocess.run([str(polygraphy), *line.split()[1:]], cwd=root, capture_output=True, text=True, timeout=120)

@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         except ShivaError as err:
             status, intact = f"STALE: {err}", False
         print(f"\n[{name}] finished {record.get('finished', '?')}, files {len(record.get('files', []))}: {status}")
-        for line in describe(name, record):
+        for line in describe(name, record, manifest):
             print("  " + line)
     verdicts = runtime_verdicts(ws)
     print()
@@ -87,7 +87,7 @@ def runtime_verdicts(ws) -> dict:
     return verdicts
 
 
-def describe(name: str, record: dict) -> list[str]:
+def describe(name: str, record: dict, manifest=None) -> list[str]:
     if name == "freeze":
         summary = record.get("summary", {})
         lines = [f"bucket {i}: k={k}" for i, k in enumerate(record.get("buckets", []))]
@@ -99,9 +99,34 @@ def describe(name: str, record: dict) -> list[str]:
     if name == "export":
         return [f"{g['file']} (bucket {g['bucket']}) sha256 {g['sha256'][:12]}" for g in record.get("graphs", [])]
     if name == "engine":
-        return [f"{backend}: {len(items)} engine(s) " + ", ".join(e["engine"] for e in items)
-                for backend, items in record.get("engines", {}).items()]
+        lines = []
+        for backend, items in record.get("engines", {}).items():
+            lines.append(f"{backend}: {len(items)} engine(s)")
+            lines += [f"  bucket {e.get('bucket', '?')}: {e.get('engine', '?')} ({engine_freshness(manifest, e)})"
+                      for e in items]
+        return lines
     if name in ("check", "bench", "lint"):
         return [f"{key}: {value}" for key, value in record.items()
                 if key in ("passed", "summary", "errors", "warnings", "speedup")]
     return []
+
+
+def engine_freshness(manifest, record: dict) -> str:
+    """"fresh" if an engine and its sidecar are the files the manifest recorded and the sidecar names the graph the
+    export now lists; else what is wrong."""
+    from shiva_export.engines.metadata import read_metadata
+    from shiva_export.errors import ShivaError
+
+    if manifest is None:
+        return "not verified"
+    try:
+        for relative in (record["engine"], record["metadata"]):
+            manifest.verify_file(relative, manifest.recorded_sha256(relative), "engine")
+        built_from = read_metadata(manifest.path_of(record["engine"])).onnx_sha256
+    except (ShivaError, KeyError) as err:
+        return f"STALE: {err}"
+    graphs = {g["file"]: g["sha256"] for g in (manifest.stage("export") or {}).get("graphs", [])}
+    if graphs.get(record.get("onnx")) != built_from:
+        return f"STALE: built from another {record.get('onnx')} than the export lists; rebuild it with " \
+               f"`python -m shiva_export engine --backend {record.get('backend', '<backend>')} --out {manifest.root}`"
+    return "fresh"

@@ -52,3 +52,17 @@ def tiny_sd3_artifact(tmp_path_factory) -> Path:
 def artifact_copy(tiny_artifact, tmp_path) -> Path:
     """A private copy of the tiny artifact folder that a test may check, bench or break."""
     return Path(shutil.copytree(tiny_artifact, tmp_path / "artifact"))
+
+
+@pytest.fixture(scope="session")
+def trt_rtx_artifact(tiny_artifact, tmp_path_factory) -> Path:
+    """The tiny artifact with TensorRT-RTX plans for both buckets, built on this CPU (the builder needs no GPU).
+    Tests that write into it take a copy."""
+    pytest.importorskip("tensorrt_rtx", reason="needs tensorrt-rtx-cu13 (a test extra)")
+    from shiva_export import pipeline
+
+    root = Path(shutil.copytree(tiny_artifact, tmp_path_factory.mktemp("rtx") / "artifact"))
+    ws = pipeline.Workspace(root)
+    pipeline.run_engines(ws, "trt-rtx")
+    del ws
+    return root

@@ -42,14 +42,9 @@ def test_build_with_a_backend_that_is_not_installed_stops_before_any_stage(tmp_p
 
 
 @pytest.fixture(scope="module")
-def with_trt_rtx_plans(tiny_artifact, tmp_path_factory) -> Path:
-    """A copy of the tiny artifact with TensorRT-RTX plans built on this CPU (the builder runs without a GPU)."""
-    pytest.importorskip("tensorrt_rtx", reason="needs tensorrt-rtx-cu13 (a test extra)")
-    root = Path(shutil.copytree(tiny_artifact, tmp_path_factory.mktemp("rtx") / "artifact"))
-    ws = pipeline.Workspace(root)
-    pipeline.run_engines(ws, "trt-rtx")
-    del ws
-    return root
+def with_trt_rtx_plans(trt_rtx_artifact, tmp_path_factory) -> Path:
+    """A private copy of the artifact with TensorRT-RTX plans (built on this CPU)."""
+    return Path(shutil.copytree(trt_rtx_artifact, tmp_path_factory.mktemp("rtx-copy") / "artifact"))
 
 
 @NO_GPU

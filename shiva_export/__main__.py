@@ -6,11 +6,11 @@ import sys
 
 def _run() -> int:
     try:
-        from shiva_export import cli
+        from shiva_export import cli   # light: the heavy imports happen in cli.main with Ctrl-C deferred
 
         return cli.main()
     except KeyboardInterrupt:  # while importing the CLI, or just after main returned
-        print("interrupted", file=sys.stderr)
+        print("interrupted: partial outputs were discarded; existing artifacts are unchanged", file=sys.stderr)
         return 130
     finally:
         # The verb is done: a late Ctrl-C must not interrupt atexit handlers (tqdm's) into a traceback.

@@ -4,9 +4,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
+import signal
 import sys
+import threading
 
 from shiva_export.errors import ShivaError
 
@@ -53,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        parser = build_parser()  # imports every verb module (torch, onnx): seconds in which a Ctrl-C is likely
+        with interrupts_deferred():
+            parser = build_parser()  # imports every verb module (torch, onnx): seconds in which a Ctrl-C is likely
         args = parser.parse_args(argv)
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         logging.getLogger("shiva_export").setLevel(logging.DEBUG if args.verbose else logging.INFO)
@@ -69,6 +73,25 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {err}", file=sys.stderr)
             return EXIT_BAD_INPUT
         raise
+
+
+@contextlib.contextmanager
+def interrupts_deferred():
+    """Hold a Ctrl-C until the block ends, then raise it. An import cut in half leaves a module half-initialized
+    (numpy's lazy `__getattr__` then recurses until RecursionError), so the failure that surfaces is not an
+    interrupt at all. Only the main thread with Python's own SIGINT handler is touched (embedding code keeps its)."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
 
 
 def is_interrupt(err: BaseException) -> bool:

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from shiva_export.cli import EXIT_INTERRUPTED, INTERRUPTED, is_interrupt
+from shiva_export.cli import EXIT_INTERRUPTED, INTERRUPTED, interrupts_deferred, is_interrupt
 
 LOG_RECORD = re.compile(r"^(DEBUG|INFO|WARNING) shiva_export[\w.]*: ")   # cli.main's logging format
 
@@ -65,3 +65,16 @@ def test_an_interrupt_wrapped_by_python_is_still_an_interrupt():
         caught = err
     assert is_interrupt(caught)
     assert not is_interrupt(RuntimeError("a bug")) and not is_interrupt(ValueError())
+
+
+def test_a_ctrl_c_during_imports_waits_for_the_block_then_interrupts():
+    """CI once cut numpy's import in half: what surfaced was a RecursionError (exit 1), not an interrupt."""
+    finished = []
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts_deferred():
+            signal.raise_signal(signal.SIGINT)
+            finished.append("the block ran to its end")
+    assert finished == ["the block ran to its end"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with interrupts_deferred():   # nothing received: nothing raised
+        pass

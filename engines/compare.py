@@ -396,7 +396,8 @@ def check_full_trajectory(engines, ws, trajectory, gate: Gate) -> TrajectoryResu
         def step_fn(step: int, feed):
             return runners[schedule.step_to_bucket[step]].infer(dict(feed))
 
-        final = denoise(step_fn, schedule, cfg, trajectory.initial_latents, trajectory.conditioning,
+        final = denoise(step_fn, schedule, cfg, trajectory.model_config, trajectory.initial_latents,
+                        trajectory.conditioning,
                         trajectory.guidance_scale, progress=f"loop on {engines.name}")
     finally:
         for runner in active:

@@ -74,7 +74,8 @@ class Trajectory:
     steps: tuple[StepRecord, ...]
     initial_latents: np.ndarray
     final_latents: np.ndarray
-    conditioning: dict[str, np.ndarray]   # encoder_hidden_states / pooled_projections of the batch
+    conditioning: dict[str, np.ndarray]   # the inputs fixed for the run (text embeddings, guidance) of the batch
+    model_config: dict                    # the transformer's config (its family feeds the timestep its own way)
 
     def bucket_steps(self, bucket: int) -> tuple[StepRecord, ...]:
         return tuple(s for s in self.steps if s.bucket == bucket)
@@ -164,31 +165,33 @@ def _scheduler(schedule):
 
 
 def _seeded_inputs(cfg, model_config, seed: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Initial latents [images, C, H, W] and the batch's prompt embeddings ([uncond; cond] when the batch is even)."""
+    """Initial latents [images, ...] and the batch's conditioning ([uncond; cond] when the batch is even and the
+    family runs classifier-free guidance), in the graphs' dtypes."""
     import torch
 
-    shapes = cfg.input_shapes(model_config)
+    from shiva_export import backbones
+
+    adapter = backbones.for_config(model_config)
+    specs = cfg.input_specs(model_config)
     batch = cfg.batch
-    images = batch // 2 if batch % 2 == 0 else batch
-    halves = 2 if batch % 2 == 0 else 1
+    halves = 2 if batch % 2 == 0 and adapter.default_batch == 2 else 1
+    images = batch // halves
     gen = torch.Generator().manual_seed(int(seed))
-    latents = torch.randn((images, *shapes["hidden_states"][1:]), generator=gen)
-    text = torch.randn((halves, images, *shapes["encoder_hidden_states"][1:]), generator=gen)
-    pooled = torch.randn((halves, images, *shapes["pooled_projections"][1:]), generator=gen)
-    dtype = _numpy_dtype(cfg.dtype)
-    conditioning = {"encoder_hidden_states": _to_numpy(text.flatten(0, 1), dtype),
-                    "pooled_projections": _to_numpy(pooled.flatten(0, 1), dtype)}
-    return _to_numpy(latents, dtype), conditioning
+    latents = torch.randn((images, *specs["hidden_states"].shape[1:]), generator=gen)
+    conditioning = adapter.conditioning(specs, images, halves, gen)
+    conditioning = {name: _to_numpy(value, _numpy_dtype(specs[name].dtype)) for name, value in conditioning.items()}
+    return _to_numpy(latents, _numpy_dtype(cfg.dtype)), conditioning
 
 
-def denoise(step_fn: StepFn, schedule, cfg, latents: np.ndarray, conditioning: Mapping[str, np.ndarray],
-            guidance_scale: float, on_step: Callable[[int, dict, Mapping[str, np.ndarray]], None] | None = None,
+def denoise(step_fn: StepFn, schedule, cfg, model_config, latents: np.ndarray,
+            conditioning: Mapping[str, np.ndarray], guidance_scale: float, on_step: Callable[[int, dict, Mapping[str, np.ndarray]], None] | None = None,
             progress: str | None = None) -> np.ndarray:
-    """The SD3 pipeline's denoising loop around any transformer; returns the final latents.
+    """The pipelines' denoising loop around any transformer; returns the final latents.
 
-    Mirrors ``StableDiffusion3Pipeline.__call__``: latents are duplicated for the [uncond; cond] batch, the
-    timestep is ``t.expand(batch)`` in fp32, guidance is ``uncond + g (cond - uncond)`` in the output dtype and the
-    Euler step is the scheduler's own (it upcasts to fp32 and casts back to the latents' dtype).
+    Mirrors ``StableDiffusion3Pipeline.__call__`` / ``FluxPipeline.__call__``: latents are duplicated for an
+    [uncond; cond] batch, the timestep is the family's transformer input of t (``t`` or ``t / 1000``) expanded to
+    the batch in fp32, guidance is ``uncond + g (cond - uncond)`` in the output dtype and the Euler step is the
+    scheduler's own (it upcasts to fp32 and casts back to the latents' dtype).
 
     Args:
         step_fn: (step index, feed) -> outputs with "sample"; the feed has the graphs' input names and dtypes.
@@ -200,6 +203,9 @@ def denoise(step_fn: StepFn, schedule, cfg, latents: np.ndarray, conditioning: M
     import torch
     from tqdm import tqdm
 
+    from shiva_export import backbones
+
+    to_input = backbones.for_config(model_config).transformer_timestep
     scheduler = _scheduler(schedule)
     cfg_halves = cfg.batch // latents.shape[0]
     if cfg_halves not in (1, 2) or latents.shape[0] * cfg_halves != cfg.batch:
@@ -208,10 +214,8 @@ def denoise(step_fn: StepFn, schedule, cfg, latents: np.ndarray, conditioning: M
     bar = tqdm(total=len(scheduler.timesteps), desc=progress, unit="step", disable=None if progress else True)
     for step, t in enumerate(scheduler.timesteps):
         model_input = torch.cat([current] * cfg_halves) if cfg_halves == 2 else current
-        feed = {"hidden_states": _to_numpy(model_input, latents.dtype),
-                "encoder_hidden_states": conditioning["encoder_hidden_states"],
-                "pooled_projections": conditioning["pooled_projections"],
-                "timestep": np.full((cfg.batch,), float(t), dtype=np.float32)}
+        feed = {"hidden_states": _to_numpy(model_input, latents.dtype), **conditioning,
+                "timestep": np.full((cfg.batch,), to_input(float(t)), dtype=np.float32)}
         outputs = step_fn(step, feed)
         noise = _to_torch(np.asarray(outputs["sample"]))
         if cfg_halves == 2:
@@ -236,6 +240,7 @@ def capture_trajectory(ws, seed: int = 0, guidance_scale: float = DEFAULT_GUIDAN
     import torch
 
     from shiva_export.export import StaticBucket, output_names
+    from shiva_export.pipeline import recorded_transformer_config
 
     schedule = ws.schedule()
     cfg = export_config(ws)
@@ -243,7 +248,9 @@ def capture_trajectory(ws, seed: int = 0, guidance_scale: float = DEFAULT_GUIDAN
     state = pruned.state
     names = output_names(state.num_layers, state.pruned_layers, debug_indices=True)
     latents, conditioning = _seeded_inputs(cfg, pruned.config, seed)
-    modules = {b.index: StaticBucket(pruned.transformer, b.k, debug_indices=True).eval() for b in schedule.buckets}
+    constants = cfg.constants(pruned.config)
+    modules = {b.index: StaticBucket(pruned.transformer, b.k, debug_indices=True, constants=constants).eval()
+               for b in schedule.buckets}
     records: list[StepRecord] = []
 
     def step_fn(step: int, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -259,14 +266,15 @@ def capture_trajectory(ws, seed: int = 0, guidance_scale: float = DEFAULT_GUIDAN
         records.append(StepRecord(step, schedule.step_to_bucket[step], float(feed["timestep"][0]),
                                   dict(feed), dict(outputs)))
 
-    scale = float(guidance_scale) if cfg.batch % 2 == 0 else 1.0
+    scale = float(guidance_scale) if latents.shape[0] * 2 == cfg.batch else 1.0
     with _model_in_dtype(pruned, cfg.dtype, device):
-        final = denoise(step_fn, schedule, cfg, latents, conditioning, scale, on_step,
+        final = denoise(step_fn, schedule, cfg, pruned.config, latents, conditioning, scale, on_step,
                         progress=f"trajectory (PyTorch, {device})")
     logger.info("captured a %d-step trajectory (seed %d, guidance %.1f, %s, %s)", len(records), seed, scale,
                 cfg.dtype, device)
     return Trajectory(seed=int(seed), guidance_scale=scale, dtype=cfg.dtype, steps=tuple(records),
-                      initial_latents=latents, final_latents=final, conditioning=dict(conditioning))
+                      initial_latents=latents, final_latents=final, conditioning=dict(conditioning),
+                      model_config=recorded_transformer_config(pruned.config))
 
 
 def _blob_dir(root: Path, index: int) -> Path:

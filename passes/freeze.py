@@ -150,17 +150,23 @@ def make_scheduler(shift: float, scheduler: Mapping[str, Any] | None = None):
 
     if scheduler is None:
         return FlowMatchEulerDiscreteScheduler(shift=float(shift))
-    return FlowMatchEulerDiscreteScheduler.from_config({**scheduler, "shift": float(shift)})
+    sampler = FlowMatchEulerDiscreteScheduler.from_config(
+        {key: value for key, value in scheduler.items() if key != "_sigmas"} | {"shift": float(shift)})
+    sampler.pipeline_sigmas = scheduler.get("_sigmas")   # read by set_pipeline_timesteps
+    return sampler
 
 
 def set_pipeline_timesteps(scheduler, num_steps: int, image_seq_len: int | None) -> None:
-    """`scheduler.set_timesteps` as StableDiffusion3Pipeline calls it: with dynamic shifting, mu comes from the image
-    sequence length (diffusers' calculate_shift over the scheduler config's base/max lengths and shifts)."""
+    """`scheduler.set_timesteps` as the pipeline calls it: with dynamic shifting, mu comes from the image sequence
+    length (diffusers' calculate_shift over the scheduler config's base/max lengths and shifts); a scheduler made
+    for a pipeline that passes its own sigmas (`_sigmas: linspace`, FluxPipeline) gets linspace(1, 1/n, n)."""
     config, kwargs = scheduler.config, {}
     if config.get("use_dynamic_shifting", False):
         if image_seq_len is None:
             raise ConfigError("a scheduler with dynamic shifting needs the image sequence length")
         kwargs["mu"] = dynamic_shift_mu(config, image_seq_len)
+    if getattr(scheduler, "pipeline_sigmas", None) == "linspace" and not config.get("use_flow_sigmas", False):
+        kwargs["sigmas"] = np.linspace(1.0, 1 / int(num_steps), int(num_steps))
     scheduler.set_timesteps(int(num_steps), **kwargs)
 
 

@@ -23,6 +23,7 @@ import torch
 
 from shiva_export.errors import ConfigError, StaticGraphError
 from shiva_export.io import atomic_directory
+from shiva_export import backbones
 from shiva_export.models import VAE_SCALE_FACTOR, num_image_tokens
 from shiva_export.patching import get_pruning_state, static_k, validate_k
 from shiva_export.topk import ROW_SCATTERS
@@ -30,7 +31,7 @@ from shiva_export.topk import ROW_SCATTERS
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-INPUT_NAMES = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep")
+INPUT_NAMES = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep")   # SD3's; see input_names
 OUTPUT_NAME = "sample"
 WEIGHTS_FILE = "weights.bin"
 MIN_EXTERNAL_BYTES = 1024
@@ -69,61 +70,97 @@ class ExportConfig:
             raise ConfigError(f"opset {self.opset} is not supported; expected 18..23 (23 gives fused Attention)")
         return num_image_tokens(model_config, self.height, self.width, self.vae_scale_factor)
 
-    def input_shapes(self, model_config) -> dict[str, tuple[int, ...]]:
-        lat_h, lat_w = self.height // self.vae_scale_factor, self.width // self.vae_scale_factor
-        return {
-            "hidden_states": (self.batch, model_config["in_channels"], lat_h, lat_w),
-            "encoder_hidden_states": (self.batch, self.context_tokens, model_config["joint_attention_dim"]),
-            "pooled_projections": (self.batch, model_config["pooled_projection_dim"]),
-            "timestep": (self.batch,),
-        }
+    def input_specs(self, model_config) -> dict[str, backbones.InputSpec]:
+        """The graph inputs, in order, as the model's family defines them."""
+        return backbones.for_config(model_config).input_specs(model_config, self.height, self.width, self.batch,
+                                                              self.context_tokens, self.vae_scale_factor, self.dtype)
 
-    def input_dtypes(self) -> dict[str, str]:
-        return {"hidden_states": self.dtype, "encoder_hidden_states": self.dtype,
-                "pooled_projections": self.dtype, "timestep": "fp32"}
+    def input_shapes(self, model_config) -> dict[str, tuple[int, ...]]:
+        return {name: spec.shape for name, spec in self.input_specs(model_config).items()}
+
+    def input_dtypes(self, model_config) -> dict[str, str]:
+        return {name: spec.dtype for name, spec in self.input_specs(model_config).items()}
+
+    def constants(self, model_config) -> dict[str, torch.Tensor]:
+        """Transformer inputs fixed by these shapes, folded into the graphs (Flux's img_ids / txt_ids)."""
+        return backbones.for_config(model_config).constants(model_config, self.height, self.width,
+                                                            self.context_tokens, self.vae_scale_factor)
+
+
+def input_names(model_config) -> list[str]:
+    """The graph input names of a model's family, in order (their shapes do not matter for the names)."""
+    adapter = backbones.for_config(model_config)
+    return list(adapter.input_specs(model_config, 1024, 1024, 1, 1, 8, "fp32"))
 
 
 def output_names(num_layers: int, pruned_layers: Sequence[int], debug_indices: bool) -> list[str]:
     return [OUTPUT_NAME] + ([f"indices_layer{l}" for l in pruned_layers] if debug_indices else [])
 
 
-class StaticBucket(torch.nn.Module):
-    """The patched transformer pinned to one bucket's k vector: the exact module torch.export traces."""
+class _GraphInputs(torch.nn.Module):
+    """The transformer called with the graph inputs by name plus the shape-fixed constants (registered as buffers,
+    so they move with the module and are traced as constants)."""
+
+    def __init__(self, transformer, constants: dict[str, torch.Tensor] | None):
+        super().__init__()
+        self.transformer = transformer
+        self._constant_names = tuple(constants or {})
+        for name, value in (constants or {}).items():
+            self.register_buffer(f"const_{name}", value, persistent=False)
+
+    def call(self, **inputs):
+        inputs = {name: value for name, value in inputs.items() if value is not None}
+        inputs.update({name: getattr(self, f"const_{name}") for name in self._constant_names})
+        return self.transformer(**inputs, return_dict=False)[0]
+
+
+class StaticBucket(_GraphInputs):
+    """The patched transformer pinned to one bucket's k vector: the exact module torch.export traces.
+
+    constants: the family's shape-fixed inputs (ExportConfig.constants), e.g. Flux's img_ids / txt_ids."""
 
     def __init__(self, transformer, k: Sequence[int], debug_indices: bool = False, inplace_scatter: bool = False,
-                 select_full_layers: bool = False, row_scatter: str = "scatternd"):
-        super().__init__()
-        self.transformer, self.k, self.debug_indices = transformer, tuple(k), debug_indices
+                 select_full_layers: bool = False, row_scatter: str = "scatternd",
+                 constants: dict[str, torch.Tensor] | None = None):
+        super().__init__(transformer, constants)
+        self.k, self.debug_indices = tuple(k), debug_indices
         self.inplace_scatter, self.select_full_layers = inplace_scatter, select_full_layers
         self.row_scatter = row_scatter
 
-    def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep):
+    def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, guidance=None):
         with static_k(self.transformer, self.k, record=self.debug_indices, inplace_scatter=self.inplace_scatter,
                       select_full_layers=self.select_full_layers, row_scatter=self.row_scatter) as state:
-            sample = self.transformer(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
-                                      pooled_projections=pooled_projections, timestep=timestep, return_dict=False)[0]
+            sample = self.call(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
+                               pooled_projections=pooled_projections, timestep=timestep, guidance=guidance)
             if not self.debug_indices:
                 return sample
             return (sample, *[state.indices[l] for l in state.pruned_layers])
 
 
-class DenseModel(torch.nn.Module):
+class DenseModel(_GraphInputs):
     """The unpruned backbone (hooks inert), exported beside the buckets as the speed and accuracy baseline."""
 
-    def __init__(self, transformer):
-        super().__init__()
-        self.transformer = transformer
+    def __init__(self, transformer, constants: dict[str, torch.Tensor] | None = None):
+        super().__init__(transformer, constants)
 
-    def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep):
-        return self.transformer(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
-                                pooled_projections=pooled_projections, timestep=timestep, return_dict=False)[0]
+    def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, guidance=None):
+        return self.call(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
+                         pooled_projections=pooled_projections, timestep=timestep, guidance=guidance)
 
 
 def example_feed(model_config, cfg: ExportConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Seeded graph inputs: normal conditioning and latents, the timestep of t = 500 (and the default guidance)."""
+    adapter = backbones.for_config(model_config)
     gen = torch.Generator().manual_seed(seed)
     dtype = torch_dtype(cfg.dtype)
-    feed = {name: torch.randn(shape, generator=gen).to(dtype) for name, shape in cfg.input_shapes(model_config).items()}
-    feed["timestep"] = torch.full((cfg.batch,), 500.0)
+    feed = {}
+    for name, spec in cfg.input_specs(model_config).items():
+        if spec.role == "timestep":
+            feed[name] = torch.full(spec.shape, adapter.transformer_timestep(500.0))
+        elif name == "guidance":
+            feed[name] = adapter.conditioning({name: spec}, cfg.batch, 1, gen)[name]
+        else:
+            feed[name] = torch.randn(spec.shape, generator=gen).to(dtype)
     return feed
 
 
@@ -154,18 +191,22 @@ def export_bucket(transformer, k: Sequence[int] | None, cfg: ExportConfig) -> ir
     if state is None:
         raise ConfigError("export needs a patched model: apply_token_pruning(transformer, routers) first")
     num_tokens = cfg.validate(transformer.config)
+    adapter = backbones.for_model(transformer)
+    constants = cfg.constants(transformer.config)
     if k is None:
-        module, names = DenseModel(transformer).eval(), [OUTPUT_NAME]
+        module, names = DenseModel(transformer, constants).eval(), [OUTPUT_NAME]
     else:
         k = validate_k(state, k, num_tokens)
         if state.config.cfg_consistent and cfg.batch % 2:
             raise ConfigError(f"CFG-consistent selection needs an even batch, got --batch {cfg.batch}")
-        module = StaticBucket(transformer, k, cfg.debug_indices, row_scatter=cfg.row_scatter).eval()
+        module = StaticBucket(transformer, k, cfg.debug_indices, row_scatter=cfg.row_scatter,
+                              constants=constants).eval()
         names = output_names(state.num_layers, state.pruned_layers, cfg.debug_indices)
+    module.to(transformer.device)
     feed = {name: value.to(transformer.device) for name, value in example_feed(transformer.config, cfg).items()}
-    with _quiet_exporter(), torch.no_grad():
+    with _quiet_exporter(), torch.no_grad(), adapter.fixed_shapes(transformer, constants):
         program = torch.onnx.export(module, (), kwargs=feed, dynamo=True, opset_version=cfg.opset,
-                                    input_names=list(INPUT_NAMES), output_names=names, optimize=True)
+                                    input_names=list(feed), output_names=names, optimize=True)
     model = program.model
     tensorrt_safety_passes(model, cfg.dtype)
     return model

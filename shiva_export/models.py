@@ -15,11 +15,9 @@ from shiva_export.errors import ConfigError, ShivaError
 from shiva_export.io import sha256_file, sha256_json
 from shiva_export.schema import Int, ListOf, Nullable, Obj, Str, validate
 
-SUPPORTED_CLASSES = ("SD3Transformer2DModel",)
-VAE_SCALE_FACTOR = 8  # SD3/SD3.5 VAEs downsample by 8: image pixels -> latent pixels (a folder's VAE may differ)
-SCHEDULER_CLASSES = ("FlowMatchEulerDiscreteScheduler",)   # what StableDiffusion3Pipeline accepts
-CLIP_TOKENS = 77           # CLIP-L/G prompt tokens in SD3's prompt embeddings (the tokenizers' model_max_length)
-T5_TOKENS = 256            # StableDiffusion3Pipeline's default max_sequence_length
+VAE_SCALE_FACTOR = 8  # the supported families' VAEs downsample by 8 (a folder's VAE may differ)
+SCHEDULER_CLASSES = ("FlowMatchEulerDiscreteScheduler",)   # what the supported pipelines accept
+SIGMA_SCHEDULES = ("linspace",)  # "_sigmas" in a scheduler config: the pipeline passes its own sigma grid
 
 
 def preset_names() -> list[str]:
@@ -96,59 +94,20 @@ def read_json(path: Path, error: type[ShivaError] = ConfigError) -> Any:
         raise error(f"{path}: not valid JSON ({err})") from None
 
 
-_SIZE = Int(minimum=1, maximum=65536)
-# SD3Transformer2DModel's config keys and the diffusers bookkeeping it reads (diffusers fills absent sizes with its
-# defaults and ignores other keys)
-MODEL_CONFIG = Obj(required={"_class_name": Str(choices=SUPPORTED_CLASSES)}, optional={
-    "_diffusers_version": Str(), "_name_or_path": Str(), "_use_default_values": ListOf(Str()),
-    "sample_size": _SIZE, "patch_size": Int(minimum=1, maximum=64), "in_channels": _SIZE,
-    "num_layers": Int(minimum=1, maximum=1024), "attention_head_dim": _SIZE,
-    "num_attention_heads": Int(minimum=1, maximum=1024), "joint_attention_dim": _SIZE,
-    "caption_projection_dim": _SIZE, "pooled_projection_dim": _SIZE, "out_channels": Nullable(_SIZE),
-    "pos_embed_max_size": _SIZE, "dual_attention_layers": ListOf(Int(minimum=0, maximum=1023), max_length=1024),
-    "qk_norm": Nullable(Str(choices=("layer_norm", "fp32_layer_norm", "rms_norm", "rms_norm_across_heads"))),
-}, extra=True)
-
-
 def read_model_config(path: Path) -> dict:
-    """A diffusers transformer config.json, checked before diffusers builds anything from it."""
-    config = read_json(path)
-    if isinstance(config, dict) and config.get("_class_name") not in SUPPORTED_CLASSES:
-        raise ConfigError(f"{path}: model class {config.get('_class_name')!r} is not supported; expected one of "
-                          f"{SUPPORTED_CLASSES}")
-    validate(config, MODEL_CONFIG, str(path), error=ConfigError)
-    from diffusers import SD3Transformer2DModel
+    """A diffusers transformer config.json, checked by its family's adapter before diffusers builds anything."""
+    from shiva_export import backbones
 
-    defaults = {name: param.default for name, param in
-                inspect.signature(SD3Transformer2DModel.__init__).parameters.items() if name != "self"}
-    cfg = {**defaults, **{key: value for key, value in config.items() if key in defaults}}
-    inner = cfg["num_attention_heads"] * cfg["attention_head_dim"]
-    grid = cfg["sample_size"] // cfg["patch_size"]
-    problems = [
-        ("sample_size", cfg["sample_size"] % cfg["patch_size"] == 0,
-         f"a multiple of patch_size {cfg['patch_size']}, got {cfg['sample_size']}"),
-        ("pos_embed_max_size", grid <= cfg["pos_embed_max_size"],
-         f">= sample_size / patch_size = {grid} (the default resolution must fit the positional table), "
-         f"got {cfg['pos_embed_max_size']}"),
-        ("num_attention_heads", inner <= 65536 and inner % 4 == 0,
-         f"num_attention_heads x attention_head_dim a multiple of 4 and <= 65536 (the sin-cos position "
-         f"embedding's width), got {cfg['num_attention_heads']} x {cfg['attention_head_dim']} = {inner}"),
-        ("caption_projection_dim", cfg["caption_projection_dim"] == inner,
-         f"num_attention_heads x attention_head_dim = {inner} (the text stream runs at the block width), "
-         f"got {cfg['caption_projection_dim']}"),
-        ("dual_attention_layers", all(layer < cfg["num_layers"] for layer in cfg["dual_attention_layers"]),
-         f"layer indices below num_layers {cfg['num_layers']}, got {list(cfg['dual_attention_layers'])}"),
-    ]
-    for name, ok, expected in problems:
-        if not ok:
-            raise ConfigError(f"{path}: field {name}: expected {expected}")
-    return config
+    config = read_json(path)
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: expected a JSON object (a diffusers transformer config)")
+    return backbones.by_class(config.get("_class_name"), str(path)).validate_config(config, str(path))
 
 
 def scheduler_config(config: dict, where: str) -> dict:
     """A scheduler config (scheduler_config.json, or a preset's) completed with the class's defaults, as JSON.
 
-    Only the flow-matching Euler scheduler that StableDiffusion3Pipeline runs is accepted: freeze must step through
+    Only the flow-matching Euler scheduler that the supported pipelines run is accepted: freeze must step through
     exactly the timesteps the pipeline will."""
     if not isinstance(config, dict) or config.get("_class_name") not in SCHEDULER_CLASSES:
         name = config.get("_class_name") if isinstance(config, dict) else config
@@ -163,7 +122,11 @@ def scheduler_config(config: dict, where: str) -> dict:
     shift = full.get("shift")
     if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not shift > 0:
         raise ConfigError(f"{where}: field shift: expected a number > 0, got {shift!r}")
-    return {"_class_name": SCHEDULER_CLASSES[0], **json.loads(json.dumps(full))}
+    sigmas = config.get("_sigmas")
+    if sigmas is not None and sigmas not in SIGMA_SCHEDULES:
+        raise ConfigError(f"{where}: field _sigmas: expected one of {list(SIGMA_SCHEDULES)}, got {sigmas!r}")
+    return {"_class_name": SCHEDULER_CLASSES[0], **json.loads(json.dumps(full)),
+            **({"_sigmas": sigmas} if sigmas else {})}
 
 
 def preset_facts(name: str, preset: dict) -> PipelineFacts:
@@ -176,51 +139,11 @@ def preset_facts(name: str, preset: dict) -> PipelineFacts:
 
 
 def folder_facts(model_dir: Path, transformer_config) -> PipelineFacts:
-    """Pipeline facts of a model folder: from the pipeline folder around `model_dir` (model_index.json beside
-    transformer/), as StableDiffusion3Pipeline computes them; SD3's defaults for a transformer folder alone."""
-    root = model_dir.parent if (model_dir.parent / "model_index.json").is_file() else model_dir
-    if not (root / "model_index.json").is_file():
-        return PipelineFacts(scheduler=scheduler_config({"_class_name": SCHEDULER_CLASSES[0], "shift": 3.0},
-                                                        str(model_dir)),
-                             vae_scale_factor=VAE_SCALE_FACTOR, latent_channels=int(transformer_config.in_channels),
-                             context_tokens=CLIP_TOKENS + T5_TOKENS,
-                             origin=f"SD3 defaults ({model_dir} is a transformer folder without its pipeline)")
-    index = read_json(root / "model_index.json")
-    if not isinstance(index, dict):
-        raise ConfigError(f"{root / 'model_index.json'}: expected a JSON object")
+    """Pipeline facts of a model folder, from the pipeline folder around `model_dir` (model_index.json beside
+    transformer/) as its pipeline computes them; the family's defaults for a transformer folder alone."""
+    from shiva_export import backbones
 
-    def present(component: str) -> bool:
-        entry = index.get(component)
-        return isinstance(entry, list) and len(entry) == 2 and entry[0] is not None and (root / component).is_dir()
-
-    if not present("scheduler"):
-        raise ConfigError(f"{root}: the pipeline folder has no scheduler (expected scheduler/scheduler_config.json)")
-    scheduler = scheduler_config(read_json(root / "scheduler" / "scheduler_config.json"),
-                                 str(root / "scheduler" / "scheduler_config.json"))
-    factor, channels = VAE_SCALE_FACTOR, int(transformer_config.in_channels)
-    if present("vae"):
-        vae_path = root / "vae" / "config.json"
-        vae = read_json(vae_path)
-        blocks = vae.get("block_out_channels") if isinstance(vae, dict) else None
-        if not isinstance(blocks, list) or not blocks:
-            raise ConfigError(f"{vae_path}: field block_out_channels: expected a non-empty list, got {blocks!r}")
-        factor = 2 ** (len(blocks) - 1)  # as StableDiffusion3Pipeline computes vae_scale_factor
-        channels = vae.get("latent_channels", channels)
-        if channels != transformer_config.in_channels:
-            raise ConfigError(f"{vae_path}: field latent_channels: expected the transformer's in_channels "
-                              f"{transformer_config.in_channels}, got {channels!r}")
-    clip = CLIP_TOKENS
-    tokenizer_config = root / "tokenizer" / "tokenizer_config.json"
-    if present("tokenizer") and tokenizer_config.is_file():
-        clip = read_json(tokenizer_config)
-        clip = clip.get("model_max_length", CLIP_TOKENS) if isinstance(clip, dict) else None
-        if isinstance(clip, bool) or not isinstance(clip, int) or not 1 <= clip <= 4096:
-            raise ConfigError(f"{tokenizer_config}: field model_max_length: expected an integer in 1..4096 (CLIP's "
-                              f"77), got {clip!r}")
-    # without T5, StableDiffusion3Pipeline pads with CLIP-length zeros (its tokenizer_max_length)
-    text = clip + (T5_TOKENS if present("text_encoder_3") else clip)
-    return PipelineFacts(scheduler=scheduler, vae_scale_factor=factor, latent_channels=int(channels),
-                         context_tokens=text, origin=f"pipeline folder {root}")
+    return backbones.for_config(transformer_config).folder_facts(model_dir, transformer_config)
 
 
 def resolve_model_dir(path: Path) -> Path:
@@ -241,20 +164,21 @@ def folder_hash(model_dir: Path) -> str:
 
 
 def load_transformer(name_or_dir: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """Return (SD3Transformer2DModel in eval mode, ModelSource).
+    """Return (the diffusers transformer in eval mode, ModelSource); its family's adapter decides the class.
 
     Presets are initialised directly on `device` (a 2.5B-parameter preset initialises in seconds on a GPU);
     the weights depend on the seed and the device's random generator.
     """
-    from diffusers import SD3Transformer2DModel
+    from shiva_export import backbones
 
     path = Path(name_or_dir)
     if name_or_dir in preset_names() or not path.exists():
         preset = read_preset(name_or_dir)
+        adapter = backbones.by_class(preset.get("class_name"), f"preset {name_or_dir}")
         device = torch.device(device)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
             torch.manual_seed(preset["seed"])
-            model = SD3Transformer2DModel(**preset["config"])
+            model = adapter.model_type()(**preset["config"])
         facts = preset_facts(name_or_dir, preset)
         # the hash is the weights' identity (seed + architecture): pipeline facts are not weights, and a router
         # checkpoint trained before a preset declared them stays valid
@@ -263,28 +187,30 @@ def load_transformer(name_or_dir: str, dtype: torch.dtype = torch.float32, devic
     else:
         model_dir = resolve_model_dir(path)
         model = load_weights(model_dir, dtype).to(device)
+        adapter = backbones.for_model(model)
         facts = folder_facts(model_dir, model.config)
-        size = model.config.sample_size * facts.vae_scale_factor
-        defaults = {"height": size, "width": size, "context_tokens": facts.context_tokens, "batch": 2}
+        size = adapter.default_size(model.config, facts.vae_scale_factor)
+        defaults = {"height": size, "width": size, "context_tokens": facts.context_tokens,
+                    "batch": adapter.default_batch}
         source = ModelSource(str(model_dir), "folder", folder_hash(model_dir), defaults, facts)
-    if type(model).__name__ not in SUPPORTED_CLASSES:
-        raise ConfigError(f"model class {type(model).__name__} is not supported; expected {SUPPORTED_CLASSES}")
     if model.dtype != dtype:
         model = model.to(dtype)
     return model.eval().requires_grad_(False), source
 
 
 def load_weights(model_dir: Path, dtype: torch.dtype):
-    """SD3Transformer2DModel.from_pretrained (safetensors only: never unpickle), refusing weights that do not fill
-    the model config.json describes (diffusers would initialise the missing tensors randomly)."""
-    from diffusers import SD3Transformer2DModel
+    """`from_pretrained` of the folder's transformer class (safetensors only: never unpickle), refusing weights that
+    do not fill the model config.json describes (diffusers would initialise the missing tensors randomly)."""
     from diffusers.utils import logging as diffusers_logging
 
+    from shiva_export import backbones
+
+    model_type = backbones.by_class(read_json(model_dir / "config.json").get("_class_name")).model_type()
     verbosity = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()      # what it would warn about is refused below, in one line
     try:
-        model, info = SD3Transformer2DModel.from_pretrained(model_dir, torch_dtype=dtype, use_safetensors=True,
-                                                            output_loading_info=True)
+        model, info = model_type.from_pretrained(model_dir, torch_dtype=dtype, use_safetensors=True,
+                                                 output_loading_info=True)
     except (OSError, ValueError, RuntimeError, TypeError) as err:  # missing, corrupt or mismatched weights file
         reason = " ".join(str(err).split())[:200] or type(err).__name__
         raise ConfigError(f"{model_dir}: the weights do not load ({reason}); expected the "
@@ -299,32 +225,30 @@ def load_weights(model_dir: Path, dtype: torch.dtype):
 
 
 def num_image_tokens(config, height: int, width: int, vae_scale_factor: int = VAE_SCALE_FACTOR) -> int:
-    """Image tokens for an image of height x width pixels; refuses sizes the patching cannot tile."""
-    step = vae_scale_factor * config["patch_size"]
-    if height <= 0 or width <= 0 or height % step or width % step:
-        raise ConfigError(
-            f"resolution {height}x{width} is not divisible by {step} (VAE factor {vae_scale_factor} x patch size "
-            f"{config['patch_size']}); choose e.g. {max(step, height // step * step)}x{max(step, width // step * step)}"
-        )
-    latent_max = config["pos_embed_max_size"] * config["patch_size"] * vae_scale_factor
-    if height > latent_max or width > latent_max:
-        raise ConfigError(f"resolution {height}x{width} exceeds the model's positional table ({latent_max} px)")
-    return (height // step) * (width // step)
+    """Image tokens for an image of height x width pixels; refuses sizes the model cannot tile."""
+    from shiva_export import backbones
+
+    return backbones.for_config(config).num_image_tokens(config, height, width, vae_scale_factor)
 
 
 def example_inputs(config, height: int, width: int, batch: int, context_tokens: int, seed: int = 0,
                    dtype: torch.dtype = torch.float32, vae_scale_factor: int = VAE_SCALE_FACTOR
                    ) -> dict[str, torch.Tensor]:
-    """Seeded transformer inputs with the shapes a StableDiffusion3Pipeline feeds."""
-    num_image_tokens(config, height, width, vae_scale_factor)
+    """Seeded transformer inputs with the shapes the family's pipeline feeds (graph inputs, then the constants)."""
+    from shiva_export import backbones
+
+    adapter = backbones.for_config(config)
+    specs = adapter.input_specs(config, height, width, batch, context_tokens, vae_scale_factor, "fp32")
     gen = torch.Generator().manual_seed(seed)
-    lat_h, lat_w = height // vae_scale_factor, width // vae_scale_factor
-    return {
-        "hidden_states": torch.randn(batch, config["in_channels"], lat_h, lat_w, generator=gen).to(dtype),
-        "encoder_hidden_states": torch.randn(batch, context_tokens, config["joint_attention_dim"], generator=gen).to(dtype),
-        "pooled_projections": torch.randn(batch, config["pooled_projection_dim"], generator=gen).to(dtype),
-        "timestep": torch.full((batch,), 500.0),
-    }
+    feed = {}
+    for name, spec in specs.items():
+        if spec.role == "timestep":
+            feed[name] = torch.full(spec.shape, adapter.transformer_timestep(500.0))
+        elif name == "guidance":
+            feed[name] = adapter.conditioning({name: spec}, batch, 1, gen)[name]
+        else:
+            feed[name] = torch.randn(spec.shape, generator=gen).to(dtype)
+    return {**feed, **adapter.constants(config, height, width, context_tokens, vae_scale_factor)}
 
 
 def pipeline_root(path: str | Path) -> Path:
@@ -335,27 +259,30 @@ def pipeline_root(path: str | Path) -> Path:
             return candidate
     if path.exists():
         raise ConfigError(f"{path}: not a diffusers pipeline folder (no model_index.json); expected a folder saved "
-                          "with StableDiffusion3Pipeline.save_pretrained, with scheduler/, vae/ and the text encoders")
+                          "with the pipeline's save_pretrained, with scheduler/, vae/ and the text encoders")
     raise ConfigError(f"{path}: no such pipeline folder")
 
 
 def load_pipeline(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """StableDiffusion3Pipeline.from_pretrained(folder) with safetensors only (never unpickled), on `device`;
-    the transformer is checked as `--model` checks it."""
-    from diffusers import StableDiffusion3Pipeline
+    """The folder's diffusers pipeline (`from_pretrained`, safetensors only: never unpickled) on `device`; the
+    transformer is checked as `--model` checks it, and its family must be the pipeline's."""
     from diffusers.utils import logging as diffusers_logging
 
+    from shiva_export import backbones
+
     root = pipeline_root(path)
-    resolve_model_dir(root)  # the transformer's config.json, validated before anything is built
+    model_dir = resolve_model_dir(root)  # the transformer's config.json, validated before anything is built
     index = read_json(root / "model_index.json")
-    if not isinstance(index, dict) or index.get("_class_name") != "StableDiffusion3Pipeline":
-        found = index.get("_class_name") if isinstance(index, dict) else index
-        raise ConfigError(f"{root / 'model_index.json'}: field _class_name: expected 'StableDiffusion3Pipeline', "
-                          f"got {found!r}")
+    found = index.get("_class_name") if isinstance(index, dict) else index
+    adapter = backbones.for_pipeline_class(found, str(root / "model_index.json"))
+    transformer_class = read_json(model_dir / "config.json").get("_class_name")
+    if transformer_class != adapter.model_class:
+        raise ConfigError(f"{model_dir / 'config.json'}: field _class_name: expected {adapter.model_class!r} (the "
+                          f"transformer of a {adapter.pipeline_class}), got {transformer_class!r}")
     verbosity = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()
     try:
-        pipe = StableDiffusion3Pipeline.from_pretrained(root, torch_dtype=dtype, use_safetensors=True)
+        pipe = adapter.pipeline_type().from_pretrained(root, torch_dtype=dtype, use_safetensors=True)
     except (OSError, ValueError, RuntimeError, TypeError, ImportError) as err:
         reason = " ".join(str(err).split())[:200] or type(err).__name__
         raise ConfigError(f"{root}: the pipeline does not load ({reason})") from None

@@ -1,7 +1,9 @@
-"""Token pruning on diffusers' SD3/SD3.5 blocks through named, removable hooks (no edits to diffusers).
+"""Token pruning on diffusers' DiT blocks through named, removable hooks (no edits to diffusers).
 
-Each pruned block runs attention and FFN (and SD3.5's image-only attn2) on the k kept image tokens only; the
-context stream runs in full (D2); outputs are scattered back and dropped tokens keep their input (D1).
+Each pruned block runs on the k kept image tokens only (what else must follow the kept indices, e.g. RoPE rows, its
+backbone adapter says); the context stream runs in full (D2); outputs are scattered back and dropped tokens keep
+their input (D1). Every supported block takes (hidden_states, encoder_hidden_states, temb, ...) by name and returns
+(encoder_hidden_states, hidden_states).
 Three modes share one code path: dense (hooks inert), static (fixed integer k per layer: the path the freeze
 and export stages trace) and train (policy ratios, score noise, soft-rank STE).
 """
@@ -23,7 +25,6 @@ from shiva_export.topk import (DifferentiableTopK, check_k, check_ratio, gather_
                                scatter_rows)
 
 PRUNING_HOOK = "shiva.token_pruning"
-SUPPORTED_BLOCKS = ("JointTransformerBlock",)
 
 Mode = Literal["dense", "static", "train"]
 
@@ -71,9 +72,11 @@ class PruningState:
 class TokenPruningHook(ModelHook):
     """Replaces one block's forward: route -> select k -> block on kept tokens -> scatter back."""
 
-    def __init__(self, layer: int, routers: RouterBank, state: PruningState, block_signature: inspect.Signature):
+    def __init__(self, layer: int, routers: RouterBank, state: PruningState, block_signature: inspect.Signature,
+                 adapter):
         super().__init__()
         self.layer, self.routers, self.state, self.signature = layer, routers, state, block_signature
+        self.adapter = adapter
         self.topk = DifferentiableTopK()
         self.compiled_step = None   # set by compile_blocks: gather + block + in-place scatter in one compiled graph
 
@@ -130,6 +133,9 @@ class TokenPruningHook(ModelHook):
             kept, passed, indices, pi = self.topk(hidden, scores, ratio, k, gate=state.config.ste_gate)
             state.pi[self.layer] = pi
 
+        # every sample keeps the same tokens when the batch is one sample or one CFG pair (decided statically)
+        shared_rows = batch == 1 or (state.config.cfg_consistent and batch == 2)
+        self.adapter.prepare_block_call(module, call, indices, shared_rows)
         inplace = (state.inplace_scatter and state.mode == "static" and not torch.is_grad_enabled()
                    and not torch.compiler.is_compiling() and not torch.onnx.is_in_onnx_export())
         if flat is not None and inplace and self.compiled_step is not None:
@@ -184,13 +190,16 @@ def cfg_max(scores: torch.Tensor) -> torch.Tensor:
 
 
 def _blocks(transformer) -> list[torch.nn.Module]:
-    blocks = getattr(transformer, "transformer_blocks", None)
-    if blocks is None or not len(blocks):
-        raise ConfigError(f"{type(transformer).__name__} has no transformer_blocks; expected an SD3Transformer2DModel")
+    from shiva_export import backbones
+
+    adapter = backbones.for_model(transformer)
+    blocks = adapter.blocks(transformer)
+    if not blocks:
+        raise ConfigError(f"{type(transformer).__name__} has no transformer blocks")
     for block in blocks:
-        if type(block).__name__ not in SUPPORTED_BLOCKS:
-            raise ConfigError(f"block type {type(block).__name__} is not supported; expected {SUPPORTED_BLOCKS}")
-    return list(blocks)
+        if type(block).__name__ not in adapter.block_classes:
+            raise ConfigError(f"block type {type(block).__name__} is not supported; expected {adapter.block_classes}")
+    return blocks
 
 
 def apply_token_pruning(transformer, routers: RouterBank, config: PruningConfig = PruningConfig()) -> PruningState:
@@ -203,13 +212,17 @@ def apply_token_pruning(transformer, routers: RouterBank, config: PruningConfig 
         raise ConfigError(f"dense layers {bad} are out of range for a {len(blocks)}-layer model")
     if get_pruning_state(transformer) is not None:
         raise ConfigError("token pruning is already applied to this model; call remove_token_pruning first")
+    from shiva_export import backbones
+
+    adapter = backbones.for_model(transformer)
     state = PruningState(config=config, num_layers=len(blocks), tau_rank=config.tau_rank, tau_sel=config.tau_sel)
     for index, block in enumerate(blocks):
         if index in config.dense_layers:
             continue
         signature = inspect.signature(block.forward)
+        adapter.patch_block(block)
         registry = HookRegistry.check_if_exists_or_initialize(block)
-        registry.register_hook(TokenPruningHook(index, routers, state, signature), PRUNING_HOOK)
+        registry.register_hook(TokenPruningHook(index, routers, state, signature, adapter), PRUNING_HOOK)
     transformer.shiva_routers = routers  # registered as a submodule: moves with .to() and is saved with the model
     return state
 
@@ -242,8 +255,14 @@ def compile_blocks(transformer, gather_scatter: bool = True, **compile_kwargs) -
 
 
 def remove_token_pruning(transformer) -> None:
+    from shiva_export import backbones
+
+    adapter = backbones.for_model(transformer)
     for block in _blocks(transformer):
-        HookRegistry.check_if_exists_or_initialize(block).remove_hook(PRUNING_HOOK, recurse=False)
+        registry = HookRegistry.check_if_exists_or_initialize(block)
+        if registry.get_hook(PRUNING_HOOK) is not None:
+            adapter.unpatch_block(block)
+        registry.remove_hook(PRUNING_HOOK, recurse=False)
     if hasattr(transformer, "shiva_routers"):
         del transformer.shiva_routers
 

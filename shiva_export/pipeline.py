@@ -269,7 +269,8 @@ def model_identity(ws: Workspace) -> dict:
 def recorded_transformer_config(config) -> dict:
     """The backbone's diffusers config as JSON, kept in the export record so a deployment needs only the artifact
     folder (the runtime's `transformer.config`), not the source model."""
-    return json.loads(json.dumps({key: value for key, value in dict(config).items() if not key.startswith("_")}))
+    return json.loads(json.dumps({key: value for key, value in dict(config).items()
+                                  if not key.startswith("_") or key == "_class_name"}))
 
 
 def run_freeze(ws: Workspace, force: bool = False) -> bool:

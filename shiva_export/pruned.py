@@ -47,8 +47,10 @@ def load_pruned_model(model: str, router_checkpoint: str | None = None, cfg_cons
         from shiva_export.checkpoint import read_config
 
         read_config(router_checkpoint)
+    from shiva_export import backbones
+
     transformer, source = load_transformer(model, device=device)
-    blocks = transformer.config.num_layers
+    blocks = backbones.for_model(transformer).num_blocks(transformer.config)
     if blocks < 2:  # block 0 always runs dense (D3): a pruning hook would have nothing to attach to
         raise ConfigError(f"{model}: the transformer has {blocks} block; block 0 stays dense, so there is nothing "
                           "to prune (expected a model with at least 2 transformer blocks)")
@@ -63,7 +65,7 @@ def load_pruned_model(model: str, router_checkpoint: str | None = None, cfg_cons
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             routers = RouterBank.for_transformer(transformer)
-            policy = AdaptiveRatioPolicy(transformer.config.num_layers, target_keep)
+            policy = AdaptiveRatioPolicy(blocks, target_keep)
         checkpoint_hash = None
     routers.to(device).eval().requires_grad_(False)
     policy.to(device).eval().requires_grad_(False)

@@ -56,9 +56,11 @@ class RouterBank(nn.Module):
 
     @classmethod
     def for_transformer(cls, transformer, hidden_dim: int = 64, group_size: int = 2) -> "RouterBank":
-        cfg = transformer.config
-        inner = cfg.num_attention_heads * cfg.attention_head_dim
-        return cls(cfg.num_layers, inner, inner, cfg.caption_projection_dim, hidden_dim, group_size)
+        from shiva_export import backbones
+
+        adapter = backbones.for_model(transformer)
+        token_dim, temb_dim, context_dim = adapter.router_dims(transformer.config)
+        return cls(adapter.num_blocks(transformer.config), token_dim, temb_dim, context_dim, hidden_dim, group_size)
 
     def forward(self, layer: int, tokens: torch.Tensor, temb: torch.Tensor, pooled_context: torch.Tensor) -> torch.Tensor:
         return self.routers[layer // self.group_size](tokens, temb, pooled_context, layer % self.group_size)

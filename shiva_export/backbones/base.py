@@ -1,0 +1,155 @@
+"""The backbone adapter interface: everything one DiT family does differently, asked for by every stage.
+
+A stage never names a family: it asks `backbones.for_config(config)` (a diffusers transformer config, a preset's,
+or the one recorded in an artifact) and calls the adapter. An adapter answers five questions:
+
+1. The model: its diffusers class and pipeline class, how its config is validated, which blocks are prunable, in
+   which order (routers go per adjacent pair of that order), and the router's input widths.
+2. The token streams inside a pruned block: what besides the image tokens must be gathered with the kept indices
+   (Flux's RoPE rows; nothing for SD3) and how to run the block on them (`prepare_block_call`).
+3. The transformer's inputs: names, static shapes and dtypes for an image size, the constants folded into the
+   graph (Flux's `img_ids` / `txt_ids`), what the sampler integrates (`hidden_states`), and how the scheduler's
+   timestep t in [0, 1000] becomes the transformer's `timestep` input and back.
+4. The analytic FLOP model (`dims(config)`: per-block and embedding FLOPs, exact under flops.py's convention).
+5. The pipeline around it: the facts a pipeline folder decides (scheduler, VAE factor, text length), how it loads,
+   and how prompts become conditioning.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Any, Mapping
+
+import torch
+
+from shiva_export.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+    """One transformer input of a static graph."""
+
+    shape: tuple[int, ...]
+    dtype: str            # "fp32" | "fp16" | "bf16": "model" inputs take the export dtype, the rest stay fp32
+    role: str             # "latents" (integrated by the sampler), "timestep", or "conditioning" (fixed per run)
+
+
+def cfg_get(config: Any, key: str, default: Any = None) -> Any:
+    """A key of a diffusers config (FrozenDict, attribute access) or of a plain mapping."""
+    if isinstance(config, Mapping):
+        return config.get(key, default)
+    return getattr(config, key, default)
+
+
+class Backbone(abc.ABC):
+    """One DiT family (see the module docstring). Instances are stateless; `backbones.REGISTRY` holds one each."""
+
+    family: str                 # short name: "sd3", "flux"
+    model_class: str            # diffusers transformer class name, as in a config's `_class_name`
+    pipeline_class: str         # diffusers pipeline class the runtime drops into
+    block_classes: tuple[str, ...]
+    default_batch: int          # 2: [uncond; cond] classifier-free guidance; 1: guidance-distilled
+    config_keys: tuple[str, ...]   # keys that identify the family in a config without `_class_name`
+
+    # --- the model -------------------------------------------------------------------------------------------
+    def model_type(self):
+        import diffusers
+
+        return getattr(diffusers, self.model_class)
+
+    @abc.abstractmethod
+    def validate_config(self, config: dict, where: str) -> dict:
+        """A config.json dict checked (one-line ConfigError naming the field) before diffusers builds anything."""
+
+    @abc.abstractmethod
+    def blocks(self, transformer) -> list[torch.nn.Module]:
+        """The blocks routed and pruned, in execution order (block 0 stays dense)."""
+
+    @abc.abstractmethod
+    def num_blocks(self, config) -> int:
+        ...
+
+    @abc.abstractmethod
+    def router_dims(self, config) -> tuple[int, int, int]:
+        """(token width, temb width, context-token width) seen inside the blocks."""
+
+    def patch_block(self, block) -> None:
+        """Prepare a block that gets a pruning hook (e.g. an attention processor for per-sample RoPE)."""
+
+    def unpatch_block(self, block) -> None:
+        """Undo patch_block."""
+
+    # --- inside a pruned block --------------------------------------------------------------------------------
+    def prepare_block_call(self, block, call: dict, indices: torch.Tensor, shared_rows: bool) -> None:
+        """Adjust a pruned block's call (kwargs by name) to run on the kept image tokens `indices` [B, k].
+
+        shared_rows: every sample keeps the same tokens (batch 1, or one CFG pair), decided statically. Default:
+        nothing besides the hidden states depends on token positions."""
+
+    # --- inputs -----------------------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def num_image_tokens(self, config, height: int, width: int, vae_scale_factor: int) -> int:
+        """Image tokens for height x width pixels; one-line ConfigError for sizes the model cannot tile."""
+
+    @abc.abstractmethod
+    def default_size(self, config, vae_scale_factor: int) -> int:
+        """The pipeline's default image side in pixels."""
+
+    @abc.abstractmethod
+    def input_specs(self, config, height: int, width: int, batch: int, context_tokens: int, vae_scale_factor: int,
+                    dtype: str) -> dict[str, InputSpec]:
+        """The graph inputs in order."""
+
+    def constants(self, config, height: int, width: int, context_tokens: int, vae_scale_factor: int
+                  ) -> dict[str, torch.Tensor]:
+        """Transformer keyword inputs fixed by the static shapes, folded into the graphs (not graph inputs)."""
+        return {}
+
+    def fixed_shapes(self, transformer, constants: dict[str, torch.Tensor]):
+        """A context in which the transformer may precompute what the constants fix (a graph then holds it as a
+        constant table, e.g. Flux's RoPE). Default: nothing to precompute."""
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def transformer_timestep(self, t: float) -> float:
+        """The scheduler's timestep t (0..1000) as the pipeline feeds it to the transformer."""
+        return float(t)
+
+    def scheduler_timestep(self, value: float) -> float:
+        """The inverse of transformer_timestep: which scheduler timestep a transformer call is."""
+        return float(value)
+
+    def conditioning(self, specs: Mapping[str, InputSpec], images: int, halves: int, generator: torch.Generator,
+                     guidance: float | None = None) -> dict[str, torch.Tensor]:
+        """Seeded conditioning inputs for `images` images ([uncond; cond] halves when halves == 2), fp32."""
+        out = {}
+        for name, spec in specs.items():
+            if spec.role == "conditioning":
+                out[name] = torch.randn((halves, images, *spec.shape[1:]), generator=generator).flatten(0, 1)
+        return out
+
+    # --- FLOPs ------------------------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def dims(self, config):
+        """The FLOP model's dimensions: an object with num_layers, default_num_tokens, block_flops_breakdown(layer,
+        k, context_tokens, num_tokens, router_dim) and embedding_flops(num_tokens, context_tokens)."""
+
+    # --- the pipeline -----------------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def folder_facts(self, model_dir, transformer_config):
+        """models.PipelineFacts of the pipeline folder around model_dir (defaults for a transformer folder)."""
+
+    def pipeline_type(self):
+        import diffusers
+
+        return getattr(diffusers, self.pipeline_class)
+
+    @abc.abstractmethod
+    def encode_prompts(self, pipe, prompts: list[str], device) -> dict[str, torch.Tensor]:
+        """Conditioning tensors for `prompts` from the pipeline's own encoders (training data)."""
+
+    def check(self, ok: bool, where: str, field: str, expected: str) -> None:
+        if not ok:
+            raise ConfigError(f"{where}: field {field}: expected {expected}")

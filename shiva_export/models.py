@@ -100,7 +100,8 @@ def read_model_config(path: Path) -> dict:
 
     config = read_json(path)
     if not isinstance(config, dict):
-        raise ConfigError(f"{path}: expected a JSON object (a diffusers transformer config)")
+        raise ConfigError(f"{path}: content: expected an object (a diffusers transformer config), got "
+                          f"{type(config).__name__}")
     return backbones.by_class(config.get("_class_name"), str(path)).validate_config(config, str(path))
 
 
@@ -238,6 +239,7 @@ def example_inputs(config, height: int, width: int, batch: int, context_tokens: 
     from shiva_export import backbones
 
     adapter = backbones.for_config(config)
+    adapter.num_image_tokens(config, height, width, vae_scale_factor)
     specs = adapter.input_specs(config, height, width, batch, context_tokens, vae_scale_factor, "fp32")
     gen = torch.Generator().manual_seed(seed)
     feed = {}

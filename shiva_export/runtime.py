@@ -1,12 +1,16 @@
-"""Deployment runtime: an artifact folder's bucket engines behind the transformer interface of diffusers' SD3 pipeline.
+"""Deployment runtime: an artifact folder's bucket engines behind the transformer interface of its diffusers pipeline.
 
-`ShivaEngineTransformer.from_artifacts(folder)` replaces `pipe.transformer` of a `StableDiffusion3Pipeline`. Each
-call is one sampler step: the step's timestep picks the frozen bucket (`Schedule.bucket_for_timestep`), the inputs
-are checked against the static export shapes, and the bucket's engine runs. `load_pruned_reference(folder)` is the
+`ShivaEngineTransformer.from_artifacts(folder)` replaces `pipe.transformer` of the pipeline its backbone family runs
+in (`StableDiffusion3Pipeline`, `FluxPipeline`; the adapter's `pipeline_class`). Each call is one sampler step: the
+step's timestep picks the frozen bucket (`Schedule.bucket_for_timestep`), the inputs are checked against the static
+export shapes, and the bucket's engine runs. Inputs the graphs fold in as constants (Flux's `img_ids` / `txt_ids`)
+are checked against the folded ones. `load_pruned_reference(folder)` is the
 PyTorch pruned model behind the same interface and the same schedule (`static_k` per step), so an engine pipeline
 and a PyTorch pipeline can be compared image for image.
 
-What `StableDiffusion3Pipeline` (diffusers 0.42) needs from its transformer, and where it is provided here:
+What the pipelines (diffusers 0.42) need from their transformer, and where it is provided here (the SD3 pipeline's
+list; FluxPipeline also reads `config.guidance_embeds` / `config.in_channels`, passes `guidance`, `img_ids`,
+`txt_ids`, and enters `cache_context(name)`):
 - `config.sample_size`, `config.patch_size` (default height/width, `check_inputs`), `config.in_channels` (latent
   shape), `config.joint_attention_dim` (zero T5 embeddings when `text_encoder_3` is None): `config`, a `FrozenDict`
   of the exported backbone's diffusers config, recorded by the export stage;
@@ -27,6 +31,7 @@ __all__ = [
     "load_pruned_reference",
 ]
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -39,7 +44,8 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 from shiva_export.errors import (ArtifactError, BackendUnavailableError, ConfigError, InputError, NonFiniteError,
                                  StaleArtifactError)
-from shiva_export.export import INPUT_NAMES, OUTPUT_NAME, ExportConfig, torch_dtype
+from shiva_export import backbones
+from shiva_export.export import OUTPUT_NAME, ExportConfig, torch_dtype
 from shiva_export.pipeline import Workspace, check_export_matches_schedule, recorded_transformer_config
 from shiva_export.passes.freeze import scheduler_text
 
@@ -62,30 +68,36 @@ class StaticInputs:
     context_tokens: int
     precision: str  # "fp32" | "fp16" | "bf16"
     shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, str]          # per input: the export precision, or fp32 (timestep, guidance)
+    vae_scale_factor: int           # image pixels per latent pixel of the pipeline the graphs were exported for
+    constants: dict[str, torch.Tensor]   # inputs folded into the graphs (Flux's img_ids / txt_ids)
+    family: str
 
     @classmethod
     def from_export(cls, cfg: ExportConfig, transformer_config) -> "StaticInputs":
-        shapes = {name: tuple(int(d) for d in shape) for name, shape in cfg.input_shapes(transformer_config).items()}
-        return cls(cfg.height, cfg.width, cfg.batch, cfg.context_tokens, cfg.dtype, shapes)
+        specs = cfg.input_specs(transformer_config)
+        shapes = {name: tuple(int(d) for d in spec.shape) for name, spec in specs.items()}
+        return cls(cfg.height, cfg.width, cfg.batch, cfg.context_tokens, cfg.dtype, shapes,
+                   {name: spec.dtype for name, spec in specs.items()}, cfg.vae_scale_factor,
+                   cfg.constants(transformer_config), backbones.for_config(transformer_config).family)
+
+    @property
+    def adapter(self):
+        return next(a for a in backbones.REGISTRY.values() if a.family == self.family)
 
     @property
     def dtype(self) -> torch.dtype:
         return torch_dtype(self.precision)
 
-    @property
-    def vae_scale_factor(self) -> int:
-        """Image pixels per latent pixel of the pipeline the graphs were exported for."""
-        return self.height // self.shapes["hidden_states"][2]
-
     def describe(self) -> str:
-        lat_h, lat_w = self.shapes["hidden_states"][2:]
-        return (f"batch {self.batch} ({_batch_meaning(self.batch)}), {self.height}x{self.width} px (latents "
-                f"{lat_h}x{lat_w}), {self.context_tokens} context tokens, {self.precision}")
+        latents = "x".join(map(str, self.shapes["hidden_states"][1:]))
+        return (f"batch {self.batch} ({_batch_meaning(self.batch, self.adapter)}), {self.height}x{self.width} px "
+                f"(latents {latents}), {self.context_tokens} context tokens, {self.precision}")
 
     def check(self, feed: dict[str, Any], subject: str) -> None:
         """Raise one `InputError` listing every input whose batch, shape or dtype differs, in pipeline terms."""
         problems, tensors = [], {}
-        for name in INPUT_NAMES:
+        for name in self.shapes:
             value = feed.get(name)
             if isinstance(value, torch.Tensor):
                 tensors[name] = value
@@ -94,14 +106,14 @@ class StaticInputs:
         batches = sorted({int(value.shape[0]) for value in tensors.values() if value.dim()})
         if any(b != self.batch for b in batches):
             problems.append(f"batch {'/'.join(map(str, batches))}; the engine runs batch {self.batch} = "
-                            f"{_batch_meaning(self.batch)}")
+                            f"{_batch_meaning(self.batch, self.adapter)}")
         for name, value in tensors.items():
             shape, expected = tuple(value.shape), self.shapes[name]
             if len(shape) != len(expected) or shape[1:] != expected[1:]:
                 problems.append(self._shape_problem(name, shape, expected))
-            if name == "timestep":  # cast to fp32 by the caller, as SD3's own timestep embedding does
+            if name in ("timestep", "guidance"):  # real numbers per sample, cast to fp32 as the model's embedding does
                 if value.is_complex() or value.dtype == torch.bool:
-                    problems.append(f"timestep is {value.dtype}; expected a real number per sample")
+                    problems.append(f"{name} is {value.dtype}; expected a real number per sample")
             elif value.dtype != self.dtype:
                 problems.append(f"{name} is {value.dtype}; expected {self.dtype} (precision is fixed at export): pass "
                                 f"prompt embeddings in {self.dtype}, the pipeline makes the latents in their dtype")
@@ -114,19 +126,34 @@ class StaticInputs:
         problem = f"{name} has shape {shape}; expected {expected}"
         if len(shape) != len(expected):
             return problem
-        if name == "hidden_states" and shape[2:] != expected[2:]:
+        if name == "hidden_states" and shape[2:] != expected[2:] and len(shape) == 4:
             factor = self.vae_scale_factor
             pixels = f"{shape[2] * factor}x{shape[3] * factor}"
             problem += f" (a {pixels} px image; call the pipeline with height={self.height}, width={self.width})"
+        elif name == "hidden_states" and shape[1] != expected[1]:
+            problem += (f" ({shape[1]} image tokens, another image size; call the pipeline with height={self.height}, "
+                        f"width={self.width})")
         if name == "encoder_hidden_states" and shape[1] != expected[1]:
-            problem += (f" ({shape[1]} text tokens; pass prompt embeddings of {expected[1]} tokens: SD3's encoders "
-                        "give 77 CLIP + max_sequence_length T5 tokens)")
+            problem += (f" ({shape[1]} text tokens; pass prompt embeddings of {expected[1]} tokens, e.g. the "
+                        f"pipeline's max_sequence_length)")
         return problem
 
+    def check_constants(self, given: dict[str, Any], subject: str) -> None:
+        """Inputs the graphs hold as constants (Flux's img_ids / txt_ids) must be the folded ones."""
+        for name, value in given.items():
+            folded = self.constants.get(name)
+            if value is None or folded is None:
+                continue
+            value = value[0] if value.dim() == 3 else value   # the pipelines' deprecated batched ids
+            if tuple(value.shape) != tuple(folded.shape) or not torch.equal(value.detach().float().cpu(), folded):
+                raise InputError(f"{subject}: {name} of shape {tuple(value.shape)} differs from the ids the graphs "
+                                 f"were exported with ({tuple(folded.shape)}); call the pipeline with "
+                                 f"height={self.height}, width={self.width} and {self.context_tokens} text tokens")
 
-def _batch_meaning(batch: int) -> str:
-    """What a transformer batch means to StableDiffusion3Pipeline (an even export batch is CFG pairs, D4)."""
-    if batch % 2:
+
+def _batch_meaning(batch: int, adapter) -> str:
+    """What a transformer batch means to the pipeline (an even export batch of a CFG family is CFG pairs, D4)."""
+    if batch % 2 or adapter.default_batch == 1:
         return f"{batch} image{'s' * (batch > 1)} without guidance (guidance_scale <= 1)"
     images = batch // 2
     return (f"{images} image{'s' * (images > 1)} with classifier-free guidance, i.e. guidance_scale > 1 and "
@@ -137,16 +164,16 @@ def _pipeline_config(transformer_config: dict, inputs: StaticInputs) -> FrozenDi
     """The backbone's config, with `sample_size` set to the exported latent size when the export is square.
 
     StableDiffusion3Pipeline's default height/width is `sample_size * vae_scale_factor`: that way the default call
-    asks for the only resolution a static engine runs.
+    asks for the only resolution a static engine runs (FluxPipeline's default size is fixed; pass height/width).
     """
-    config = dict(transformer_config)
-    if inputs.height == inputs.width:
+    config = {key: value for key, value in dict(transformer_config).items() if key != "_class_name"}
+    if inputs.height == inputs.width and "sample_size" in config:
         config["sample_size"] = inputs.height // inputs.vae_scale_factor
     return FrozenDict(config)
 
 
 class _BucketedTransformer(torch.nn.Module):
-    """What StableDiffusion3Pipeline calls on `pipe.transformer`, with the bucket picked per call from the timestep.
+    """What the pipeline calls on `pipe.transformer`, with the bucket picked per call from the timestep.
 
     Subclasses say how one bucket runs (`_run_bucket`) and where it runs (`device`).
     """
@@ -172,12 +199,14 @@ class _BucketedTransformer(torch.nn.Module):
 
     def bucket_for(self, timestep: torch.Tensor) -> int:
         """The bucket of this step; ConfigError if the timestep is not on the frozen grid."""
-        values = sorted({float(t) for t in timestep.detach().float().cpu().reshape(-1).tolist()})
+        to_scheduler = self.static_inputs.adapter.scheduler_timestep
+        values = sorted({to_scheduler(t) for t in timestep.detach().float().cpu().reshape(-1).tolist()})
         try:
             buckets = {self.schedule.bucket_for_timestep(t) for t in values}
         except ConfigError as err:
             cfg = self.schedule.freeze_config
-            raise ConfigError(f"{self.root}: {err}. Call StableDiffusion3Pipeline with num_inference_steps="
+            raise ConfigError(f"{self.root}: {err}. Call {self.static_inputs.adapter.pipeline_class} with "
+                              f"num_inference_steps="
                               f"{cfg.num_steps} and the scheduler the artifact was frozen for "
                               f"({scheduler_text(cfg)})") from err
         if len(buckets) != 1:
@@ -188,24 +217,38 @@ class _BucketedTransformer(torch.nn.Module):
     def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                 pooled_projections: torch.Tensor | None = None, timestep: torch.Tensor | None = None,
                 block_controlnet_hidden_states: list | None = None, joint_attention_kwargs: dict | None = None,
-                return_dict: bool = True, skip_layers: list[int] | None = None):
-        """`SD3Transformer2DModel.forward`'s signature; one sampler step on the bucket of `timestep`."""
+                return_dict: bool = True, skip_layers: list[int] | None = None, guidance: torch.Tensor | None = None,
+                img_ids: torch.Tensor | None = None, txt_ids: torch.Tensor | None = None,
+                controlnet_block_samples: list | None = None, controlnet_single_block_samples: list | None = None,
+                controlnet_blocks_repeat: bool = False):
+        """The transformer forward of the pipeline's family (SD3Transformer2DModel's or FluxTransformer2DModel's
+        keywords); one sampler step on the bucket of `timestep`."""
         extras = {"block_controlnet_hidden_states": block_controlnet_hidden_states, "skip_layers": skip_layers,
-                  "joint_attention_kwargs": joint_attention_kwargs or None}
+                  "joint_attention_kwargs": joint_attention_kwargs or None,
+                  "controlnet_block_samples": controlnet_block_samples,
+                  "controlnet_single_block_samples": controlnet_single_block_samples}
         unsupported = {name: value for name, value in extras.items() if value is not None}
         if unsupported:
             raise ConfigError(f"{self.root}: {sorted(unsupported)} cannot be applied to static bucket graphs; "
                               "expected None (no ControlNet, skip-layer guidance, LoRA scale or IP-Adapter). Call the "
                               "pipeline without skip_guidance_layers / joint_attention_kwargs")
-        feed = {"hidden_states": hidden_states, "encoder_hidden_states": encoder_hidden_states,
-                "pooled_projections": pooled_projections, "timestep": timestep}
+        given = {"hidden_states": hidden_states, "encoder_hidden_states": encoder_hidden_states,
+                 "pooled_projections": pooled_projections, "timestep": timestep, "guidance": guidance}
+        feed = {name: given.get(name) for name in self.static_inputs.shapes}
         subject = f"{self.root} ({type(self).__name__})"
+        extra = sorted(name for name, value in given.items() if value is not None and name not in feed)
+        if extra:
+            raise InputError(f"{subject}: {extra} given, but the graphs take no such input (exported inputs: "
+                             f"{list(feed)})")
         self.static_inputs.check(feed, subject=subject)
+        self.static_inputs.check_constants({"img_ids": img_ids, "txt_ids": txt_ids}, subject)
         if self.check_finite and (counts := _nonfinite(feed)):
             raise InputError(f"{subject}: " + "; ".join(f"{name} has {count} non-finite values (NaN/Inf)"
                                                         for name, count in counts.items()))
         bucket = self.bucket_for(timestep)
-        feed["timestep"] = timestep.to(torch.float32)  # the graphs take fp32 timesteps, as SD3's own embedding does
+        for name in ("timestep", "guidance"):  # the graphs take them in fp32
+            if name in feed:
+                feed[name] = feed[name].to(torch.float32)
         sample = self._run_bucket(bucket, feed).to(hidden_states.device)
         if self.check_finite and (counts := _nonfinite({"sample": sample})):
             raise NonFiniteError(f"{subject}: bucket {bucket} returned {counts['sample']} non-finite values (NaN/Inf) "
@@ -214,6 +257,12 @@ class _BucketedTransformer(torch.nn.Module):
 
     def _run_bucket(self, bucket: int, feed: dict[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
+
+    @contextlib.contextmanager
+    def cache_context(self, name: str):
+        """FluxPipeline enters `transformer.cache_context("cond")` (diffusers' CacheMixin) around each call; static
+        graphs cache nothing."""
+        yield
 
 
 def _nonfinite(tensors: dict[str, torch.Tensor]) -> dict[str, int]:
@@ -387,8 +436,9 @@ class PrunedReferenceTransformer(_BucketedTransformer):
     def _run_bucket(self, bucket: int, feed: dict[str, torch.Tensor]) -> torch.Tensor:
         from shiva_export.patching import static_k
 
+        constants = {name: value.to(self.device) for name, value in self.static_inputs.constants.items()}
         with torch.no_grad(), static_k(self.model, self.schedule.buckets[bucket].k):
-            return self.model(**feed, return_dict=False)[0]
+            return self.model(**feed, **constants, return_dict=False)[0]
 
 
 def load_pruned_reference(folder: str | Path, check_finite: bool = False) -> PrunedReferenceTransformer:

@@ -1,4 +1,5 @@
-"""StableDiffusion3Pipeline folders assembled from diffusers' own tiny test configurations, with no downloads.
+"""StableDiffusion3Pipeline and FluxPipeline folders assembled from diffusers' own tiny test configurations, with no
+downloads.
 
 `sd3_components` follows `StableDiffusion3PipelineFastTests.get_dummy_components` (diffusers
 tests/pipelines/stable_diffusion_3): the same transformer, CLIP text encoders, T5 size and VAE (one level:
@@ -98,4 +99,48 @@ def save_sd3_pipeline(folder: Path, **options) -> Path:
     folder = Path(folder)
     pipe = StableDiffusion3Pipeline(**sd3_components(**options))
     pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def flux_components(num_layers: int = 1, num_single_layers: int = 2, dynamic_shifting: bool = True,
+                    seed: int = 0) -> dict:
+    """FluxPipeline's components at the sizes of diffusers' `FluxPipelineFastTests.get_dummy_components`
+    (tests/pipelines/flux): 2-head transformer with 3-axis RoPE (4, 4, 8), CLIP text encoder, tiny T5, one-level VAE
+    (vae_scale_factor 1, 1 latent channel packed to 4). Options: more blocks (one double and one single block
+    leave little to prune), and the dynamically shifted scheduler FLUX.1 ships (diffusers' test uses the default)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=num_layers,
+                                             num_single_layers=num_single_layers, attention_head_dim=16,
+                                             num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+                                             axes_dims_rope=[4, 4, 8])
+        clip = CLIPTextConfig(bos_token_id=0, eos_token_id=2, hidden_size=32, intermediate_size=37,
+                              layer_norm_eps=1e-05, num_attention_heads=4, num_hidden_layers=5, pad_token_id=1,
+                              vocab_size=1000, hidden_act="gelu", projection_dim=32)
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModel(clip)
+        torch.manual_seed(seed)
+        text_encoder_2 = T5EncoderModel(T5Config(vocab_size=1103, d_model=32, d_ff=37, d_kv=8, num_layers=5,
+                                                 num_heads=4, relative_attention_num_buckets=8,
+                                                 decoder_start_token_id=0, eos_token_id=1, pad_token_id=0))
+        torch.manual_seed(seed)
+        vae = AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,),
+                            layers_per_block=1, latent_channels=1, norm_num_groups=1, use_quant_conv=False,
+                            use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035)
+    shifting = ({"use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
+                 "max_image_seq_len": 4096, "shift": 3.0} if dynamic_shifting else {})
+    return {"scheduler": FlowMatchEulerDiscreteScheduler(**shifting), "text_encoder": text_encoder.eval(),
+            "text_encoder_2": text_encoder_2.eval(), "tokenizer": _clip_tokenizer(), "tokenizer_2": _t5_tokenizer(),
+            "transformer": transformer.eval(), "vae": vae.eval()}
+
+
+def save_flux_pipeline(folder: Path, **options) -> Path:
+    """A FluxPipeline folder (save_pretrained, safetensors) from `flux_components(**options)`."""
+    from diffusers import FluxPipeline
+
+    folder = Path(folder)
+    FluxPipeline(**flux_components(**options)).save_pretrained(folder, safe_serialization=True)
     return folder

@@ -171,9 +171,9 @@ def test_folder_without_a_transformer_is_a_config_error(tmp_path):
 def test_folder_with_an_unsupported_model_class_is_a_config_error(tmp_path, subdir):
     folder = tmp_path / subdir
     folder.mkdir(exist_ok=True)
-    (folder / "config.json").write_text(json.dumps({"_class_name": "FluxTransformer2DModel"}))
-    with pytest.raises(ConfigError, match=r"model class 'FluxTransformer2DModel' is not supported; "
-                                          r"expected one of \('SD3Transformer2DModel',\)"):
+    (folder / "config.json").write_text(json.dumps({"_class_name": "PixArtTransformer2DModel"}))
+    with pytest.raises(ConfigError, match=r"model class 'PixArtTransformer2DModel' is not supported; "
+                                          r"expected one of \['SD3Transformer2DModel', 'FluxTransformer2DModel'\]"):
         load_transformer(str(tmp_path))
 
 

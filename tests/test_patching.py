@@ -389,7 +389,7 @@ def test_dense_layers_out_of_range_are_refused(model, num_layers):
 
 
 def test_a_module_without_transformer_blocks_is_refused():
-    with pytest.raises(ConfigError, match="Linear has no transformer_blocks; expected an SD3Transformer2DModel"):
+    with pytest.raises(ConfigError, match="model class .Linear. is not supported; expected one of"):
         apply_token_pruning(nn.Linear(4, 4), RouterBank(1, 4, 4, 4))
 
 
@@ -399,17 +399,19 @@ def test_a_model_with_other_blocks_is_refused():
             super().__init__()
             self.transformer_blocks = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)])
 
-    with pytest.raises(ConfigError, match=r"block type Linear is not supported; expected \('JointTransformerBlock',\)"):
+    with pytest.raises(ConfigError, match=r"model class 'NotSD3' is not supported; expected one of"):
         apply_token_pruning(NotSD3(), RouterBank(2, 4, 4, 4))
 
 
-def test_a_flux_model_is_refused():
+def test_a_flux_model_gets_hooks_on_both_block_kinds_in_order():
     from diffusers import FluxTransformer2DModel
 
-    flux = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
+    flux = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=2,
                                   attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
                                   pooled_projection_dim=32, axes_dims_rope=(4, 4, 8))
-    with pytest.raises(ConfigError, match=r"block type FluxTransformerBlock is not supported"):
-        apply_token_pruning(flux, RouterBank(1, 32, 32, 32))
-    assert not any(getattr(block, "_diffusers_hook", None) and block._diffusers_hook.get_hook(PRUNING_HOOK)
-                   for block in flux.transformer_blocks)
+    with pytest.raises(ConfigError, match=r"router bank is for 2 layers but the model has 3"):
+        apply_token_pruning(flux, RouterBank(2, 32, 32, 32))
+    state = apply_token_pruning(flux, RouterBank(3, 32, 32, 32))
+    hooked = [bool(getattr(block, "_diffusers_hook", None) and block._diffusers_hook.get_hook(PRUNING_HOOK))
+              for block in [*flux.transformer_blocks, *flux.single_transformer_blocks]]
+    assert state.num_layers == 3 and state.pruned_layers == [1, 2] and hooked == [False, True, True]

@@ -306,7 +306,7 @@ class Flux(Backbone):
         return FluxDims.from_config(config)
 
     def folder_facts(self, model_dir: Path, transformer_config):
-        from shiva_export.models import PipelineFacts, read_json, scheduler_config
+        from shiva_export.models import PipelineFacts, scheduler_config
 
         root = model_dir.parent if (model_dir.parent / "model_index.json").is_file() else model_dir
         packed = int(cfg_get(transformer_config, "in_channels"))
@@ -320,13 +320,7 @@ class Flux(Backbone):
         if channels * PACK * PACK != packed:
             raise ConfigError(f"{root / 'vae' / 'config.json'}: field latent_channels: expected the transformer's "
                               f"in_channels / 4 = {packed // 4} (packed 2x2 patches), got {channels!r}")
-        text = T5_TOKENS
-        tokenizer_config = root / "tokenizer_2" / "tokenizer_config.json"
-        if _present(index, root, "tokenizer_2") and tokenizer_config.is_file():
-            limit = read_json(tokenizer_config)
-            limit = limit.get("model_max_length") if isinstance(limit, dict) else None
-            if isinstance(limit, int) and not isinstance(limit, bool) and 1 <= limit < T5_TOKENS:
-                text = limit   # FluxPipeline refuses max_sequence_length above the tokenizer's
+        text = T5_TOKENS   # FluxPipeline's default max_sequence_length (--context-tokens for another)
         return PipelineFacts(scheduler=scheduler, vae_scale_factor=factor, latent_channels=channels,
                              context_tokens=text, origin=f"pipeline folder {root}")
 

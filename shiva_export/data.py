@@ -149,22 +149,21 @@ def make_data(model: str | Path, prompts_file: str | Path, out: str | Path, imag
         for old in [*out.glob("shard-*.safetensors"), out / INDEX_FILE, out / NULL_FILE, state_path]:
             old.unlink(missing_ok=True)
 
+    from shiva_export import backbones
+
     pipe = load_pipeline(root, device=device)
+    adapter = backbones.for_model(pipe.transformer)
     vae = pipe.vae
     factor = pipe.vae_scale_factor
-    size = pipe.transformer.config.sample_size * factor
+    size = adapter.default_size(pipe.transformer.config, factor)
     height, width = config.height or size, config.width or size
-    step = factor * pipe.transformer.config.patch_size
-    if height % step or width % step:
-        raise ConfigError(f"size {height}x{width} px is not a multiple of {step} (VAE factor {factor} x patch size "
-                          f"{pipe.transformer.config.patch_size})")
+    adapter.num_image_tokens(pipe.transformer.config, height, width, factor)   # one line if the size cannot tile
     out.mkdir(parents=True, exist_ok=True)
 
     @torch.inference_mode()
     def encode(prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
-        context, _, pooled, _ = pipe.encode_prompt(prompt=prompt, prompt_2=None, prompt_3=None, device=device,
-                                                   do_classifier_free_guidance=False)
-        return context[0].float().cpu(), pooled[0].float().cpu()
+        encoded = adapter.encode_prompts(pipe, [prompt], device)
+        return encoded[CONTEXT][0].float().cpu(), encoded[POOLED][0].float().cpu()
 
     null = encode("")
     if not (out / NULL_FILE).is_file() or NULL_FILE not in state["shards"]:
@@ -181,11 +180,11 @@ def make_data(model: str | Path, prompts_file: str | Path, out: str | Path, imag
             noise = torch.randn(posterior.mean.shape, generator=generator).to(device, posterior.mean.dtype)
             latent = posterior.mean + posterior.std * noise
             return ((latent - vae.config.shift_factor) * vae.config.scaling_factor)[0].float().cpu()
-        return pipe(prompt_embeds=context[None].to(device), pooled_prompt_embeds=pooled[None].to(device),
-                    negative_prompt_embeds=null[0][None].to(device),
-                    negative_pooled_prompt_embeds=null[1][None].to(device), guidance_scale=config.guidance_scale,
-                    num_inference_steps=config.steps, height=height, width=width, generator=generator,
-                    output_type="latent").images[0].float().cpu()
+        conditioning = {CONTEXT: context[None].to(device), POOLED: pooled[None].to(device)}
+        unconditional = {CONTEXT: null[0][None].to(device), POOLED: null[1][None].to(device)}
+        return adapter.teacher_latents(pipe, conditioning, unconditional, guidance_scale=config.guidance_scale,
+                                       steps=config.steps, height=height, width=width,
+                                       generator=generator)[0].float().cpu()
 
     shards, count = [], len(prompts)
     done = sum(min(config.shard_size, count - start) for number, start in enumerate(range(0, count, config.shard_size))

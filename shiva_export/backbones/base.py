@@ -150,6 +150,12 @@ class Backbone(abc.ABC):
     def encode_prompts(self, pipe, prompts: list[str], device) -> dict[str, torch.Tensor]:
         """Conditioning tensors for `prompts` from the pipeline's own encoders (training data)."""
 
+    @abc.abstractmethod
+    def teacher_latents(self, pipe, conditioning: dict, unconditional: dict, guidance_scale: float, steps: int,
+                        height: int, width: int, generator) -> torch.Tensor:
+        """The dense pipeline's final latents [1, C, h, w] (normalised as the VAE expects them, unpacked) for the
+        conditioning (`encode_prompts` of a prompt; `unconditional`: of the empty prompt, for CFG families)."""
+
     def check(self, ok: bool, where: str, field: str, expected: str) -> None:
         if not ok:
             raise ConfigError(f"{where}: field {field}: expected {expected}")

@@ -328,3 +328,12 @@ class Flux(Backbone):
         context, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, device=device,
                                                 max_sequence_length=max_sequence_length)
         return {"encoder_hidden_states": context, "pooled_projections": pooled}
+
+    def teacher_latents(self, pipe, conditioning, unconditional, guidance_scale, steps, height, width, generator):
+        """Guidance-distilled: guidance_scale is the embedded guidance, no unconditional pass; FluxPipeline returns
+        packed latents for output_type="latent", unpacked here as its decoder does."""
+        packed = pipe(prompt_embeds=conditioning["encoder_hidden_states"],
+                      pooled_prompt_embeds=conditioning["pooled_projections"], guidance_scale=guidance_scale,
+                      num_inference_steps=steps, height=height, width=width, generator=generator,
+                      output_type="latent", max_sequence_length=conditioning["encoder_hidden_states"].shape[1]).images
+        return pipe._unpack_latents(packed, height, width, pipe.vae_scale_factor)

@@ -237,6 +237,14 @@ class SD3(Backbone):
                                                    do_classifier_free_guidance=False)
         return {"encoder_hidden_states": context, "pooled_projections": pooled}
 
+    def teacher_latents(self, pipe, conditioning, unconditional, guidance_scale, steps, height, width, generator):
+        return pipe(prompt_embeds=conditioning["encoder_hidden_states"],
+                    pooled_prompt_embeds=conditioning["pooled_projections"],
+                    negative_prompt_embeds=unconditional["encoder_hidden_states"],
+                    negative_pooled_prompt_embeds=unconditional["pooled_projections"], guidance_scale=guidance_scale,
+                    num_inference_steps=steps, height=height, width=width, generator=generator,
+                    output_type="latent").images
+
 
 def _present(index: dict, root: Path, component: str) -> bool:
     entry = index.get(component)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from shiva_export.models import preset_names
 from shiva_export.pipeline import DEFAULT_MODEL, ArtifactConfig
 
 DEFAULT_OUT = "shiva_artifacts"
@@ -16,7 +17,8 @@ def add_out_arg(parser: argparse.ArgumentParser) -> None:
 def add_artifact_args(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model", "backbone and learned pruning policy")
     model.add_argument("--model", default=DEFAULT_MODEL,
-                       help="preset (tiny-sd3, tiny-sd35, sd35-medium-shape) or a local diffusers folder")
+                       help=f"preset ({', '.join(preset_names())}) or a local diffusers folder (pipeline or "
+                            "transformer)")
     model.add_argument("--router", default=None, help="router/policy checkpoint folder written by `train` (default: the router shipped for the "
                             "preset, if any; else untrained routers at --target-keep)")
     model.add_argument("--target-keep", type=float, default=None,
@@ -25,11 +27,11 @@ def add_artifact_args(parser: argparse.ArgumentParser) -> None:
     freeze = parser.add_argument_group("freeze", "turning learned ratios into fixed k")
     freeze.add_argument("--steps", type=int, default=ArtifactConfig.steps, help="sampler steps")
     freeze.add_argument("--shift", type=float, default=None,
-                        help="flow-matching scheduler shift (default: the pipeline folder's scheduler config; 3.0, "
-                             "SD3's, for presets and bare transformer folders)")
+                        help="flow-matching scheduler shift (default: the pipeline folder's scheduler config, or the "
+                             "one the preset or the model family declares)")
     freeze.add_argument("--buckets", type=int, default=ArtifactConfig.buckets, help="most static graphs (k-vectors)")
-    freeze.add_argument("--align", type=int, default=None, help="round k up to a multiple of this (default: the model's: 16 for tiny-sd3/tiny-sd35, "
-                             "128 for sd35-medium-shape, 64 for folders)")
+    freeze.add_argument("--align", type=int, default=None, help="round k up to a multiple of this (default: the model's: 16 for the tiny presets, "
+                             "128 for the full-size ones, 64 for folders)")
     freeze.add_argument("--align-to", choices=("k", "sequence", "either"), default=None,
                         help="what --align rounds up: k, k + context tokens (the joint attention length), or either, "
                              "whichever comes first (default: the model's; k for most)")
@@ -37,9 +39,11 @@ def add_artifact_args(parser: argparse.ArgumentParser) -> None:
     shape = parser.add_argument_group("export", "static shapes and precision of the graphs")
     shape.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
     shape.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
-    shape.add_argument("--batch", type=int, default=None, help="transformer batch; 2 = one image with CFG (default: the model's: 2)")
+    shape.add_argument("--batch", type=int, default=None, help="transformer batch; for a CFG family 2 = one image with CFG (default: the "
+                       "model's: 2 with CFG, 1 for guidance-distilled FLUX.1)")
     shape.add_argument("--context-tokens", type=int, default=None,
-                       help="text tokens (default: the pipeline's: 77 CLIP + 256 T5 = 333 for SD3/SD3.5)")
+                       help="text tokens (default: the pipeline's, e.g. 77 CLIP + 256 T5 = 333 for SD3/SD3.5, 512 T5 "
+                            "for FLUX.1)")
     shape.add_argument("--dtype", default=ArtifactConfig.dtype, help="fp32, fp16 or bf16")
     shape.add_argument("--opset", type=int, default=ArtifactConfig.opset, help="ONNX opset (18..23)")
     shape.add_argument("--row-scatter", choices=("where", "scatternd"), default=ArtifactConfig.row_scatter,

@@ -18,7 +18,7 @@ def add_parser(subparsers) -> None:
                     "without --images by sampling the dense pipeline itself (teacher samples). Writes --out in the "
                     "format `train --data` reads: sharded safetensors, index.json written last, the empty prompt's "
                     "embeddings for CFG dropout. A rerun with the same inputs resumes after the last finished shard.")
-    parser.add_argument("--model", required=True, help="a StableDiffusion3Pipeline folder (save_pretrained)")
+    parser.add_argument("--model", required=True, help="a diffusers pipeline folder (save_pretrained) of a supported family")
     parser.add_argument("--prompts", required=True, help="text file, one prompt per line")
     parser.add_argument("--images", default=None,
                         help="folder of images, one per prompt (default: none; the pipeline samples teacher latents)")

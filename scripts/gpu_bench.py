@@ -327,6 +327,7 @@ def run_ort_phase(pruned, args, num_tokens, configs, schedule, facts):
     import onnxruntime as ort
 
     from shiva_export.export import export_buckets
+    from shiva_export.passes.manager import tensorrt_safety
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = "fp16" if device == "cuda" else "fp32"
@@ -339,7 +340,8 @@ def run_ort_phase(pruned, args, num_tokens, configs, schedule, facts):
     index_path = onnx_dir / "index.json"
     if args.ort_step in ("export", "all"):
         t0 = time.perf_counter()
-        records = export_buckets(pruned.transformer, [configs[n] for n in names], cfg, onnx_dir)
+        records = export_buckets(pruned.transformer, [configs[n] for n in names], cfg, onnx_dir,
+                                 graph_passes=tensorrt_safety(cfg.dtype))
         index = {"export_seconds": time.perf_counter() - t0,
                  "graphs": {name: record for name, record in zip(names, records)}}
         index_path.write_text(json.dumps(index))

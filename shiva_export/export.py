@@ -185,8 +185,9 @@ def _quiet_exporter():
             lg.setLevel(level)
 
 
-def export_bucket(transformer, k: Sequence[int] | None, cfg: ExportConfig) -> ir.Model:
-    """Trace one bucket (k=None: the dense baseline) to an onnx_ir model, then run the TensorRT-safety passes."""
+def export_bucket(transformer, k: Sequence[int] | None, cfg: ExportConfig, graph_passes) -> ir.Model:
+    """Trace one bucket (k=None: the dense baseline) to an onnx_ir model, then run `graph_passes` on it (the
+    pipeline's pass manager, `passes.manager.tensorrt_safety`)."""
     state = get_pruning_state(transformer)
     if state is None:
         raise ConfigError("export needs a patched model: apply_token_pruning(transformer, routers) first")
@@ -207,29 +208,7 @@ def export_bucket(transformer, k: Sequence[int] | None, cfg: ExportConfig) -> ir
     with _quiet_exporter(), torch.no_grad(), adapter.fixed_shapes(transformer, constants):
         program = torch.onnx.export(module, (), kwargs=feed, dynamo=True, opset_version=cfg.opset,
                                     input_names=list(feed), output_names=names, optimize=True)
-    model = program.model
-    tensorrt_safety_passes(model, cfg.dtype)
-    return model
-
-
-def tensorrt_safety_passes(model: ir.Model, dtype: str) -> None:
-    """Rewrite what TensorRT rejects or computes badly; every pass checks its own postcondition.
-
-    The Einsum rewrite runs first and for every dtype: the unpatchify permutation has no bf16 Einsum in ONNX, and
-    the later passes' shape inference must see every dim.
-    """
-    from shiva_export.passes.einsum import RewritePermutationEinsumPass
-    from shiva_export.passes.precision import Fp32IslandsPass
-    from shiva_export.passes.topk import SplitLargeTopKPass
-
-    passes = [RewritePermutationEinsumPass(), SplitLargeTopKPass()] + ([Fp32IslandsPass()] if dtype != "fp32" else [])
-    for graph_pass in passes:
-        try:
-            graph_pass(model)
-        except (ir.passes.PassError, ir.passes.InvariantError) as err:  # onnx_ir wraps the pass's own StaticGraphError: surface that one
-            if isinstance(err.__cause__, StaticGraphError):
-                raise err.__cause__ from None
-            raise
+    return graph_passes(program.model)
 
 
 def _tensor_key(tensor: ir.TensorProtocol, data: bytes) -> str:
@@ -334,17 +313,18 @@ def interrupts_between_graphs():
     check()
 
 
-def export_buckets(transformer, bucket_ks: Sequence[Sequence[int]], cfg: ExportConfig, out_dir: Path,
-                   progress=None, dense: bool = True) -> list[dict]:
+def export_buckets(transformer, bucket_ks: Sequence[Sequence[int]], cfg: ExportConfig, out_dir: Path, *,
+                   graph_passes, progress=None, dense: bool = True) -> list[dict]:
     """Write out_dir/b{i}.onnx for every bucket (+ b{i}.debug.onnx with index outputs, + dense.onnx) and
-    out_dir/weights.bin, atomically as one folder."""
+    out_dir/weights.bin, atomically as one folder. graph_passes: run on every traced graph before it is saved
+    (`passes.manager.tensorrt_safety(cfg.dtype)`); the static lint then checks every file."""
     out_dir = Path(out_dir)
     records = []
     with atomic_directory(out_dir) as tmp, interrupts_between_graphs() as check_interrupt:
         writer = SharedWeightWriter(tmp / WEIGHTS_FILE)
         try:
             for bucket, k in enumerate(bucket_ks):
-                model = export_bucket(transformer, k, cfg)
+                model = export_bucket(transformer, k, cfg, graph_passes)
                 check_interrupt()
                 writer.externalize(model)
                 record = {"bucket": bucket, "k": list(map(int, k)), "file": f"b{bucket}.onnx"}
@@ -357,7 +337,7 @@ def export_buckets(transformer, bucket_ks: Sequence[Sequence[int]], cfg: ExportC
                 if progress is not None:
                     progress.update(1)
             if dense:
-                model = export_bucket(transformer, None, cfg)
+                model = export_bucket(transformer, None, cfg, graph_passes)
                 check_interrupt()
                 writer.externalize(model)
                 save_graph(model, tmp / DENSE_FILE, "dense", None)

@@ -310,6 +310,7 @@ def run_export(ws: Workspace, force: bool = False, progress=None) -> bool:
     import torch
 
     from shiva_export.export import ExportConfig, export_buckets, torch_dtype
+    from shiva_export.passes.manager import tensorrt_safety
 
     cfg = ws.config
     schedule = ws.schedule()
@@ -329,7 +330,8 @@ def run_export(ws: Workspace, force: bool = False, progress=None) -> bool:
     with ws.manifest.writing():
         try:
             records = export_buckets(pruned.transformer, [b.k for b in schedule.buckets], export_cfg,
-                                     ws.path(ONNX_DIR), progress=progress)
+                                     ws.path(ONNX_DIR), graph_passes=tensorrt_safety(export_cfg.dtype),
+                                     progress=progress)
         finally:
             if dtype != torch.float32:
                 pruned.to_dtype(torch.float32)

@@ -18,6 +18,7 @@ from onnx import TensorProto, helper
 
 from shiva_export import cli, pipeline
 from shiva_export.export import ExportConfig, StaticBucket, example_feed, export_buckets
+from shiva_export.passes.manager import tensorrt_safety
 from shiva_export.passes._files import read_model_proto
 from shiva_export.passes._shapes import infer_shapes_model
 from shiva_export.passes.lint import lint_model
@@ -84,7 +85,8 @@ def test_whole_tiny_model_at_4096_tokens_keep_095_exports_exactly_without_topk_o
     pruned = load_pruned_model("tiny-sd3", cfg_consistent=True)
     cfg = ExportConfig(height=1024, width=1024, batch=2, context_tokens=24, debug_indices=True)
     k = [4096] + [3891] * 3          # keep 0.95 of N = 4096: K > 3840 must be split
-    records = export_buckets(pruned.transformer, [k], cfg, tmp_path / "onnx", dense=False)
+    records = export_buckets(pruned.transformer, [k], cfg, tmp_path / "onnx", graph_passes=tensorrt_safety(cfg.dtype),
+                             dense=False)
     path = tmp_path / "onnx" / records[0]["debug_file"]
     topks = [n for n in graph_ops(path) if n.op_type == "TopK"]
     assert topks
@@ -111,7 +113,7 @@ def test_fp16_export_matches_the_fp32_reference_within_documented_tolerance(tmp_
         want = StaticBucket(pruned.transformer, k)(**feed).numpy().astype(np.float64)
     pruned.to_dtype(torch.float16)
     cfg16 = ExportConfig(height=256, width=256, batch=2, context_tokens=24, dtype="fp16")
-    export_buckets(pruned.transformer, [k], cfg16, tmp_path / "onnx", dense=False)
+    export_buckets(pruned.transformer, [k], cfg16, tmp_path / "onnx", graph_passes=tensorrt_safety("fp16"), dense=False)
     feed16 = {n: (v.half() if n != "timestep" else v) for n, v in feed.items()}
     got = run_ort(tmp_path / "onnx" / "b0.onnx", feed16)["sample"].astype(np.float64)
     cosine = float((got * want).sum() / np.linalg.norm(got) / np.linalg.norm(want))
@@ -137,7 +139,7 @@ def bf16_export(tmp_path_factory):
     out = tmp_path_factory.mktemp("bf16") / "onnx"
     pruned.to_dtype(torch.bfloat16)
     try:
-        export_buckets(pruned.transformer, [BF16_K], cfg, out)
+        export_buckets(pruned.transformer, [BF16_K], cfg, out, graph_passes=tensorrt_safety(cfg.dtype))
     finally:
         pruned.to_dtype(torch.float32)
     return {"dir": out, "pruned": pruned, "config": cfg}

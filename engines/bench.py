@@ -484,11 +484,11 @@ def run_bench(ws, config: BenchConfig | None = None, backends: Sequence[str] | N
     from shiva_export.io import sha256_json, write_bytes, write_json
 
     device = compute_device(device)
-    from shiva_export.engines.runners import _ALIASES
+    from shiva_export.engines.backends.names import engine_set_name
     from shiva_export.pipeline import runnable_reason
 
     for name in backends or ():  # refused before any session is built
-        short = _ALIASES.get(name, name)
+        short = engine_set_name(name)
         if short in ("trt", "trt-rtx") and runnable_reason(short) is not None:
             raise BackendUnavailableError(f"bench --backend {name}: its engines cannot run here "
                                           f"({runnable_reason(short)})")

@@ -31,10 +31,7 @@ from shiva_export.errors import ArtifactError, ConfigError, StaleArtifactError
 logger = logging.getLogger(__name__)
 
 ONNX_DIR = "onnx"
-# the long names every verb accepts for the built engine sets (pipeline.BACKEND_ALIASES is the same table)
-_ALIASES = {"ort-cpu": "onnxruntime", "tensorrt": "trt", "tensorrt-rtx": "trt-rtx"}
-ENGINE_SET_NAMES = ("onnxruntime", "onnxruntime-cuda", "ort", "trt", "trt-rtx")
-ENGINE_SET_CHOICES = (*ENGINE_SET_NAMES, *_ALIASES)   # what --backend of check and bench accepts
+from shiva_export.engines.backends.names import ENGINE_SET_CHOICES, ENGINE_SET_NAMES, engine_set_name  # noqa: F401
 
 
 class EngineSet(abc.ABC):
@@ -293,7 +290,7 @@ class BuiltEngines(EngineSet):
 def get_engine_set(name: str, ws, device: str = "cpu", **kwargs: Any) -> EngineSet:
     """The engine set `name` (see the module docstring) of artifact folder `ws`; device "cuda" runs the ONNX Runtime
     sets (`onnxruntime`, `ort`) on its CUDA execution provider."""
-    name = _ALIASES.get(name, name)
+    name = engine_set_name(name)
     if name == "onnxruntime" and device == "cuda":
         name = "onnxruntime-cuda"
     if name == "ort" and device == "cuda":

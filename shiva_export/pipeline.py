@@ -12,6 +12,7 @@ import logging
 import os
 from pathlib import Path
 
+from shiva_export.engines.backends.names import backend_name  # noqa: F401  (the verbs' backend names)
 from shiva_export.errors import ArtifactError, ConfigError, StaleArtifactError
 from shiva_export.io import sha256_file, sha256_json
 from shiva_export.manifest import Manifest
@@ -430,14 +431,6 @@ def run_lint(ws: Workspace, force: bool = False) -> dict:
     return reports
 
 
-BACKEND_ALIASES = {"onnxruntime": "ort", "ort": "ort", "tensorrt": "trt", "trt": "trt",
-                   "tensorrt-rtx": "trt-rtx", "trt-rtx": "trt-rtx"}
-
-
-def backend_name(name: str) -> str:
-    if name not in BACKEND_ALIASES:
-        raise ConfigError(f"unknown backend {name!r}; expected one of onnxruntime, tensorrt, tensorrt-rtx")
-    return BACKEND_ALIASES[name]
 
 
 def resolve_backends(requested: list[str] | None) -> list[str]:

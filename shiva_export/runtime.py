@@ -45,6 +45,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from shiva_export.errors import (ArtifactError, BackendUnavailableError, ConfigError, InputError, NonFiniteError,
                                  StaleArtifactError)
 from shiva_export import backbones
+from shiva_export.engines.backends.names import ENGINE_SET_ALIASES
 from shiva_export.export import OUTPUT_NAME, ExportConfig, torch_dtype
 from shiva_export.pipeline import Workspace, check_export_matches_schedule, recorded_transformer_config
 from shiva_export.passes.freeze import scheduler_text
@@ -52,7 +53,7 @@ from shiva_export.passes.freeze import scheduler_text
 logger = logging.getLogger(__name__)
 
 # The names users know -> engine set names of `engines.runners` (which also accepts its own names directly).
-BACKEND_ALIASES = {"tensorrt": "trt", "tensorrt-rtx": "trt-rtx"}
+BACKEND_ALIASES = ENGINE_SET_ALIASES
 _ORT_PROVIDERS = {"cpu": "cpu", "cpuexecutionprovider": "cpu", "cuda": "cuda", "cudaexecutionprovider": "cuda"}
 # TensorRT runners take CUDA tensors; ONNX Runtime takes host arrays and copies them to its device itself.
 _CUDA_FED = ("trt", "trt-rtx")

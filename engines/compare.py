@@ -411,7 +411,7 @@ def check_full_trajectory(engines, ws, trajectory, gate: Gate) -> TrajectoryResu
 
 
 def run_check(ws, backends: Sequence[Any] = ("onnxruntime",), config: CheckConfig = CheckConfig(),
-              force: bool = False, device: str | None = None) -> CheckReport:
+              force: bool = False, device: str | None = None, *, reference) -> CheckReport:
     """Check every bucket engine of `ws` (and the whole loop) against the PyTorch static-mode model.
 
     Args:
@@ -422,6 +422,8 @@ def run_check(ws, backends: Sequence[Any] = ("onnxruntime",), config: CheckConfi
         force: re-run even if check.json is fresh for these inputs.
         device: where the PyTorch reference and ONNX Runtime run ("cpu" | "cuda"; default: the CUDA GPU if torch
             sees one). On "cuda" the ONNX Runtime sets run on its CUDA execution provider.
+        reference: (ws, seed, guidance_scale, device) -> Trajectory, the stage that runs the PyTorch model
+            (`shiva_export.reference.capture_trajectory`); called only when the check runs.
 
     Writes ``check.json``, ``check/bucket{i}/{inputs.json, reference.json, inputs/, reference/, outputs-*.json}``
     and ``check/repro.sh`` atomically, then records the ``check`` stage in the manifest. Returns the report; its
@@ -429,7 +431,7 @@ def run_check(ws, backends: Sequence[Any] = ("onnxruntime",), config: CheckConfi
     """
     from shiva_export.engines.backends.base import compute_device
     from shiva_export.engines.runners import get_engine_set, library_versions
-    from shiva_export.engines.trajectory import capture_trajectory, export_config, save_bucket_data
+    from shiva_export.engines.trajectory import export_config, save_bucket_data
     from shiva_export.io import atomic_directory, sha256_json, write_json
 
     device = compute_device(device)
@@ -455,7 +457,7 @@ def run_check(ws, backends: Sequence[Any] = ("onnxruntime",), config: CheckConfi
         logger.info("check: check.json is up to date for these engines and seed, reused (--force to re-run)")
         return CheckReport.from_json(json.loads(ws.path(CHECK_FILE).read_text()), reused=True)
 
-    trajectory = capture_trajectory(ws, config.seed, config.guidance_scale, device=device)
+    trajectory = reference(ws, config.seed, config.guidance_scale, device=device)
     bucket_results, trajectory_results = [], []
     with ws.manifest.writing():
         with atomic_directory(ws.path(CHECK_DIR)) as tmp:
@@ -494,8 +496,10 @@ def write_repro(path: Path, ws, schedule, gate: Gate, config: CheckConfig, engin
     import shlex
     import sys
 
-    from shiva_export.export import INPUT_NAMES
+    from shiva_export.export import input_names
     from shiva_export.engines.trajectory import REFERENCE_RUNNER, step_ranges
+
+    names = input_names(ws.manifest.require("export")["transformer_config"])
 
     import shiva_export
 
@@ -536,7 +540,7 @@ def write_repro(path: Path, ws, schedule, gate: Gate, config: CheckConfig, engin
             f"# trtexec, one run per step (raw inputs in the layout of polygraphy --save-input-blob; compare its "
             f"exported 'sample' with {data}/reference/<step>/sample.bin):",
             f"# for d in {data}/inputs/*/; do trtexec --onnx=onnx/{graph['file']} --stronglyTyped \\",
-            "#     --loadInputs=" + ",".join(f"'{name}':\"${{d}}{name}.bin\"" for name in INPUT_NAMES)
+            "#     --loadInputs=" + ",".join(f"'{name}':\"${{d}}{name}.bin\"" for name in names)
             + " --exportOutput=\"${d%/}.trtexec.json\"; done",
             "",
         ]

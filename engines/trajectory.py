@@ -7,8 +7,9 @@ batch ``[uncond; cond]``) with the PyTorch pruned model in static mode (each ste
 as exported), from seeded latents and seeded prompt embeddings, and records at every step the transformer's inputs
 (in the graphs' exact dtypes), its outputs and the kept token indices per pruned layer.
 
-``denoise`` is the one sampling loop: the PyTorch capture and the engine loop in ``compare.py`` both run it, so
-scheduler and guidance arithmetic are identical and only the transformer differs.
+``denoise`` is the one sampling loop: the PyTorch capture (``shiva_export.reference``, the stage ahead of the check)
+and the engine loop in ``compare.py`` both run it, so scheduler and guidance arithmetic are identical and only the
+transformer differs. Nothing here runs a PyTorch model.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ __all__ = [
     "REFERENCE_RUNNER",
     "StepRecord",
     "Trajectory",
-    "capture_trajectory",
     "denoise",
     "export_config",
     "save_bucket_data",
@@ -121,31 +121,6 @@ def _to_torch(array: np.ndarray):
     return torch.from_numpy(np.ascontiguousarray(array))
 
 
-@contextlib.contextmanager
-def _model_in_dtype(pruned, dtype_name: str, device: str = "cpu") -> Iterator[None]:
-    """Run the backbone in the export dtype (routers stay fp32, as exported) on `device`; restore fp32 on the CPU
-    even on error. An fp32 reference on a GPU runs without TF32 (cuDNN convolutions default to it)."""
-    import torch
-
-    from shiva_export.export import torch_dtype
-
-    dtype = torch_dtype(dtype_name)
-    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    if dtype != torch.float32:
-        pruned.to_dtype(dtype)
-    try:
-        if device != "cpu":
-            pruned.transformer.to(device)
-            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
-        if device != "cpu":
-            pruned.transformer.to("cpu")
-        if dtype != torch.float32:
-            pruned.to_dtype(torch.float32)
-
-
 def _scheduler(schedule):
     """The pipeline's scheduler the schedule was frozen for, at its step count (and image length, for dynamic
     shifting); refused if its timesteps are not the frozen ones."""
@@ -227,54 +202,6 @@ def denoise(step_fn: StepFn, schedule, cfg, model_config, latents: np.ndarray,
         bar.update()
     bar.close()
     return _to_numpy(current, latents.dtype)
-
-
-def capture_trajectory(ws, seed: int = 0, guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
-                       device: str = "cpu") -> Trajectory:
-    """Run the sampler with the PyTorch pruned model in static mode on `device` and record every step.
-
-    Each step calls ``StaticBucket(transformer, bucket.k, debug_indices=True)`` (the module the graphs were traced
-    from) pinned to its bucket's k vector, in the export dtype, so its outputs and kept indices are the reference
-    for the bucket graphs and their debug twins.
-    """
-    import torch
-
-    from shiva_export.export import StaticBucket, output_names
-    from shiva_export.pipeline import recorded_transformer_config
-
-    schedule = ws.schedule()
-    cfg = export_config(ws)
-    pruned = ws.pruned
-    state = pruned.state
-    names = output_names(state.num_layers, state.pruned_layers, debug_indices=True)
-    latents, conditioning = _seeded_inputs(cfg, pruned.config, seed)
-    constants = cfg.constants(pruned.config)
-    modules = {b.index: StaticBucket(pruned.transformer, b.k, debug_indices=True, constants=constants).eval()
-               for b in schedule.buckets}
-    records: list[StepRecord] = []
-
-    def step_fn(step: int, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        bucket = schedule.step_to_bucket[step]
-        with torch.inference_mode():
-            result = modules[bucket](**{name: _to_torch(value).to(device) for name, value in feed.items()})
-        result = result if isinstance(result, tuple) else (result,)
-        out_dtype = latents.dtype
-        return {name: (_to_numpy(value, out_dtype) if name == "sample" else value.cpu().numpy().astype(np.int64))
-                for name, value in zip(names, result)}
-
-    def on_step(step: int, feed: dict, outputs: Mapping[str, np.ndarray]) -> None:
-        records.append(StepRecord(step, schedule.step_to_bucket[step], float(feed["timestep"][0]),
-                                  dict(feed), dict(outputs)))
-
-    scale = float(guidance_scale) if latents.shape[0] * 2 == cfg.batch else 1.0
-    with _model_in_dtype(pruned, cfg.dtype, device):
-        final = denoise(step_fn, schedule, cfg, pruned.config, latents, conditioning, scale, on_step,
-                        progress=f"trajectory (PyTorch, {device})")
-    logger.info("captured a %d-step trajectory (seed %d, guidance %.1f, %s, %s)", len(records), seed, scale,
-                cfg.dtype, device)
-    return Trajectory(seed=int(seed), guidance_scale=scale, dtype=cfg.dtype, steps=tuple(records),
-                      initial_latents=latents, final_latents=final, conditioning=dict(conditioning),
-                      model_config=recorded_transformer_config(pruned.config))
 
 
 def _blob_dir(root: Path, index: int) -> Path:

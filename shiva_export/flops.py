@@ -25,7 +25,6 @@ same keys.
 
 from __future__ import annotations
 
-import dataclasses
 import operator
 from typing import Any, Mapping, Sequence
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 from importlib import resources
 from pathlib import Path
@@ -13,7 +12,6 @@ import torch
 
 from shiva_export.errors import ConfigError, ShivaError
 from shiva_export.io import sha256_file, sha256_json
-from shiva_export.schema import Int, ListOf, Nullable, Obj, Str, validate
 
 VAE_SCALE_FACTOR = 8  # the supported families' VAEs downsample by 8 (a folder's VAE may differ)
 SCHEDULER_CLASSES = ("FlowMatchEulerDiscreteScheduler",)   # what the supported pipelines accept

@@ -571,10 +571,11 @@ def build(ws: Workspace, backends: list[str], runs: int = 5, force: bool = False
         else:
             result.not_run.append(f"{backend}: engines built, not run ({runnable_reason(backend)})")
     from shiva_export.engines.compare import run_check
+    from shiva_export.reference import capture_trajectory
 
     started = time.perf_counter()
     previous = (ws.manifest.stage("check") or {}).get("finished")
-    result.check = run_check(ws, backends=runnable, force=force, device=device)
+    result.check = run_check(ws, backends=runnable, force=force, device=device, reference=capture_trajectory)
     note("check", (ws.manifest.stage("check") or {}).get("finished") != previous, started)
     from shiva_export.engines.bench import run_bench
 

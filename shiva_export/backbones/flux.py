@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from shiva_export.backbones.base import Backbone, InputSpec, cfg_get
-from shiva_export.backbones.sd3 import TIME_PROJ_DIM, _pipeline_index, _present, linear_flops, router_flops
+from shiva_export.backbones.sd3 import TIME_PROJ_DIM, _pipeline_index, linear_flops, router_flops
 from shiva_export.errors import ConfigError
 from shiva_export.schema import Bool, Int, ListOf, Nullable, Obj, Str, validate
 

@@ -40,11 +40,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from shiva_export.engines.compare import CheckConfig, render_report, run_check
     from shiva_export.pipeline import Workspace
+    from shiva_export.reference import capture_trajectory
 
     config = CheckConfig(seed=args.seed, guidance_scale=args.guidance_scale, full_trajectory=not args.no_trajectory)
     ws = Workspace(args.out)
     report = run_check(ws, backends=tuple(args.backend or ("onnxruntime",)), config=config, force=args.force,
-                       device=args.device)
+                       device=args.device, reference=capture_trajectory)
     print(render_report(report.to_json()))
     print(f"\n{ws.path('check.json')}" + (" (reused: inputs unchanged; --force re-runs)" if report.reused else ""))
     return 0 if report else 1

@@ -71,8 +71,9 @@ def test_runtime_verifies_then_refuses_plans_it_cannot_run_at_from_artifacts(wit
 def test_repro_script_runs_without_the_venv_on_path_and_carries_the_engine_flags(with_trt_rtx_plans):
     ws = pipeline.Workspace(with_trt_rtx_plans)
     from shiva_export.engines.compare import run_check
+    from shiva_export.reference import capture_trajectory
 
-    assert run_check(ws, backends=("onnxruntime",), device="cpu")
+    assert run_check(ws, backends=("onnxruntime",), device="cpu", reference=capture_trajectory)
     del ws
     script = with_trt_rtx_plans / "check" / "repro.sh"
     text = script.read_text()

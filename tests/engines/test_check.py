@@ -16,6 +16,7 @@ import pytest
 from shiva_export.cli import EXIT_BAD_INPUT, EXIT_CHECK_FAILED, EXIT_OK, main
 from shiva_export.engines.compare import GATES, Gate, Metrics, index_agreement
 from shiva_export.export import INPUT_NAMES
+from shiva_export.reference import capture_trajectory
 from shiva_export.io import sha256_file, write_json
 
 
@@ -106,7 +107,7 @@ def test_engine_set_without_index_outputs_reports_agreement_none_with_the_reason
     ws = Workspace(artifact_copy)
     engines = ProductionGraphsOnly(ws)
     engines.name = "no-indices"
-    report = run_check(ws, backends=[engines], config=CheckConfig(full_trajectory=False))
+    report = run_check(ws, backends=[engines], config=CheckConfig(full_trajectory=False), reference=capture_trajectory)
     assert report and [b.agreement for b in report.buckets] == [None, None]
     assert [b.agreement_note for b in report.buckets] == ["b0.onnx has no index outputs", "b1.onnx has no index outputs"]
 

@@ -108,9 +108,12 @@ def generate(artifacts: str | Path, prompt: str, model: str | Path | None = None
     if steps != schedule.num_steps:
         raise ConfigError(f"--steps {steps}: the engines were frozen for {schedule.num_steps} sampler steps; omit "
                           f"--steps or re-freeze with --steps {steps}")
-    cfg_pairs = export["batch"] % 2 == 0
-    guidance = (7.0 if cfg_pairs else 1.0) if guidance_scale is None else float(guidance_scale)
-    if cfg_pairs != (guidance > 1.0):
+    from shiva_export import backbones
+
+    adapter = backbones.for_config(ws.manifest.require("export")["transformer_config"])
+    cfg_pairs = adapter.cfg_pairs(export["batch"])
+    guidance = adapter.default_guidance(export["batch"]) if guidance_scale is None else float(guidance_scale)
+    if adapter.default_batch == 2 and cfg_pairs != (guidance > 1.0):
         raise ConfigError(f"--guidance-scale {guidance:g}: the engines run batch {export['batch']} "
                           f"({'CFG pairs: a scale > 1' if cfg_pairs else 'no CFG: a scale <= 1'} is needed)")
     images = export["batch"] // (2 if cfg_pairs else 1)
@@ -118,7 +121,8 @@ def generate(artifacts: str | Path, prompt: str, model: str | Path | None = None
     dtype = torch_dtype(export["dtype"])
     pipe = load_pipeline(pipeline_root(source), dtype=dtype, device=device)
     call = {"prompt": [prompt] * images, "num_inference_steps": steps, "guidance_scale": guidance,
-            "height": export["height"], "width": export["width"], "output_type": "np"}
+            "height": export["height"], "width": export["width"], "output_type": "np",
+            **adapter.pipeline_call_options(export["context_tokens"])}
 
     def run(transformer) -> tuple[np.ndarray, float]:
         pipe.transformer = transformer

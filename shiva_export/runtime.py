@@ -154,7 +154,9 @@ class StaticInputs:
 
 def _batch_meaning(batch: int, adapter) -> str:
     """What a transformer batch means to the pipeline (an even export batch of a CFG family is CFG pairs, D4)."""
-    if batch % 2 or adapter.default_batch == 1:
+    if adapter.default_batch == 1:
+        return f"{batch} image{'s' * (batch > 1)}, guidance-distilled (guidance is an input, not a batch half)"
+    if batch % 2:
         return f"{batch} image{'s' * (batch > 1)} without guidance (guidance_scale <= 1)"
     images = batch // 2
     return (f"{images} image{'s' * (images > 1)} with classifier-free guidance, i.e. guidance_scale > 1 and "

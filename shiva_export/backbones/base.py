@@ -150,6 +150,19 @@ class Backbone(abc.ABC):
     def encode_prompts(self, pipe, prompts: list[str], device) -> dict[str, torch.Tensor]:
         """Conditioning tensors for `prompts` from the pipeline's own encoders (training data)."""
 
+    def cfg_pairs(self, batch: int) -> bool:
+        """Whether a transformer batch is [uncond; cond] halves (classifier-free guidance in the batch)."""
+        return self.default_batch == 2 and batch % 2 == 0
+
+    def default_guidance(self, batch: int) -> float:
+        """The pipeline's guidance_scale for this batch (a CFG scale, or a distilled model's guidance input)."""
+        return 7.0 if self.cfg_pairs(batch) else 1.0
+
+    def pipeline_call_options(self, context_tokens: int) -> dict:
+        """Keyword arguments a pipeline call needs to feed the exported shapes (e.g. FluxPipeline's
+        max_sequence_length); SD3's defaults give its own."""
+        return {}
+
     @abc.abstractmethod
     def teacher_latents(self, pipe, conditioning: dict, unconditional: dict, guidance_scale: float, steps: int,
                         height: int, width: int, generator) -> torch.Tensor:

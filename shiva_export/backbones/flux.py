@@ -290,6 +290,12 @@ class Flux(Backbone):
         finally:
             transformer.pos_embed = original
 
+    def default_guidance(self, batch: int) -> float:
+        return DEFAULT_GUIDANCE
+
+    def pipeline_call_options(self, context_tokens: int) -> dict:
+        return {"max_sequence_length": int(context_tokens)}
+
     def transformer_timestep(self, t: float) -> float:
         return float(t) / 1000.0
 

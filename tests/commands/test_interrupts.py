@@ -20,6 +20,21 @@ from shiva_export.cli import EXIT_INTERRUPTED, INTERRUPTED, interrupts_deferred,
 LOG_RECORD = re.compile(r"^(DEBUG|INFO|WARNING) shiva_export[\w.]*: ")   # cli.main's logging format
 
 
+def _catching_sigint(pid: int, timeout: float = 60.0) -> None:
+    """Wait until the child's Python has installed its SIGINT handler (bit 2 of SigCgt in /proc/PID/status): before
+    that the default action kills it, on a loaded machine even 0.3 s after the start."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            status = open(f"/proc/{pid}/status").read()
+        except OSError:
+            return
+        caught = next((line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), "0")
+        if int(caught, 16) & (1 << (signal.SIGINT - 1)):
+            return
+        time.sleep(0.01)
+
+
 def _default_sigint() -> None:
     """A terminal's Ctrl-C reaches a process whose SIGINT is not ignored; a background test runner's children
     inherit SIG_IGN, which Python keeps (no KeyboardInterrupt at all)."""
@@ -31,6 +46,7 @@ def test_ctrl_c_exits_130_with_one_line_and_no_traceback(tmp_path, delay_s):
     proc = subprocess.Popen([sys.executable, "-m", "shiva_export", "build", "--out", str(tmp_path / "out")],
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=_default_sigint)
+    _catching_sigint(proc.pid)
     time.sleep(delay_s)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=900)   # hang guard only
@@ -45,7 +61,8 @@ def test_ctrl_c_while_importing_leaves_only_the_one_line(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "shiva_export", "export", "--out", str(tmp_path / "out")],
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=_default_sigint)
-    time.sleep(0.3)   # the interpreter is up (~0.05 s) and importing torch (~2 s)
+    _catching_sigint(proc.pid)
+    time.sleep(0.3)   # the interpreter is up and importing torch (~2 s)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=900)
     assert proc.returncode == EXIT_INTERRUPTED, stderr[-3000:]

@@ -297,7 +297,7 @@ class _TorchTarget(_CudaEvents, _Target):
     clock = "cuda_sync"
     device = "cuda"
 
-    def __init__(self, ws, schedule, dtype: str, cuda_graph: bool):
+    def __init__(self, ws, schedule, cfg, cuda_graph: bool):
         import torch
 
         from shiva_export.export import DenseModel, StaticBucket, torch_dtype
@@ -305,12 +305,15 @@ class _TorchTarget(_CudaEvents, _Target):
         self.name = "torch-cudagraph" if cuda_graph else "torch-eager"
         self.cuda_graph = cuda_graph
         self.pruned = ws.pruned
-        self.pruned.to_dtype(torch_dtype(dtype))
+        self.pruned.to_dtype(torch_dtype(cfg.dtype))
         self.pruned.transformer.to("cuda")
-        self.modules = {"dense": DenseModel(self.pruned.transformer).eval()}
+        # the family's shape-fixed inputs (FLUX.1's img_ids / txt_ids), folded into the graphs, passed here
+        constants = {name: value.to("cuda") for name, value in cfg.constants(self.pruned.config).items()}
+        self.modules = {"dense": DenseModel(self.pruned.transformer, constants).eval()}
         # kept rows are written back into each block's own input (no copy of the sequence): what a PyTorch
         # deployment of the static model runs under inference mode
-        self.modules.update({b.index: StaticBucket(self.pruned.transformer, b.k, inplace_scatter=True).eval()
+        self.modules.update({b.index: StaticBucket(self.pruned.transformer, b.k, inplace_scatter=True,
+                                                   constants=constants).eval()
                              for b in schedule.buckets})
         self.pool = torch.cuda.graph_pool_handle() if cuda_graph else None
         self.graphs: list = []
@@ -455,7 +458,7 @@ def _targets(ws, schedule, cfg, backends: Sequence[str] | None, device: str
         if name in TORCH_TARGETS:
             if device != "cuda":
                 raise BackendUnavailableError(f"bench target {name} runs on a CUDA GPU; this run's device is {device}")
-            makers.append((name, lambda name=name: _TorchTarget(ws, schedule, cfg.dtype, name == TORCH_TARGETS[0])))
+            makers.append((name, lambda name=name: _TorchTarget(ws, schedule, cfg, name == TORCH_TARGETS[0])))
         elif name in ORT_CUDA_TARGETS or (name == "onnxruntime" and device == "cuda"):
             graph = name != ORT_CUDA_TARGETS[1]
             makers.append((name, lambda graph=graph: _OrtCudaTarget(ws, keys, graph)))

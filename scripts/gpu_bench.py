@@ -28,8 +28,8 @@ from pathlib import Path
 
 import torch
 
-from shiva_export import kernels
-from shiva_export.export import ExportConfig, StaticBucket, example_feed
+from shiva_export import backbones, kernels
+from shiva_export.export import DenseModel, ExportConfig, StaticBucket, example_feed, torch_dtype
 from shiva_export.flops import ModelDims
 from shiva_export.models import num_image_tokens
 from shiva_export.passes.freeze import FreezeConfig, StepFlops, freeze, k_table
@@ -43,8 +43,9 @@ def parse_args(argv=None):
     parser.add_argument("--model", default="sd35-medium-shape")
     parser.add_argument("--height", type=int, default=1024)
     parser.add_argument("--width", type=int, default=1024)
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--context-tokens", type=int, default=333)
+    parser.add_argument("--batch", type=int, default=None, help="default: the preset's (2 for CFG, 1 for FLUX.1)")
+    parser.add_argument("--context-tokens", type=int, default=None, help="default: the preset's text tokens")
+    parser.add_argument("--dtype", choices=["fp16", "bf16"], default="fp16", help="backbone dtype on the GPU")
     parser.add_argument("--steps", type=int, default=50, help="denoising steps of the loop")
     parser.add_argument("--buckets", type=int, default=4, help="buckets of the paper-shaped schedule")
     parser.add_argument("--align", type=int, default=None, help="k alignment (default: the preset's, else 64)")
@@ -147,6 +148,11 @@ class Timer:
             torch.cuda.synchronize()
 
 
+def num_blocks(pruned) -> int:
+    """Prunable blocks in execution order (FLUX.1: double- then single-stream), as the adapter counts them."""
+    return backbones.for_config(pruned.config).num_blocks(pruned.config)
+
+
 def freeze_config(pruned, args) -> FreezeConfig:
     return FreezeConfig(num_steps=args.steps, shift=3.0, align=args.align, align_to=args.align_to,
                         max_buckets=args.buckets, dense_layers=pruned.policy.dense_layers)
@@ -154,7 +160,7 @@ def freeze_config(pruned, args) -> FreezeConfig:
 
 def uniform_k(pruned, args, num_tokens: int, keep: float) -> tuple[int, ...]:
     """The freeze pass's k for a constant keep ratio (the same rounding as every built schedule)."""
-    ratios = torch.full((1, pruned.config.num_layers), keep, dtype=torch.float32)
+    ratios = torch.full((1, num_blocks(pruned)), keep, dtype=torch.float32)
     return tuple(int(k) for k in k_table(ratios, num_tokens, freeze_config(pruned, args), args.context_tokens)[0])
 
 
@@ -164,7 +170,7 @@ def paper_schedule(pruned, args, num_tokens: int):
     from shiva_export.passes.freeze import scheduler_timesteps
 
     grid = scheduler_timesteps(args.steps, 3.0)
-    layers = pruned.config.num_layers
+    layers = num_blocks(pruned)
 
     def ratio_fn(timesteps: torch.Tensor) -> torch.Tensor:
         step = torch.argmin((timesteps.reshape(-1, 1) - grid.reshape(1, -1)).abs(), dim=1).float()
@@ -177,7 +183,7 @@ def paper_schedule(pruned, args, num_tokens: int):
 
 
 def configurations(pruned, args, num_tokens):
-    layers = pruned.config.num_layers
+    layers = num_blocks(pruned)
     configs = {"dense": None}
     for keep in [float(x) for x in args.keeps.split(",") if x]:
         configs[f"keep{keep:g}"] = uniform_k(pruned, args, num_tokens, keep)
@@ -192,11 +198,14 @@ def flops_of(pruned, args, num_tokens, k):
     return step_flops.dense() if k is None else step_flops(k)
 
 
-def torch_module(pruned, k):
+def torch_module(pruned, k, constants):
+    """The dense model or one static bucket, called with the graph inputs; `constants` are the family's shape-fixed
+    inputs (FLUX.1's img_ids / txt_ids), on the model's device."""
     if k is None:
-        return lambda **feed: pruned.transformer(**feed, return_dict=False)[0]
+        dense = DenseModel(pruned.transformer, constants)
+        return lambda **feed: dense(**feed)
     # select_full_layers: the keep-1.0 row measures router + selection + scatter with every token kept
-    bucket = StaticBucket(pruned.transformer, k, inplace_scatter=True, select_full_layers=True)
+    bucket = StaticBucket(pruned.transformer, k, inplace_scatter=True, select_full_layers=True, constants=constants)
     return lambda **feed: bucket(**feed)
 
 
@@ -218,18 +227,19 @@ def capture_graph(fn, feed):
 def run_torch_phase(pruned, args, num_tokens, configs, schedule, facts):
     timer = Timer()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    cfg = ExportConfig(args.height, args.width, args.batch, args.context_tokens, "fp16" if device == "cuda" else "fp32")
+    cfg = ExportConfig(args.height, args.width, args.batch, args.context_tokens, args.run_dtype)
     feed = {k: v.to(device) for k, v in example_feed(pruned.config, cfg, seed=0).items()}
+    constants = {k: v.to(device) for k, v in cfg.constants(pruned.config).items()}
     rows, runners = {}, {}
     with torch.inference_mode():
         reference = {}
         if args.compile_blocks and not getattr(pruned.transformer, "_bench_blocks_compiled", False):
             for name, k in configs.items():  # the same static forward uncompiled: what compiled outputs must equal
-                reference[name] = torch_module(pruned, k)(**feed).float().clone()
+                reference[name] = torch_module(pruned, k, constants)(**feed).float().clone()
             compile_blocks(pruned.transformer, gather_scatter=args.compile_rows)
             pruned.transformer._bench_blocks_compiled = True
         for name, k in configs.items():
-            fn = torch_module(pruned, k)
+            fn = torch_module(pruned, k, constants)
             row = {"k": list(k) if k else None, "flops": flops_of(pruned, args, num_tokens, k)}
             t0 = time.perf_counter()
             fn(**feed)  # first call: compiles the blocks' graphs under --compile-blocks
@@ -266,7 +276,7 @@ def run_torch_phase(pruned, args, num_tokens, configs, schedule, facts):
                     runners[name]()
             loop[label] = summarize(timer.time(run_loop, 1, args.loop_runs))
         # fp32 reference runs would recompile every block: numerics come from the uncompiled runs
-        numerics = {} if args.compile_blocks else torch_numerics(pruned, configs, feed, device)
+        numerics = {} if args.compile_blocks else torch_numerics(pruned, configs, {**feed, **constants}, device)
     return {"per_step": rows, "loop": loop, "numerics": numerics}
 
 
@@ -293,18 +303,21 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def torch_numerics(pruned, configs, feed, device):
-    """fp16 static model vs the fp32 static-mode reference: cosine, max abs, selection agreement per bucket."""
+    """fp16/bf16 static model vs the fp32 static-mode reference: cosine, max abs, selection agreement per bucket (the
+    schedule's buckets, or the uniform keeps below 1 under --skip-schedule). `feed` holds the constants too."""
     out = {}
     half_dtype = pruned.transformer.dtype
     router_fp32 = next(pruned.routers.parameters()).dtype == torch.float32
     for name, k in configs.items():
-        if k is None or not name.startswith("sched_"):
+        uniform = name.startswith("keep") and not any(name.startswith(s) for s in ("sched_",))
+        if k is None or name == "keep1" or not (name.startswith("sched_") or (uniform and not any(
+                c.startswith("sched_") for c in configs))):
             continue
         with static_k(pruned.transformer, k, record=True) as state:
             low = pruned.transformer(**feed, return_dict=False)[0].float()
             low_idx = {l: v.clone() for l, v in state.indices.items()}
         pruned.to_dtype(torch.float32)
-        feed32 = {n: (v.float() if n != "timestep" else v) for n, v in feed.items()}
+        feed32 = {n: (v.float() if v.is_floating_point() else v) for n, v in feed.items()}
         with static_k(pruned.transformer, k, record=True) as state:
             ref = pruned.transformer(**feed32, return_dict=False)[0]
             ref_idx = {l: v.clone() for l, v in state.indices.items()}
@@ -330,7 +343,7 @@ def run_ort_phase(pruned, args, num_tokens, configs, schedule, facts):
     from shiva_export.passes.manager import tensorrt_safety
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = "fp16" if device == "cuda" else "fp32"
+    dtype = args.run_dtype
     cfg = ExportConfig(args.height, args.width, args.batch, args.context_tokens, dtype, debug_indices=True)
     names = [n for n, k in configs.items() if k is not None]
     if args.ort_configs:
@@ -405,6 +418,7 @@ def run_ort_phase(pruned, args, num_tokens, configs, schedule, facts):
     numerics = {}
     pruned.to_dtype(torch.float32)
     feed32 = {n: torch.from_numpy(v).float().to(device) for n, v in feed.items()}
+    feed32.update({n: v.to(device) for n, v in cfg.constants(pruned.config).items()})
     for name in names:
         sessions.pop(name, None)
         sess = ort.InferenceSession(str(debug_files[name]), providers=providers)
@@ -495,9 +509,20 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.backends.cuda.matmul.allow_tf32 = False
+    t0 = time.perf_counter()
+    if args.batch is None:  # the preset's batch (2: [uncond; cond] CFG, 1: guidance-distilled), before the model
+        from shiva_export.models import preset_names, read_preset
+
+        preset = read_preset(args.model) if args.model in preset_names() else {}
+        args.batch = preset.get("defaults", {}).get("batch", 2)
     pruned = load_pruned_model(args.model, cfg_consistent=args.batch % 2 == 0, device=device)
+    print(f"model {args.model} built on {device} in {time.perf_counter() - t0:.1f} s "
+          f"({sum(p.numel() for p in pruned.transformer.parameters()) / 1e9:.2f}B parameters)", flush=True)
+    defaults = pruned.source.defaults
+    args.context_tokens = args.context_tokens or defaults.get("context_tokens", 333)
+    args.run_dtype = args.dtype if device == "cuda" else "fp32"
     if device == "cuda":
-        pruned.to_dtype(torch.float16, router_fp32=args.router_dtype == "fp32")
+        pruned.to_dtype(torch_dtype(args.run_dtype), router_fp32=args.router_dtype == "fp32")
     num_tokens = num_image_tokens(pruned.config, args.height, args.width)
     args.align = args.align or pruned.source.defaults.get("align", 64)
     args.align_to = args.align_to or pruned.source.defaults.get("align_to", "k")
@@ -512,7 +537,13 @@ def main(argv=None) -> int:
         kernels.set_enabled(variant == "triton")
         print(f"== kernels: {variant} (fused path usable: {kernels.triton_available() and device == 'cuda'})",
               flush=True)
-        result = phase(pruned, args, num_tokens, configs, schedule, facts)
+        try:
+            result = phase(pruned, args, num_tokens, configs, schedule, facts)
+        except Exception as err:  # one variant's failure (e.g. a kernel) must not lose the others' rows
+            if len(variants) == 1:
+                raise
+            print(f"== kernels: {variant} failed: {type(err).__name__}: {str(err)[:500]}", flush=True)
+            continue
         result.update(phase=args.phase, router_dtype=args.router_dtype, facts=facts, model=args.model,
                       compile_blocks=args.compile_blocks, compile_rows=args.compile_blocks and args.compile_rows,
                       ort_cuda_graph=args.ort_cuda_graph,
@@ -520,7 +551,7 @@ def main(argv=None) -> int:
                       fused_kernels_used=variant == "triton" and kernels.triton_available() and device == "cuda",
                       align=args.align, align_to=args.align_to, batch=args.batch,
                       context_tokens=args.context_tokens, num_tokens=num_tokens, steps=args.steps,
-                      dtype="fp16" if device == "cuda" else "fp32", command="python " + " ".join(sys.argv),
+                      dtype=args.run_dtype, command="python " + " ".join(sys.argv),
                       schedule={"buckets": [b.to_json() for b in schedule.buckets],
                                 "step_to_bucket": list(schedule.step_to_bucket), **schedule.summary.to_json()})
         out = Path(args.out)

@@ -2,7 +2,7 @@
 
 Layout of a checkpoint folder (``train --out``):
 
-    config.json                  schema, model identity (hash, sizes), every training hyperparameter, adapters
+    config.json                  schema, model identity (class, hash, sizes), every training hyperparameter, adapters
     router.safetensors           RouterBank state
     policy.safetensors           AdaptiveRatioPolicy state
     adapters.safetensors         DoRA adapter state (peft), once stage 3 has started
@@ -24,6 +24,7 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
+from shiva_export.backbones import MODEL_CLASSES, UNRECORDED_MODEL_CLASS
 from shiva_export.errors import ArtifactError, ConfigError
 from shiva_export.io import atomic_directory, sha256_file, sha256_json, write_json
 from shiva_export.models import read_json
@@ -56,7 +57,8 @@ CONFIG_SPEC = Obj(
             "name": Str(), "kind": Str(choices=("preset", "folder")), "model_hash": Hex(),
             "num_layers": Int(minimum=1, maximum=1024), "token_dim": _SIZE, "temb_dim": _SIZE, "context_dim": _SIZE,
             "joint_attention_dim": _SIZE, "pooled_projection_dim": _SIZE, "in_channels": _SIZE,
-            "patch_size": Int(minimum=1, maximum=64)}),
+            "patch_size": Int(minimum=1, maximum=64)},
+            optional={"model_class": Str(choices=MODEL_CLASSES)}),
         "train": train_spec(required=BUILD_KEYS),
         "adapters": Obj(required={"rank": _SIZE, "alpha": Float(minimum=0, maximum=1e6, exclusive_minimum=True),
                                   "use_dora": Bool(), "target_modules": Str()}),
@@ -70,12 +72,22 @@ STATE_SPEC = Obj(required={
 
 
 def model_sizes(transformer) -> dict:
-    """Every size of the backbone that the router, the policy or the training data depend on."""
+    """The backbone's class and every size that the router, the policy or the training data depend on.
+
+    ``num_layers`` is the number of routed blocks (the backbone adapter's `blocks`, of every block kind),
+    ``token_dim`` / ``temb_dim`` / ``context_dim`` the router's input widths (the adapter's router_dims); the rest
+    are the transformer config's own widths. A checkpoint without ``model_class`` predates it (check_model reads
+    backbones.UNRECORDED_MODEL_CLASS for it).
+    """
+    from shiva_export import backbones
+
     cfg = transformer.config
-    inner = cfg.num_attention_heads * cfg.attention_head_dim
+    adapter = backbones.for_model(transformer)
+    token_dim, temb_dim, context_dim = adapter.router_dims(cfg)
     return {
-        "num_layers": cfg.num_layers, "token_dim": inner, "temb_dim": inner,
-        "context_dim": cfg.caption_projection_dim, "joint_attention_dim": cfg.joint_attention_dim,
+        "model_class": adapter.model_class,
+        "num_layers": adapter.num_blocks(cfg), "token_dim": token_dim, "temb_dim": temb_dim,
+        "context_dim": context_dim, "joint_attention_dim": cfg.joint_attention_dim,
         "pooled_projection_dim": cfg.pooled_projection_dim, "in_channels": cfg.in_channels,
         "patch_size": cfg.patch_size,
     }
@@ -94,9 +106,10 @@ def check_model(stored: Mapping[str, Any], transformer, source=None, where: str 
     """
     current = model_sizes(transformer)
     for key, value in current.items():
-        if stored.get(key) != value:
+        recorded = stored.get(key, UNRECORDED_MODEL_CLASS if key == "model_class" else None)
+        if recorded != value:
             raise ConfigError(
-                f"{where}: was trained for model {stored.get('name')!r} with {key}={stored.get(key)}, but the given "
+                f"{where}: was trained for model {stored.get('name')!r} with {key}={recorded}, but the given "
                 f"model has {key}={value}; train a router for this model or pass the model it was trained on")
     if source is not None and stored.get("model_hash") != source.model_hash:
         raise ConfigError(

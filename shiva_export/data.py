@@ -35,7 +35,9 @@ class DataConfig:
 
     shard_size: int = 256
     steps: int = 28                  # teacher samples: sampler steps
-    guidance_scale: float = 7.0      # teacher samples: CFG scale (the empty prompt as negative)
+    # teacher samples: the pipeline's guidance_scale (a CFG scale with the empty prompt as negative, or a distilled
+    # model's guidance input); None: the family's default (the adapter's default_guidance for its default batch)
+    guidance_scale: float | None = None
     height: int | None = None        # image pixels; None: the pipeline's default (sample_size x VAE factor)
     width: int | None = None
     seed: int = 0
@@ -158,6 +160,8 @@ def make_data(model: str | Path, prompts_file: str | Path, out: str | Path, imag
     size = adapter.default_size(pipe.transformer.config, factor)
     height, width = config.height or size, config.width or size
     adapter.num_image_tokens(pipe.transformer.config, height, width, factor)   # one line if the size cannot tile
+    guidance = adapter.default_guidance(adapter.default_batch) if config.guidance_scale is None \
+        else config.guidance_scale
     out.mkdir(parents=True, exist_ok=True)
 
     @torch.inference_mode()
@@ -182,7 +186,7 @@ def make_data(model: str | Path, prompts_file: str | Path, out: str | Path, imag
             return ((latent - vae.config.shift_factor) * vae.config.scaling_factor)[0].float().cpu()
         conditioning = {CONTEXT: context[None].to(device), POOLED: pooled[None].to(device)}
         unconditional = {CONTEXT: null[0][None].to(device), POOLED: null[1][None].to(device)}
-        return adapter.teacher_latents(pipe, conditioning, unconditional, guidance_scale=config.guidance_scale,
+        return adapter.teacher_latents(pipe, conditioning, unconditional, guidance_scale=guidance,
                                        steps=config.steps, height=height, width=width,
                                        generator=generator)[0].float().cpu()
 
@@ -218,7 +222,7 @@ def make_data(model: str | Path, prompts_file: str | Path, out: str | Path, imag
                         "latents": "images through the VAE" if image_files is not None else "teacher samples",
                         "height": height, "width": width, "seed": config.seed,
                         **({} if image_files is not None else {"steps": config.steps,
-                                                                "guidance_scale": config.guidance_scale})}}
+                                                                "guidance_scale": guidance})}}
     write_json(out / INDEX_FILE, index)
     logger.info("data: %d samples in %d shard(s) at %s (%s)", count, len(shards), out, index["source"]["latents"])
     return index

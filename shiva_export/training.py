@@ -23,6 +23,14 @@ Where we depart from the paper or D5, each for a measured reason on tiny-sd35 (n
       budget loop then has a low gain and settles, instead of Adam circling the target with the whole policy.
     * lr_decay="cosine" after each stage's warm-up, which also damps the budget loop at the end of a stage.
 
+Backbones: training names no DiT family. What differs between families comes from the model's backbone adapter
+(shiva_export/backbones): the routed blocks (`blocks`) and router widths, the latents' layout (image-shaped, or
+latent patches packed into tokens: training_data.LatentLayout, read from `input_specs`), the timestep convention
+(`transformer_timestep`), the inputs fixed per run (`constants`, and conditioning such as a distilled guidance at
+the pipeline's value), the per-block call on the kept tokens (`prepare_block_call`, e.g. gathered RoPE rows) and the
+DoRA targets (`adapter_targets`). The noising, the losses and the scheduler's timesteps t in [0, 1000] are the
+same for every family.
+
 Determinism: every random draw comes from a generator keyed by (seed, step, global micro-batch index), so results do
 not depend on how micro-batches are spread over processes and accumulation steps (up to float summation order),
 and a resumed run repeats an uninterrupted one bit for bit on CPU.
@@ -49,15 +57,11 @@ from shiva_export.patching import (PruningConfig, apply_token_pruning, keep_rati
                                    training_ratios)
 from shiva_export.policy import AdaptiveRatioPolicy, BudgetLoss, stratified_ratios
 from shiva_export.router import RouterBank
-from shiva_export.training_config import RunOptions, TrainConfig
+from shiva_export.training_config import CFG_DROPOUT, RunOptions, TrainConfig
 from shiva_export.training_data import DataFreeSource, LatentDataset
 
 logger = logging.getLogger(__name__)
 
-# peft target: every linear projection of attention (joint attn and SD3.5's attn2) and FFN (image and context
-# streams) in the transformer blocks; not the AdaLN modulation, the embedders or the routers.
-ADAPTER_TARGETS = (r".*transformer_blocks\.\d+\.(attn2?\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj"
-                   r"|to_add_out)|ff(_context)?\.net\.(0\.proj|2))")
 # Thresholds of the summary's checks (the issue's claims on the tiny model).
 BUDGET_TOLERANCE = 0.03
 STAGE3_MIN_REDUCTION = 0.30
@@ -186,9 +190,19 @@ def relative_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return (student.float() - teacher).pow(2).sum() / teacher.pow(2).sum().clamp_min(1e-12)
 
 
+def _transformer_timesteps(adapter, timesteps: torch.Tensor) -> torch.Tensor:
+    """Scheduler timesteps (0..1000) as the pipeline feeds them to the transformer (the adapter's
+    transformer_timestep: as they are, or scaled to 0..1), in the dtype given."""
+    return torch.tensor([adapter.transformer_timestep(value) for value in timesteps.tolist()], dtype=timesteps.dtype)
+
+
 @contextlib.contextmanager
 def captured_block_outputs(transformer, layers: Sequence[int]) -> Iterator[dict[int, torch.Tensor]]:
-    """Collect the image-stream output of the given blocks during a forward pass; hooks removed on exit (P10)."""
+    """Collect the image-stream output of the given blocks (the backbone's prunable blocks, in order) during a
+    forward pass; hooks removed on exit (P10)."""
+    from shiva_export import backbones
+
+    blocks = backbones.for_model(transformer).blocks(transformer)
     store: dict[int, torch.Tensor] = {}
     handles = []
 
@@ -199,7 +213,7 @@ def captured_block_outputs(transformer, layers: Sequence[int]) -> Iterator[dict[
 
     try:
         for layer in layers:
-            handles.append(transformer.transformer_blocks[layer].register_forward_hook(keep(layer)))
+            handles.append(blocks[layer].register_forward_hook(keep(layer)))
         yield store
     finally:
         for handle in handles:
@@ -271,6 +285,7 @@ class Trainer:
     """Holds the backbone, router, policy, adapters and optimizer of one run; ``run()`` trains to the end."""
 
     def __init__(self, model: str, config: TrainConfig, options: RunOptions, dist: DistContext):
+        from shiva_export import backbones
         from shiva_export.models import load_transformer
 
         self.options, self.dist, self.device = options, dist, dist.device
@@ -280,19 +295,22 @@ class Trainer:
         self.bf16 = bf16
         self.transformer, self.source = load_transformer(model, dtype=torch.bfloat16 if bf16 else torch.float32)
         mcfg = self.transformer.config
+        self.adapter = backbones.for_model(self.transformer)
         self.data = self._open_data(config, mcfg)
         self.config = config = self._resolve_sizes(config, mcfg)
-        self.num_layers = mcfg.num_layers
+        self.num_layers = self.adapter.num_blocks(mcfg)
         bad = [layer for layer in config.dense_layers if not 0 <= layer < self.num_layers]
         if bad:
             raise ConfigError(f"dense layers {bad} are out of range for a {self.num_layers}-layer model")
         self.pruned_layers = [layer for layer in range(self.num_layers) if layer not in config.dense_layers]
         if not self.pruned_layers:
             raise ConfigError(f"dense_layers {list(config.dense_layers)} leaves no layer to prune")
-        height, width = self.data.latent_hw
-        patch = mcfg.patch_size
-        self.grid = (height // patch, width // patch)
+        self.grid = self._token_grid(mcfg)
         self.num_tokens = self.grid[0] * self.grid[1]
+        self.call_inputs = self._call_inputs(mcfg)
+        if config.cfg_dropout is None:  # the empty prompt is trained for only where the pipeline runs it (CFG)
+            dropout = CFG_DROPOUT if self.adapter.cfg_pairs(self.adapter.default_batch) else 0.0
+            self.config = config = dataclasses.replace(config, cfg_dropout=dropout)
         if config.timestep_shift is None:  # the sampler the router will be frozen for: the pipeline's own
             shift = self.source.facts.effective_shift(self.num_tokens)
             self.config = config = dataclasses.replace(config, timestep_shift=shift)
@@ -325,12 +343,52 @@ class Trainer:
     # -- setup -----------------------------------------------------------------------------------------------
 
     def _open_data(self, config: TrainConfig, mcfg):
+        factor = self.source.facts.vae_scale_factor
         if config.data is None:
             defaults = self.source.defaults
             return DataFreeSource(mcfg, config.height or defaults["height"], config.width or defaults["width"],
                                   config.context_tokens or defaults["context_tokens"], config.data_free_contrast,
-                                  vae_scale_factor=self.source.facts.vae_scale_factor)
-        return LatentDataset(config.data, mcfg, seed=config.seed)
+                                  vae_scale_factor=factor)
+        return LatentDataset(config.data, mcfg, seed=config.seed, vae_scale_factor=factor)
+
+    def _token_grid(self, mcfg) -> tuple[int, int]:
+        """(rows, columns) of image tokens, row-major as the backbone orders them (each token a square patch of
+        latent pixels: the model's own patchify or the pipeline's packing)."""
+        height, width = self.data.latent_hw
+        factor = self.source.facts.vae_scale_factor
+        tokens = self.adapter.num_image_tokens(mcfg, height * factor, width * factor, factor)
+        side = math.isqrt(height * width // tokens)
+        if side * side * tokens != height * width or height % side or width % side:
+            raise ConfigError(f"{height}x{width} latents make {tokens} image tokens: not a grid of square patches")
+        return height // side, width // side
+
+    def _call_inputs(self, mcfg) -> dict[str, Any]:
+        """Transformer inputs that are neither latents, timestep nor the data's text embeddings: the constants the
+        static shapes fix (the adapter's `constants`, e.g. position ids) and conditioning the pipeline feeds at a
+        fixed value (the adapter's `conditioning` for the inputs beyond the text embeddings, e.g. a distilled
+        guidance at the pipeline's default). Per call they are expanded to the batch (``_model_inputs``)."""
+        cfg, factor = self.config, self.source.facts.vae_scale_factor
+        constants = self.adapter.constants(mcfg, cfg.height, cfg.width, cfg.context_tokens, factor)
+        specs = self.adapter.input_specs(mcfg, cfg.height, cfg.width, 1, cfg.context_tokens, factor, "fp32")
+        given = {"encoder_hidden_states", "pooled_projections"}
+        extra = {name: spec for name, spec in specs.items() if spec.role == "conditioning" and name not in given}
+        conditioning = self.adapter.conditioning(extra, 1, 1, torch.Generator().manual_seed(0)) if extra else {}
+        return {"constants": {name: value.to(self.device) for name, value in constants.items()},
+                "conditioning": {name: value.to(self.device) for name, value in conditioning.items()}}
+
+    def _model_inputs(self, latents: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor,
+                      timesteps: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One transformer call's keyword inputs: noised latents (the backbone's layout), text embeddings,
+        scheduler timesteps (0..1000, converted as the pipeline converts them) and the backbone's fixed inputs."""
+        dtype, batch = self.transformer.dtype, latents.shape[0]
+        inputs = {"hidden_states": latents.to(self.device, dtype),
+                  "encoder_hidden_states": context.to(self.device, dtype),
+                  "pooled_projections": pooled.to(self.device, dtype),
+                  "timestep": _transformer_timesteps(self.adapter, timesteps).to(self.device)}
+        inputs.update(self.call_inputs["constants"])
+        for name, value in self.call_inputs["conditioning"].items():
+            inputs[name] = value.expand(batch, *value.shape[1:])
+        return inputs
 
     def _resolve_sizes(self, config: TrainConfig, mcfg) -> TrainConfig:
         """Fill height/width/context_tokens from the data (or the model's defaults) and refuse conflicts."""
@@ -352,7 +410,7 @@ class Trainer:
 
     def adapter_json(self) -> dict:
         return {"rank": self.config.adapter_rank, "alpha": self.config.adapter_alpha, "use_dora": True,
-                "target_modules": ADAPTER_TARGETS}
+                "target_modules": self.adapter.adapter_targets()}
 
     def _attach_adapters(self) -> None:
         """Stage 3: wrap the backbone with DoRA adapters (B = 0, so the output is unchanged at first)."""
@@ -451,7 +509,7 @@ class Trainer:
         batch = self.data.batch(positions, generator)
         x0 = batch.latents
         noise = torch.randn(x0.shape, generator=generator)
-        sigma = (micro.timesteps / 1000.0).reshape(-1, 1, 1, 1)
+        sigma = (micro.timesteps / 1000.0).reshape(-1, *[1] * (x0.dim() - 1))
         noisy = (1 - sigma) * x0 + sigma * noise
         context, pooled = batch.encoder_hidden_states, batch.pooled_projections
         target = None
@@ -463,11 +521,7 @@ class Trainer:
                                                                        torch.zeros_like(pooled[0]))
             context = torch.where(drop.reshape(-1, 1, 1), null_context, context)
             pooled = torch.where(drop.reshape(-1, 1), null_pooled, pooled)
-        dtype = self.transformer.dtype
-        inputs = {"hidden_states": noisy.to(self.device, dtype),
-                  "encoder_hidden_states": context.to(self.device, dtype),
-                  "pooled_projections": pooled.to(self.device, dtype), "timestep": micro.timesteps.to(self.device)}
-        return inputs, target
+        return self._model_inputs(noisy, context, pooled, micro.timesteps), target
 
     def _losses(self, step: int, micro: MicroBatch, tau_rank: float, tau_sel: float,
                 teachers: dict[int, tuple] | None = None) -> dict[str, torch.Tensor]:
@@ -628,7 +682,17 @@ class Trainer:
     # -- evaluation ------------------------------------------------------------------------------------------
 
     def eval_timesteps(self) -> torch.Tensor:
-        return scheduler_timesteps(self.config.eval_steps, self.config.timestep_shift)
+        """The timesteps the sampler visits in eval_steps steps. A pipeline that shifts dynamically or passes its own
+        sigma grid (facts.scheduler's "_sigmas") visits its own grid, which freeze reproduces; with its shift (not a --timestep-shift
+        of one's own) the evaluation uses that grid too. Otherwise FlowMatchEuler(shift)."""
+        cfg, facts = self.config, self.source.facts
+        scheduler = facts.scheduler if facts is not None else {}
+        if (scheduler.get("use_dynamic_shifting") or scheduler.get("_sigmas")) \
+                and cfg.timestep_shift == facts.effective_shift(self.num_tokens):
+            from shiva_export.passes.freeze import scheduler_timesteps as pipeline_timesteps
+
+            return pipeline_timesteps(cfg.eval_steps, facts.shift, scheduler, self.num_tokens).float()
+        return scheduler_timesteps(cfg.eval_steps, cfg.timestep_shift)
 
     @torch.no_grad()
     def schedule(self, timesteps: torch.Tensor) -> torch.Tensor:
@@ -660,13 +724,10 @@ class Trainer:
         timesteps = self.eval_timesteps()
         ratios = self.schedule(timesteps) if ratios is None else ratios
         per_step: dict[str, list[float]] = {name: [] for name in conditions}
-        dtype = self.transformer.dtype
         for index, t in enumerate(timesteps):
             sigma = float(t) / 1000.0
-            inputs = {"hidden_states": ((1 - sigma) * batch["latents"] + sigma * noise).to(self.device, dtype),
-                      "encoder_hidden_states": batch["context"].to(self.device, dtype),
-                      "pooled_projections": batch["pooled"].to(self.device, dtype),
-                      "timestep": torch.full((cfg.eval_samples,), float(t), device=self.device)}
+            inputs = self._model_inputs((1 - sigma) * batch["latents"] + sigma * noise, batch["context"],
+                                        batch["pooled"], torch.full((cfg.eval_samples,), float(t)))
             with self._teacher(), self._autocast():
                 reference = self.transformer(**inputs).sample.float()
             k = keep_ratios_to_k(ratios[index].tolist(), self.num_tokens, cfg.dense_layers)

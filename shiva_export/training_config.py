@@ -15,6 +15,7 @@ from shiva_export.errors import ConfigError
 from shiva_export.schema import Bool, Float, Int, ListOf, Nullable, Obj, Str, validate
 
 Precision = Literal["auto", "fp32", "bf16"]
+CFG_DROPOUT = 0.1   # the paper's caption dropout, for families whose pipeline runs classifier-free guidance
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +82,9 @@ class TrainConfig:
     # distillation weight per timestep: "euler-step" = d(sigma)/du, how far the sampler's Euler step moves the latent
     # with the velocity predicted at that timestep (mean 1 over u); "none" = uniform (see trajectory_weight)
     timestep_weighting: Literal["none", "euler-step"] = "euler-step"
-    cfg_dropout: float = 0.1          # caption dropout with --data (paper: 0.1)
+    # caption dropout with --data; None: the family's, CFG_DROPOUT (paper: 0.1) where the pipeline runs classifier-free
+    # guidance, 0 for a guidance-distilled family (its pipeline never runs the empty prompt)
+    cfg_dropout: float | None = None
     # evaluation (the summary's figures)
     eval_steps: int = 28              # sampler steps whose timesteps the policy is evaluated at
     eval_samples: int = 4
@@ -121,7 +124,7 @@ class TrainConfig:
         if self.policy_hidden_dim % 2:
             raise ConfigError(f"policy_hidden_dim {self.policy_hidden_dim} must be even (the timestep embedding's "
                               "sin-cos pairs)")
-        if not 0 <= self.cfg_dropout < 1:
+        if self.cfg_dropout is not None and not 0 <= self.cfg_dropout < 1:
             raise ConfigError(f"cfg_dropout {self.cfg_dropout:g} must be in [0, 1)")
         if self.eval_steps < 1 or self.eval_samples < 1:
             raise ConfigError("eval_steps and eval_samples must be >= 1")
@@ -239,7 +242,7 @@ TRAIN_FIELDS = {
     "data": Nullable(Str()), "height": _PIXELS, "width": _PIXELS, "context_tokens": _PIXELS,
     "data_free_contrast": Float(minimum=0, maximum=100),
     "timestep_shift": Nullable(Float(minimum=0, maximum=1000, exclusive_minimum=True)),
-    "timestep_weighting": _choices("timestep_weighting"), "cfg_dropout": Float(minimum=0, maximum=1),
+    "timestep_weighting": _choices("timestep_weighting"), "cfg_dropout": Nullable(Float(minimum=0, maximum=1)),
     "eval_steps": Int(minimum=1, maximum=10000), "eval_samples": Int(minimum=1, maximum=65536),
     "precision": _choices("precision"), "seed": Int(minimum=0, maximum=2**63 - 1),
 }

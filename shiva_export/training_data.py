@@ -32,31 +32,92 @@ VAE_SCALE_FACTOR = 8
 
 @dataclasses.dataclass(frozen=True)
 class Batch:
-    """Clean latents x0 [B,C,H,W], text context [B,M,Dj] and pooled text [B,Dp] for one micro-batch."""
+    """Clean latents x0 in the transformer's layout (`LatentLayout.to_model`: image-shaped [B,C,H,W], or packed
+    tokens [B,N,C p^2]), text context [B,M,Dj] and pooled text [B,Dp] for one micro-batch."""
 
     latents: torch.Tensor
     encoder_hidden_states: torch.Tensor
     pooled_projections: torch.Tensor
 
 
-def _model_sizes(model_config: Mapping[str, Any]) -> dict[str, int]:
-    get = model_config.get if isinstance(model_config, Mapping) else lambda k: getattr(model_config, k)
-    return {name: int(get(name)) for name in
-            ("in_channels", "joint_attention_dim", "pooled_projection_dim", "patch_size", "pos_embed_max_size")}
+@dataclasses.dataclass(frozen=True)
+class LatentLayout:
+    """What a model's training inputs look like, read from its backbone adapter's `input_specs`.
+
+    Latents are image-shaped VAE latents [C, h, w] on disk and in the data-free source, whatever the family; the
+    transformer takes them as they are (patchified inside the model: pack 1) or packed into tokens of
+    pack x pack latent pixels, [h/p * w/p, C p^2], as its pipeline packs them (pack p, read from the adapter's
+    hidden_states spec).
+    """
+
+    latent_channels: int    # C of the image-shaped latents (the VAE's latent channels)
+    context_dim: int        # encoder_hidden_states width
+    pooled_dim: int         # pooled_projections width
+    pack: int               # 1: the transformer takes [B, C, h, w]; p: [B, h/p * w/p, C p^2]
+
+    @property
+    def channels_name(self) -> str:
+        """The model's latent width as its config names it (for messages)."""
+        if self.pack == 1:
+            return "in_channels"
+        return (f"in_channels / {self.pack * self.pack} (the transformer takes {self.pack}x{self.pack} latent patches "
+                f"packed into one token)")
+
+    def to_model(self, latents: torch.Tensor) -> torch.Tensor:
+        """[B, C, h, w] image-shaped latents -> the transformer's `hidden_states` layout."""
+        return pack_latents(latents, self.pack)
 
 
-def check_latent_size(model_config: Mapping[str, Any], height: int, width: int, where: str) -> None:
-    """Latent height/width must tile into patches and fit the model's positional table."""
-    sizes = _model_sizes(model_config)
-    patch, table = sizes["patch_size"], sizes["pos_embed_max_size"] * sizes["patch_size"]
-    if height < patch or width < patch or height % patch or width % patch:
-        raise ConfigError(f"{where}: latent size {height}x{width} is not a multiple of the patch size {patch}")
-    if height > table or width > table:
-        raise ConfigError(f"{where}: latent size {height}x{width} exceeds the model's positional table ({table})")
+def pack_latents(latents: torch.Tensor, pack: int) -> torch.Tensor:
+    """[B, C, h, w] -> [B, (h/p)(w/p), C p p], channels-then-patch order (diffusers' _pack_latents); the identity for pack 1."""
+    if pack == 1:
+        return latents
+    batch, channels, height, width = latents.shape
+    patches = latents.reshape(batch, channels, height // pack, pack, width // pack, pack).permute(0, 2, 4, 1, 3, 5)
+    return patches.reshape(batch, (height // pack) * (width // pack), channels * pack * pack)
+
+
+def latent_layout(model_config: Any, vae_scale_factor: int = VAE_SCALE_FACTOR) -> LatentLayout:
+    """The LatentLayout of a transformer config (its family's input_specs at the model's default size)."""
+    import math
+
+    from shiva_export import backbones
+
+    adapter = backbones.for_config(model_config)
+    size = adapter.default_size(model_config, vae_scale_factor)
+    specs = adapter.input_specs(model_config, size, size, 1, 1, vae_scale_factor, "fp32")
+    latent = tuple(specs["hidden_states"].shape[1:])
+    context, pooled = specs[CONTEXT].shape[-1], specs[POOLED].shape[-1]
+    if len(latent) == 3:                       # [C, h, w]: image-shaped
+        return LatentLayout(int(latent[0]), int(context), int(pooled), 1)
+    tokens, width = latent                     # [N, C p^2]: packed tokens of p x p latent pixels
+    side = size // vae_scale_factor
+    pack = math.isqrt(side * side // tokens)
+    if pack * pack * tokens != side * side or width % (pack * pack):
+        raise ConfigError(f"{adapter.model_class}: hidden_states {list(latent)} at {size}x{size} px is neither "
+                          "[C, h, w] nor packed latent patches [h/p * w/p, C p^2]")
+    return LatentLayout(int(width) // (pack * pack), int(context), int(pooled), pack)
+
+
+def check_latent_size(model_config: Any, height: int, width: int, where: str,
+                      vae_scale_factor: int = VAE_SCALE_FACTOR) -> int:
+    """Latent height/width must tile into the model's tokens (and fit its positional table, if it has one);
+    returns the number of image tokens."""
+    from shiva_export import backbones
+
+    adapter = backbones.for_config(model_config)
+    try:
+        return adapter.num_image_tokens(model_config, height * vae_scale_factor, width * vae_scale_factor,
+                                        vae_scale_factor)
+    except ConfigError as err:
+        raise ConfigError(f"{where}: latent size {height}x{width} does not fit the model ({err})") from None
 
 
 class DataFreeSource:
     """Random latents, context and pooled text drawn from the caller's generator: distillation only.
+
+    Latents are drawn image-shaped [C, h, w] (C the VAE's latent channels) and handed over in the transformer's
+    layout (packed into tokens where the model takes packed latents, see LatentLayout).
 
     Latents are N(0, 1) noise times a smooth random envelope exp(contrast * z), z a coarse Gaussian field (one value
     per 8x8 latent pixels, bilinearly upsampled), normalised to unit mean square per sample. Real latents have
@@ -75,9 +136,9 @@ class DataFreeSource:
             raise ConfigError(f"context_tokens={context_tokens} must be >= 1")
         if contrast < 0:
             raise ConfigError(f"data-free contrast {contrast:g} must be >= 0")
-        self.sizes = _model_sizes(model_config)
+        self.layout = latent_layout(model_config, vae_scale_factor)
         self.latent_hw = (height // vae_scale_factor, width // vae_scale_factor)
-        check_latent_size(model_config, *self.latent_hw, where="data-free inputs")
+        check_latent_size(model_config, *self.latent_hw, where="data-free inputs", vae_scale_factor=vae_scale_factor)
         self.context_tokens, self.contrast = context_tokens, contrast
 
     def envelope(self, count: int, generator: torch.Generator) -> torch.Tensor:
@@ -90,15 +151,15 @@ class DataFreeSource:
 
     def batch(self, positions: Sequence[int], generator: torch.Generator) -> Batch:
         count = len(positions)
-        channels, (height, width) = self.sizes["in_channels"], self.latent_hw
+        channels, (height, width) = self.layout.latent_channels, self.latent_hw
         latents = torch.randn(count, channels, height, width, generator=generator)
-        if self.contrast:
+        if self.contrast:  # the envelope lives on the latent image, before any packing into tokens
             latents = latents * self.envelope(count, generator)
         return Batch(
-            latents=latents,
-            encoder_hidden_states=torch.randn(count, self.context_tokens, self.sizes["joint_attention_dim"],
+            latents=self.layout.to_model(latents),
+            encoder_hidden_states=torch.randn(count, self.context_tokens, self.layout.context_dim,
                                               generator=generator),
-            pooled_projections=torch.randn(count, self.sizes["pooled_projection_dim"], generator=generator),
+            pooled_projections=torch.randn(count, self.layout.pooled_dim, generator=generator),
         )
 
     def null_embeddings(self) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -106,11 +167,15 @@ class DataFreeSource:
 
 
 class LatentDataset:
-    """Precomputed samples in safetensors shards, read lazily one sample at a time (see docs/training-data.md)."""
+    """Precomputed samples in safetensors shards, read lazily one sample at a time (see docs/training-data.md).
+
+    Latents are stored image-shaped [n, C, h, w] for every family (C: the VAE's latent channels, in_channels / p^2
+    for a model that takes p x p packed latent patches) and handed over in the transformer's layout (LatentLayout.to_model)."""
 
     has_targets = True
 
-    def __init__(self, root: str | Path, model_config: Mapping[str, Any], seed: int = 0):
+    def __init__(self, root: str | Path, model_config: Mapping[str, Any], seed: int = 0,
+                 vae_scale_factor: int = VAE_SCALE_FACTOR):
         from safetensors import safe_open
 
         self.root, self.seed = Path(root), seed
@@ -128,19 +193,19 @@ class LatentDataset:
         if index.get("format") != DATA_FORMAT or index.get("version") != DATA_VERSION:
             raise ArtifactError(f"{index_path}: format {index.get('format')!r} version {index.get('version')!r}; "
                                 f"expected {DATA_FORMAT!r} version {DATA_VERSION}")
-        sizes = _model_sizes(model_config)
-        self._check_width(index_path, "latent_channels", index.get("latent_channels"), sizes["in_channels"],
-                          "in_channels")
-        self._check_width(index_path, "context_dim", index.get("context_dim"), sizes["joint_attention_dim"],
+        self.layout = layout = latent_layout(model_config, vae_scale_factor)
+        self._check_width(index_path, "latent_channels", index.get("latent_channels"), layout.latent_channels,
+                          layout.channels_name)
+        self._check_width(index_path, "context_dim", index.get("context_dim"), layout.context_dim,
                           "joint_attention_dim (text embedding width)")
-        self._check_width(index_path, "pooled_dim", index.get("pooled_dim"), sizes["pooled_projection_dim"],
+        self._check_width(index_path, "pooled_dim", index.get("pooled_dim"), layout.pooled_dim,
                           "pooled_projection_dim")
         self.latent_hw = (int(index["latent_height"]), int(index["latent_width"]))
-        check_latent_size(model_config, *self.latent_hw, where=str(index_path))
+        check_latent_size(model_config, *self.latent_hw, where=str(index_path), vae_scale_factor=vae_scale_factor)
         self.context_tokens = int(index["context_tokens"])
-        self.shape = {LATENTS: [sizes["in_channels"], *self.latent_hw],
-                      CONTEXT: [self.context_tokens, sizes["joint_attention_dim"]],
-                      POOLED: [sizes["pooled_projection_dim"]]}
+        self.shape = {LATENTS: [layout.latent_channels, *self.latent_hw],
+                      CONTEXT: [self.context_tokens, layout.context_dim],
+                      POOLED: [layout.pooled_dim]}
         self._handles, self._starts, total = [], [], 0
         for entry in index.get("shards") or []:
             path = self.root / entry["file"]
@@ -162,7 +227,7 @@ class LatentDataset:
         if total == 0:
             raise ArtifactError(f"{index_path}: lists no samples")
         self.count = total
-        self._null = self._load_null(sizes)
+        self._null = self._load_null()
         self._epoch: tuple[int, torch.Tensor] | None = None
 
     @staticmethod
@@ -173,7 +238,7 @@ class LatentDataset:
             raise ConfigError(f"{where}: {key} is {value} but the model's {model_name} is {expected}; "
                               "the data was encoded for another model")
 
-    def _load_null(self, sizes: dict[str, int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _load_null(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         from safetensors.torch import load_file
 
         path = self.root / NULL_FILE
@@ -211,7 +276,8 @@ class LatentDataset:
             handle, row = self._locate(index)
             for name in self.shape:
                 parts[name].append(handle.get_slice(name)[row:row + 1].float())
-        return Batch(*(torch.cat(parts[name]) for name in (LATENTS, CONTEXT, POOLED)))
+        latents, context, pooled = (torch.cat(parts[name]) for name in (LATENTS, CONTEXT, POOLED))
+        return Batch(self.layout.to_model(latents), context, pooled)
 
     def batch(self, positions: Sequence[int], generator: torch.Generator) -> Batch:
         """The samples at these global positions (the generator is not used: the order is the epoch permutation)."""

@@ -10,9 +10,12 @@ from shiva_export.errors import ConfigError
 REGISTRY: dict[str, Backbone] = {adapter.model_class: adapter for adapter in (SD3(), Flux())}
 MODEL_CLASSES = tuple(REGISTRY)
 PIPELINE_CLASSES = tuple(adapter.pipeline_class for adapter in REGISTRY.values())
+# The model class of a record written before records named it (a router checkpoint's model section without
+# `model_class`): the only family there was then.
+UNRECORDED_MODEL_CLASS = SD3.model_class
 
-__all__ = ["Backbone", "InputSpec", "MODEL_CLASSES", "PIPELINE_CLASSES", "REGISTRY", "by_class", "for_config",
-           "for_model", "for_pipeline_class"]
+__all__ = ["Backbone", "InputSpec", "MODEL_CLASSES", "PIPELINE_CLASSES", "REGISTRY", "UNRECORDED_MODEL_CLASS",
+           "by_class", "for_config", "for_model", "for_pipeline_class"]
 
 
 def by_class(name, where: str = "model") -> Backbone:

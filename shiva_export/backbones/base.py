@@ -4,7 +4,8 @@ A stage never names a family: it asks `backbones.for_config(config)` (a diffuser
 or the one recorded in an artifact) and calls the adapter. An adapter answers five questions:
 
 1. The model: its diffusers class and pipeline class, how its config is validated, which blocks are prunable, in
-   which order (routers go per adjacent pair of that order), and the router's input widths.
+   which order (routers go per adjacent pair of that order), the router's input widths, and which of the blocks'
+   Linear layers `train` gives DoRA adapters (`adapter_targets`).
 2. The token streams inside a pruned block: what besides the image tokens must be gathered with the kept indices
    (Flux's RoPE rows; nothing for SD3) and how to run the block on them (`prepare_block_call`).
 3. The transformer's inputs: names, static shapes and dtypes for an image size, the constants folded into the
@@ -73,6 +74,12 @@ class Backbone(abc.ABC):
     @abc.abstractmethod
     def router_dims(self, config) -> tuple[int, int, int]:
         """(token width, temb width, context-token width) seen inside the blocks."""
+
+    @abc.abstractmethod
+    def adapter_targets(self) -> str:
+        """The peft `target_modules` regex (matched in full against module names) of the Linear layers that get DoRA
+        adapters in training stage 3: every attention and FFN / MLP projection inside the prunable blocks; never the
+        AdaLN modulation, the embedders, the output projection or the routers."""
 
     def patch_block(self, block) -> None:
         """Prepare a block that gets a pruning hook (e.g. an attention processor for per-sample RoPE)."""

@@ -31,6 +31,12 @@ DEFAULT_GUIDANCE = 3.5        # FluxPipeline's default guidance_scale (the disti
 DEFAULT_SAMPLE_SIZE = 128      # FluxPipeline.default_sample_size: 1024 px with the factor-8 VAE
 PACK = 2                      # FluxPipeline packs 2x2 latent pixels into one token
 MLP_RATIO = 4
+# DoRA targets (peft target_modules): in the double-stream blocks every linear projection of the joint attention
+# (image q/k/v/out, text add_q/k/v and to_add_out) and of both FFNs; in the single-stream blocks q/k/v, the MLP input
+# (proj_mlp) and the fused attention-output / MLP-output projection (proj_out). Not the AdaLN modulation (norm*.linear),
+# the embedders, the model's own proj_out or the routers.
+ADAPTER_TARGETS = (r".*transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj"
+                   r"|to_add_out)|ff(_context)?\.net\.(0\.proj|2)|proj_mlp|proj_out)")
 # FluxPipeline's scheduler (FLUX.1-dev/schnell scheduler_config.json); "_sigmas": the pipeline passes
 # sigmas = linspace(1, 1/n, n) to set_timesteps (with mu from the image length), not the scheduler's own grid
 SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0, "use_dynamic_shifting": True,
@@ -219,6 +225,9 @@ class Flux(Backbone):
     def router_dims(self, config) -> tuple[int, int, int]:
         inner = int(cfg_get(config, "num_attention_heads")) * int(cfg_get(config, "attention_head_dim"))
         return inner, inner, inner
+
+    def adapter_targets(self) -> str:
+        return ADAPTER_TARGETS
 
     def patch_block(self, block) -> None:
         block.attn.set_processor(BatchedRopeFluxAttnProcessor())

@@ -17,6 +17,10 @@ CLIP_TOKENS = 77       # CLIP-L/G prompt tokens in SD3's prompt embeddings (the 
 T5_TOKENS = 256        # StableDiffusion3Pipeline's default max_sequence_length
 FF_MULT = 4            # diffusers FeedForward(mult=4, activation_fn="gelu-approximate")
 TIME_PROJ_DIM = 256    # CombinedTimestepTextProjEmbeddings: Timesteps(num_channels=256)
+# DoRA targets (peft target_modules): every linear projection of the joint attention (and SD3.5's attn2) and of the
+# FFNs (image and context streams) in the transformer blocks; not the AdaLN modulation, the embedders or the routers.
+ADAPTER_TARGETS = (r".*transformer_blocks\.\d+\.(attn2?\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj"
+                   r"|to_add_out)|ff(_context)?\.net\.(0\.proj|2))")
 
 _SIZE = Int(minimum=1, maximum=65536)
 MODEL_CONFIG = Obj(required={"_class_name": Str(choices=("SD3Transformer2DModel",))}, optional={
@@ -173,6 +177,9 @@ class SD3(Backbone):
     def router_dims(self, config) -> tuple[int, int, int]:
         inner = int(cfg_get(config, "num_attention_heads")) * int(cfg_get(config, "attention_head_dim"))
         return inner, inner, int(cfg_get(config, "caption_projection_dim"))
+
+    def adapter_targets(self) -> str:
+        return ADAPTER_TARGETS
 
     def num_image_tokens(self, config, height: int, width: int, vae_scale_factor: int = VAE_SCALE_FACTOR) -> int:
         patch = int(cfg_get(config, "patch_size"))

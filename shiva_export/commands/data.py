@@ -9,6 +9,7 @@ from shiva_export.commands._args import add_device_arg
 
 
 def add_parser(subparsers) -> None:
+    from shiva_export import backbones
     from shiva_export.data import DataConfig
 
     parser = subparsers.add_parser(
@@ -26,7 +27,11 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--shard-size", type=int, default=DataConfig.shard_size, help="samples per shard")
     parser.add_argument("--steps", type=int, default=DataConfig.steps, help="teacher samples: sampler steps")
     parser.add_argument("--guidance-scale", type=float, default=DataConfig.guidance_scale,
-                        help="teacher samples: classifier-free guidance scale")
+                        help="teacher samples: the pipeline's guidance_scale, a classifier-free guidance scale "
+                             "(the empty prompt as negative) or a guidance-distilled model's guidance input (default: "
+                             "the family's: " + ", ".join(f"{adapter.default_guidance(adapter.default_batch):g} for "
+                                                          f"{adapter.pipeline_class}"
+                                                          for adapter in backbones.REGISTRY.values()) + ")")
     parser.add_argument("--height", type=int, default=None,
                         help="image height in pixels (default: the pipeline's, sample_size x VAE factor)")
     parser.add_argument("--width", type=int, default=None,

@@ -40,12 +40,14 @@ HELP = {
     "width": "data-free image width in pixels (default: the model's)",
     "context_tokens": "data-free text tokens (default: the model's)",
     "data_free_contrast": "data-free latents: spread of their smooth random amplitude envelope (0: i.i.d. noise)",
-    "timestep_shift": "flow-matching scheduler shift (None: the pipeline folder's scheduler; 3.0 for presets)",
+    "timestep_shift": "flow-matching scheduler shift (default: the pipeline's scheduler: its shift, or its dynamic "
+                      "shift at the image's token count)",
     "budget_gradient": "budget-loss gradient through the batch's sampled ratios into the whole policy (batch, Eq. 13) "
                        "or into the anchor alone (anchor: the budget sets the level, the losses the shape)",
     "timestep_weighting": "distillation weight per timestep: euler-step = the sampler's step size d(sigma)/du there "
                           "(the error that reaches the image), none = uniform",
-    "cfg_dropout": "caption dropout probability with --data",
+    "cfg_dropout": "caption dropout probability with --data (default: 0.1 where the pipeline runs classifier-free "
+                   "guidance, 0 for a guidance-distilled model)",
     "eval_steps": "sampler steps at whose timesteps the summary evaluates the policy",
     "eval_samples": "samples in the summary's evaluation batch",
     "ste_gate": "STE gate on the block input (D5) or on the kept tokens' update (see training.py)",
@@ -84,6 +86,8 @@ def _option_type(field: dataclasses.Field):
 
 
 def add_parser(subparsers) -> None:
+    from shiva_export.backbones import MODEL_CLASSES
+    from shiva_export.models import preset_names
     from shiva_export.training_config import TrainConfig
 
     parser = subparsers.add_parser(
@@ -95,8 +99,9 @@ def add_parser(subparsers) -> None:
                     "under `torchrun --nproc-per-node N -m shiva_export train ...` too. Writes a checkpoint folder "
                     "(--out) with safetensors weights, config.json, log.jsonl and summary.json; prints the summary.")
     parser.add_argument("--model", default=argparse.SUPPRESS,
-                        help="preset (tiny-sd3, tiny-sd35, sd35-medium-shape) or a local diffusers folder "
-                             "(required unless --resume, which takes the checkpoint's; no default)")
+                        help=f"preset ({', '.join(preset_names())}) or a local diffusers folder (a pipeline or "
+                             f"transformer folder of {' / '.join(MODEL_CLASSES)}) (required unless --resume, which "
+                             "takes the checkpoint's; no default)")
     fields = {field.name: field for field in dataclasses.fields(TrainConfig)}
     for title, names in GROUPS.items():
         group = parser.add_argument_group(title)
@@ -108,8 +113,11 @@ def add_parser(subparsers) -> None:
                        "lr_decay": ("none", "cosine"), "joint_policy": ("anchor", "all"),
                        "timestep_weighting": ("none", "euler-step"), "budget_gradient": ("batch", "anchor")}
             kwargs = {"choices": choices[name]} if name in choices else {"type": _option_type(field)}
-            group.add_argument(f"--{name.replace('_', '-')}", dest=name, default=argparse.SUPPRESS,
-                               help=f"{HELP.get(name, name.replace('_', ' '))} (default: {shown})", **kwargs)
+            text = HELP.get(name, name.replace('_', ' '))
+            if "default:" not in text:   # a help that says its default itself (one decided per model) keeps it
+                text = f"{text} (default: {shown})"
+            group.add_argument(f"--{name.replace('_', '-')}", dest=name, default=argparse.SUPPRESS, help=text,
+                               **kwargs)
     run = parser.add_argument_group("run", "where and how this invocation runs (not hyperparameters)")
     run.add_argument("--out", required=True, help="checkpoint folder (replaced atomically at every save)")
     run.add_argument("--resume", action="store_true", help="continue the checkpoint in --out where it stopped")

@@ -57,6 +57,7 @@ class Backbone(abc.ABC):
     default_batch: int          # 2: [uncond; cond] classifier-free guidance; 1: guidance-distilled
     config_keys: tuple[str, ...]   # keys that identify the family in a config without `_class_name`
     scheduler_classes: tuple[str, ...] = ("FlowMatchEulerDiscreteScheduler",)   # what its pipeline may run
+    trainable: bool = False     # the train verb's inputs (flow-matching noising, pooled text) fit the family
 
     # --- the model -------------------------------------------------------------------------------------------
     def model_type(self):

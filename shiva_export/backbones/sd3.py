@@ -140,6 +140,7 @@ class SD3(Backbone):
     block_classes = ("JointTransformerBlock",)
     default_batch = 2
     config_keys = ("caption_projection_dim",)
+    trainable = True
 
     def validate_config(self, config: dict, where: str) -> dict:
         validate(config, MODEL_CONFIG, where, error=ConfigError)

@@ -165,8 +165,9 @@ def denoise(step_fn: StepFn, schedule, cfg, model_config, latents: np.ndarray,
 
     Mirrors ``StableDiffusion3Pipeline.__call__`` / ``FluxPipeline.__call__``: latents are duplicated for an
     [uncond; cond] batch, the timestep is the family's transformer input of t (``t`` or ``t / 1000``) expanded to
-    the batch in fp32, guidance is ``uncond + g (cond - uncond)`` in the output dtype and the Euler step is the
-    scheduler's own (it upcasts to fp32 and casts back to the latents' dtype).
+    the batch in fp32, guidance is ``uncond + g (cond - uncond)`` in the output dtype, the part of the output the
+    sampler integrates is the adapter's (``sampler_output``) and the step is the scheduler's own (FlowMatch Euler
+    upcasts to fp32 and casts back to the latents' dtype).
 
     Args:
         step_fn: (step index, feed) -> outputs with "sample"; the feed has the graphs' input names and dtypes.
@@ -180,7 +181,8 @@ def denoise(step_fn: StepFn, schedule, cfg, model_config, latents: np.ndarray,
 
     from shiva_export import backbones
 
-    to_input = backbones.for_config(model_config).transformer_timestep
+    adapter = backbones.for_config(model_config)
+    to_input = adapter.transformer_timestep
     scheduler = _scheduler(schedule)
     cfg_halves = cfg.batch // latents.shape[0]
     if cfg_halves not in (1, 2) or latents.shape[0] * cfg_halves != cfg.batch:
@@ -196,6 +198,7 @@ def denoise(step_fn: StepFn, schedule, cfg, model_config, latents: np.ndarray,
         if cfg_halves == 2:
             uncond, cond = noise.chunk(2)
             noise = uncond + guidance_scale * (cond - uncond)
+        noise = adapter.sampler_output(model_config, noise)   # e.g. without learned-sigma channels
         current = scheduler.step(noise.to(current.dtype), t, current, return_dict=False)[0]
         if on_step is not None:
             on_step(step, feed, outputs)

@@ -146,10 +146,18 @@ class FreezeConfig:
 
 def make_scheduler(shift: float, scheduler: Mapping[str, Any] | None = None):
     """The pipeline's scheduler: built from its config (models.scheduler_config), or FlowMatchEuler(shift)."""
+    import diffusers
     from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from shiva_export.models import scheduler_has_shift
 
     if scheduler is None:
         return FlowMatchEulerDiscreteScheduler(shift=float(shift))
+    if not scheduler_has_shift(scheduler):   # e.g. DPM-Solver: its config alone decides the timesteps
+        sampler = getattr(diffusers, scheduler["_class_name"]).from_config(
+            {key: value for key, value in scheduler.items() if key != "shift"})
+        sampler.pipeline_sigmas = None
+        return sampler
     sampler = FlowMatchEulerDiscreteScheduler.from_config(
         {key: value for key, value in scheduler.items() if key != "_sigmas"} | {"shift": float(shift)})
     sampler.pipeline_sigmas = scheduler.get("_sigmas")   # read by set_pipeline_timesteps
@@ -191,7 +199,13 @@ def scheduler_timesteps(num_steps: int, shift: float, scheduler: Mapping[str, An
 
 
 def scheduler_text(cfg: FreezeConfig) -> str:
+    from shiva_export.models import scheduler_has_shift
+
     scheduler = cfg.scheduler or {}
+    if not scheduler_has_shift(cfg.scheduler):
+        details = ", ".join(f"{key} {scheduler[key]}" for key in ("algorithm_type", "solver_order", "timestep_spacing")
+                            if key in scheduler)
+        return f"{scheduler['_class_name']} ({details})"
     dynamic = ", dynamic shifting" if scheduler.get("use_dynamic_shifting") else ""
     return f"{scheduler.get('_class_name', 'FlowMatchEulerDiscreteScheduler')} shift={cfg.shift:g}{dynamic}"
 

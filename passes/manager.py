@@ -38,10 +38,15 @@ class GraphPasses:
 def tensorrt_safety(dtype: str) -> GraphPasses:
     """Rewrite what TensorRT rejects or computes badly. The Einsum rewrite runs first and for every dtype: the
     unpatchify permutation has no bf16 Einsum in ONNX, and the later passes' shape inference must see every dim;
-    TopK above TensorRT's K limit is split; reduced-precision graphs keep fp32 islands where fp16 overflows."""
+    a Squeeze of axes that are not of size 1 (torch's no-op squeeze) is dropped; a one-row Attention mask gets its
+    query rows (ONNX Runtime's CPU kernel does not broadcast it); TopK above TensorRT's K limit is split;
+    reduced-precision graphs keep fp32 islands where fp16 overflows."""
+    from shiva_export.passes.attention_mask import BroadcastAttentionMaskPass
     from shiva_export.passes.einsum import RewritePermutationEinsumPass
     from shiva_export.passes.precision import Fp32IslandsPass
+    from shiva_export.passes.squeeze import DropNoOpSqueezePass
     from shiva_export.passes.topk import SplitLargeTopKPass
 
-    return GraphPasses([RewritePermutationEinsumPass(), SplitLargeTopKPass()]
+    return GraphPasses([RewritePermutationEinsumPass(), DropNoOpSqueezePass(), BroadcastAttentionMaskPass(),
+                        SplitLargeTopKPass()]
                        + ([Fp32IslandsPass()] if dtype != "fp32" else []))

@@ -167,6 +167,9 @@ def make_data(model: str | Path, prompts_file: str | Path, out: str | Path, imag
     @torch.inference_mode()
     def encode(prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
         encoded = adapter.encode_prompts(pipe, [prompt], device)
+        if POOLED not in encoded:
+            raise ConfigError(f"{root}: training data holds {CONTEXT} and {POOLED}; {adapter.pipeline_class}'s "
+                              f"prompts give {sorted(encoded)}, not supported yet")
         return encoded[CONTEXT][0].float().cpu(), encoded[POOLED][0].float().cpu()
 
     null = encode("")

@@ -127,11 +127,13 @@ class StaticBucket(_GraphInputs):
         self.inplace_scatter, self.select_full_layers = inplace_scatter, select_full_layers
         self.row_scatter = row_scatter
 
-    def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, guidance=None):
+    def forward(self, hidden_states, encoder_hidden_states, pooled_projections=None, timestep=None, guidance=None,
+                encoder_attention_mask=None):
         with static_k(self.transformer, self.k, record=self.debug_indices, inplace_scatter=self.inplace_scatter,
                       select_full_layers=self.select_full_layers, row_scatter=self.row_scatter) as state:
             sample = self.call(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
-                               pooled_projections=pooled_projections, timestep=timestep, guidance=guidance)
+                               pooled_projections=pooled_projections, timestep=timestep, guidance=guidance,
+                               encoder_attention_mask=encoder_attention_mask)
             if not self.debug_indices:
                 return sample
             return (sample, *[state.indices[l] for l in state.pruned_layers])
@@ -143,13 +145,16 @@ class DenseModel(_GraphInputs):
     def __init__(self, transformer, constants: dict[str, torch.Tensor] | None = None):
         super().__init__(transformer, constants)
 
-    def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, guidance=None):
+    def forward(self, hidden_states, encoder_hidden_states, pooled_projections=None, timestep=None, guidance=None,
+                encoder_attention_mask=None):
         return self.call(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
-                         pooled_projections=pooled_projections, timestep=timestep, guidance=guidance)
+                         pooled_projections=pooled_projections, timestep=timestep, guidance=guidance,
+                         encoder_attention_mask=encoder_attention_mask)
 
 
 def example_feed(model_config, cfg: ExportConfig, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Seeded graph inputs: normal conditioning and latents, the timestep of t = 500 (and the default guidance)."""
+    """Seeded graph inputs: normal conditioning and latents, the timestep of t = 500 (and the default guidance; a
+    caption mask keeping every token)."""
     adapter = backbones.for_config(model_config)
     gen = torch.Generator().manual_seed(seed)
     dtype = torch_dtype(cfg.dtype)
@@ -157,7 +162,7 @@ def example_feed(model_config, cfg: ExportConfig, seed: int = 0) -> dict[str, to
     for name, spec in cfg.input_specs(model_config).items():
         if spec.role == "timestep":
             feed[name] = torch.full(spec.shape, adapter.transformer_timestep(500.0))
-        elif name == "guidance":
+        elif name == "guidance" or spec.role == "mask":
             feed[name] = adapter.conditioning({name: spec}, cfg.batch, 1, gen)[name]
         else:
             feed[name] = torch.randn(spec.shape, generator=gen).to(dtype)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,11 @@ from shiva_export.errors import ConfigError, ShivaError
 from shiva_export.io import sha256_file, sha256_json
 
 VAE_SCALE_FACTOR = 8  # the supported families' VAEs downsample by 8 (a folder's VAE may differ)
-SCHEDULER_CLASSES = ("FlowMatchEulerDiscreteScheduler",)   # what the supported pipelines accept
+SCHEDULER_CLASSES = ("FlowMatchEulerDiscreteScheduler",)   # the flow-matching families' (an adapter's default)
+# every scheduler class a stage can step through; only flow-matching ones have a `shift`. The multistep DPM-Solver
+# must be deterministic (no SDE variants: freeze, check and the pipeline must visit the same latents).
+KNOWN_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "DPMSolverMultistepScheduler")
+SHIFTED_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
 SIGMA_SCHEDULES = ("linspace",)  # "_sigmas" in a scheduler config: the pipeline passes its own sigma grid
 
 
@@ -103,35 +108,68 @@ def read_model_config(path: Path) -> dict:
     return backbones.by_class(config.get("_class_name"), str(path)).validate_config(config, str(path))
 
 
-def scheduler_config(config: dict, where: str) -> dict:
+def scheduler_config(config: dict, where: str, classes: tuple[str, ...] = SCHEDULER_CLASSES) -> dict:
     """A scheduler config (scheduler_config.json, or a preset's) completed with the class's defaults, as JSON.
 
-    Only the flow-matching Euler scheduler that the supported pipelines run is accepted: freeze must step through
-    exactly the timesteps the pipeline will."""
-    if not isinstance(config, dict) or config.get("_class_name") not in SCHEDULER_CLASSES:
+    Only the scheduler classes the family's pipeline runs (`classes`, the adapter's `scheduler_classes`) are
+    accepted: freeze must step through exactly the timesteps the pipeline will. A scheduler without a shift
+    (DPM-Solver) records `shift` 1.0 (no shift)."""
+    if not isinstance(config, dict) or config.get("_class_name") not in classes:
         name = config.get("_class_name") if isinstance(config, dict) else config
-        raise ConfigError(f"{where}: scheduler class {name!r} is not supported; expected one of {SCHEDULER_CLASSES}")
-    from diffusers import FlowMatchEulerDiscreteScheduler
+        raise ConfigError(f"{where}: scheduler class {name!r} is not supported; expected one of {classes}")
+    import diffusers
 
+    name = config["_class_name"]
     try:
-        scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
+        scheduler = getattr(diffusers, name).from_config(config)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{where}: the scheduler config does not load ({err})") from None
     full = {key: value for key, value in dict(scheduler.config).items() if not key.startswith("_")}
+    # JSON has no infinities: a non-finite value is left out when it is the class's default (DPM-Solver's
+    # lambda_min_clipped = -inf), refused otherwise
+    defaults = scheduler_defaults(name)
+    for key, value in list(full.items()):
+        if isinstance(value, float) and not math.isfinite(value):
+            if defaults.get(key) != value:
+                raise ConfigError(f"{where}: field {key}: expected a finite number, got {value!r}")
+            del full[key]
+    if name not in SHIFTED_SCHEDULERS:
+        if str(full.get("algorithm_type", "")).startswith("sde"):
+            raise ConfigError(f"{where}: field algorithm_type: expected a deterministic solver (dpmsolver, "
+                              f"dpmsolver++), got {full['algorithm_type']!r}")
+        if config.get("_sigmas") is not None:
+            raise ConfigError(f"{where}: field _sigmas: applies to flow-matching schedulers only")
+        return {"_class_name": name, **json.loads(json.dumps(full)), "shift": 1.0}
     shift = full.get("shift")
     if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not shift > 0:
         raise ConfigError(f"{where}: field shift: expected a number > 0, got {shift!r}")
     sigmas = config.get("_sigmas")
     if sigmas is not None and sigmas not in SIGMA_SCHEDULES:
         raise ConfigError(f"{where}: field _sigmas: expected one of {list(SIGMA_SCHEDULES)}, got {sigmas!r}")
-    return {"_class_name": SCHEDULER_CLASSES[0], **json.loads(json.dumps(full)),
-            **({"_sigmas": sigmas} if sigmas else {})}
+    return {"_class_name": name, **json.loads(json.dumps(full)), **({"_sigmas": sigmas} if sigmas else {})}
+
+
+def scheduler_defaults(name: str) -> dict:
+    import inspect
+
+    import diffusers
+
+    return {key: param.default for key, param in inspect.signature(getattr(diffusers, name).__init__).parameters.items()
+            if key != "self"}
+
+
+def scheduler_has_shift(scheduler: dict | None) -> bool:
+    """Whether a scheduler config's class is shifted (flow matching); None stands for SD3's FlowMatchEuler."""
+    return scheduler is None or scheduler.get("_class_name") in SHIFTED_SCHEDULERS
 
 
 def preset_facts(name: str, preset: dict) -> PipelineFacts:
     """The pipeline facts a preset declares (`pipeline` in its JSON)."""
     declared = preset.get("pipeline") or {}
-    return PipelineFacts(scheduler=scheduler_config(declared.get("scheduler"), f"preset {name}"),
+    from shiva_export import backbones
+
+    classes = backbones.by_class(preset.get("class_name"), f"preset {name}").scheduler_classes
+    return PipelineFacts(scheduler=scheduler_config(declared.get("scheduler"), f"preset {name}", classes),
                          vae_scale_factor=int(declared["vae_scale_factor"]),
                          latent_channels=int(declared["latent_channels"]),
                          context_tokens=int(declared["context_tokens"]), origin=f"preset {name}")
@@ -244,7 +282,7 @@ def example_inputs(config, height: int, width: int, batch: int, context_tokens: 
     for name, spec in specs.items():
         if spec.role == "timestep":
             feed[name] = torch.full(spec.shape, adapter.transformer_timestep(500.0))
-        elif name == "guidance":
+        elif name == "guidance" or spec.role == "mask":
             feed[name] = adapter.conditioning({name: spec}, batch, 1, gen)[name]
         else:
             feed[name] = torch.randn(spec.shape, generator=gen).to(dtype)

@@ -2,8 +2,8 @@
 
 Each pruned block runs on the k kept image tokens only (what else must follow the kept indices, e.g. RoPE rows, its
 backbone adapter says); the context stream runs in full (D2); outputs are scattered back and dropped tokens keep
-their input (D1). Every supported block takes (hidden_states, encoder_hidden_states, temb, ...) by name and returns
-(encoder_hidden_states, hidden_states).
+their input (D1). Every supported block takes hidden_states and encoder_hidden_states by name; its adapter says what
+the router is conditioned on (`router_inputs`) and how the block returns its streams (`block_output`).
 Three modes share one code path: dense (hooks inert), static (fixed integer k per layer: the path the freeze
 and export stages trace) and train (policy ratios, score noise, soft-rank STE).
 """
@@ -87,7 +87,8 @@ class TokenPruningHook(ModelHook):
         bound = self.signature.bind(*args, **kwargs)
         bound.apply_defaults()
         call = dict(bound.arguments)
-        hidden, context, temb = call["hidden_states"], call["encoder_hidden_states"], call["temb"]
+        hidden = call["hidden_states"]
+        temb, context, weights = self.adapter.router_inputs(call)
         batch, num_tokens, _ = hidden.shape
         if state.mode == "static" and state.k[self.layer] == num_tokens and not state.select_full_layers:
             # every token kept: selection would be the identity, so the block runs as its dense self, with no
@@ -98,9 +99,9 @@ class TokenPruningHook(ModelHook):
             return self.fn_ref.original_forward(*args, **kwargs)
 
         if state.scorer is not None:
-            scores = state.scorer(self.layer, hidden, temb, context.mean(dim=1))
+            scores = state.scorer(self.layer, hidden, temb, pooled_context(context, weights))
         else:  # the routers take the context tokens: their fused CUDA path pools them itself
-            scores = self.routers.score_context(self.layer, hidden, temb, context)
+            scores = self.routers.score_context(self.layer, hidden, temb, context, weights)
         if state.mode == "train" and state.score_noise > 0:
             noise = torch.randn(scores.shape, generator=state.generator).to(scores.device)
             scores = scores + state.score_noise * scores.detach().std() * noise
@@ -144,11 +145,11 @@ class TokenPruningHook(ModelHook):
             if state.record:
                 state.indices[self.layer] = indices
                 state.processed_tokens[self.layer] = k
-            return self.compiled_step(type(module).forward, module, hidden, flat, call)
+            return self.compiled_step(type(module).forward, module, hidden, flat, call, self.adapter)
         if kept is None:
             kept = hidden.view(batch * num_tokens, -1).index_select(0, flat).view(batch, k, -1)
         call["hidden_states"] = kept
-        context_out, kept_out = self.fn_ref.original_forward(**call)
+        context_out, kept_out = self.adapter.block_output(self.fn_ref.original_forward(**call))
         if state.mode == "train" and state.config.ste_gate == "output":
             kept_out = output_gate(kept, kept_out, pi, indices)
         if state.record:
@@ -156,11 +157,23 @@ class TokenPruningHook(ModelHook):
             state.processed_tokens[self.layer] = kept.shape[1]
         # opt-in for inference engines (inplace): write the block's rows into its own input, saving a full copy
         if flat is not None:  # fused path: a row-copy kernel (into a copy unless inplace)
-            return context_out, kernels.scatter_rows_(passed if inplace else passed.clone(), flat, kept_out)
-        return context_out, scatter_rows(passed, indices, kept_out, inplace=inplace, method=state.row_scatter)
+            return self.adapter.block_result(
+                context_out, kernels.scatter_rows_(passed if inplace else passed.clone(), flat, kept_out))
+        return self.adapter.block_result(
+            context_out, scatter_rows(passed, indices, kept_out, inplace=inplace, method=state.row_scatter))
 
 
-def _gathered_block_step(forward, block, hidden: torch.Tensor, flat: torch.Tensor, call: dict):
+def pooled_context(context: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """The router's context signal: the mean context token [B, Dc], over the tokens whose weight is 1 when weights
+    [B, S] are given (padding weighs 0 and adds nothing; a row without real tokens pools to 0)."""
+    if weights is None:
+        return context.mean(dim=1)
+    weights = weights.to(context.dtype)
+    total = (context * weights.unsqueeze(-1)).sum(dim=1)
+    return total / weights.sum(dim=1, keepdim=True).clamp_min(1.0)
+
+
+def _gathered_block_step(forward, block, hidden: torch.Tensor, flat: torch.Tensor, call: dict, adapter):
     """Static inference step of one pruned block on the flat kept rows, scattered back into ``hidden`` in place.
 
     Written for torch.compile (compile_blocks): one graph per block structure and k, in which inductor fuses the
@@ -169,9 +182,9 @@ def _gathered_block_step(forward, block, hidden: torch.Tensor, flat: torch.Tenso
     """
     batch, num_tokens, dim = hidden.shape
     kept = hidden.view(batch * num_tokens, dim).index_select(0, flat).view(batch, -1, dim)
-    context_out, kept_out = forward(block, hidden_states=kept, **call)
+    context_out, kept_out = adapter.block_output(forward(block, hidden_states=kept, **call))
     hidden.view(batch * num_tokens, dim).index_put_((flat,), kept_out.reshape(-1, dim).to(hidden.dtype))
-    return context_out, hidden
+    return adapter.block_result(context_out, hidden)
 
 
 def cfg_joint_scores(scores: torch.Tensor) -> torch.Tensor:

@@ -112,7 +112,12 @@ class ArtifactConfig:
 def _pipeline_fields(config: ArtifactConfig, facts) -> dict:
     """scheduler / shift / vae_scale_factor from the pipeline facts, unless the config already holds them (a stored
     config) or an option overrides them (with a note)."""
+    from shiva_export.models import scheduler_has_shift
+
     scheduler = dict(config.scheduler) if config.scheduler is not None else dict(facts.scheduler)
+    if config.shift is not None and not scheduler_has_shift(scheduler) and config.shift != scheduler.get("shift"):
+        raise ConfigError(f"--shift {config.shift:g}: the {scheduler.get('_class_name')} of {facts.origin} has no "
+                          "timestep shift; expected no --shift")
     shift = float(scheduler.get("shift", facts.shift)) if config.shift is None else float(config.shift)
     if config.shift is not None and config.scheduler is None and shift != facts.shift:
         log.info("note: --shift %g overrides the scheduler shift %g of %s", shift, facts.shift, facts.origin)

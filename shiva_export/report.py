@@ -259,7 +259,8 @@ def _summary(manifest: Manifest, schedule: dict, check: dict | None, bench: dict
         "height": schedule["height"], "width": schedule["width"], "num_tokens": n,
         "context_tokens": schedule["context_tokens"], "batch": schedule["batch"],
         "cfg_batch": schedule["batch"] % 2 == 0, "steps": len(schedule["timesteps"]),
-        "shift": schedule["freeze_config"]["shift"], "align": schedule["freeze_config"]["align"],
+        "shift": schedule["freeze_config"]["shift"], "scheduler": _scheduler_name(schedule["freeze_config"]),
+        "align": schedule["freeze_config"]["align"],
         "dense_layers": dense_layers, "schedule_hash": schedule["schedule_hash"], "buckets": buckets,
         "keep": {name: summary[f"{name}_keep_ratio"] for name in ("learned", "aligned", "realised")},
         "flops": {"dense_per_step": dense_step, "dense_total": summary["dense_flops_total"],
@@ -638,7 +639,8 @@ def _md_summary(data: dict) -> list[str]:
                        f"{s['context_tokens']} context tokens"),
         ("batch", f"{s['batch']}" + (" ([uncond; cond], CFG-consistent selection)" if s["cfg_batch"] else "")),
         ("dtype", s["dtype"]),
-        ("steps", f"{s['steps']} (flow-matching Euler, shift {s['shift']:g}); dense layers {s['dense_layers']}"),
+        ("steps", f"{s['steps']} ({s.get('scheduler') or 'flow-matching Euler, shift ' + format(s['shift'], 'g')}); "
+                  f"dense layers {s['dense_layers']}"),
         ("buckets", f"{len(s['buckets'])}: {buckets}"),
         ("keep ratio", f"learned {keep['learned']:.3f} → aligned {keep['aligned']:.3f} → realised "
                        f"{keep['realised']:.3f}"),
@@ -977,3 +979,13 @@ def write_report(manifest: Manifest, probe: bool = True) -> Report:
         manifest.save()
     logger.debug("report: %s", folder / REPORT_MD)
     return Report(folder=folder, files=files, data=data)
+
+
+def _scheduler_name(freeze_config: dict) -> str | None:
+    """How the report names the sampler: None for flow-matching Euler (the report's default wording)."""
+    from shiva_export.passes.freeze import FreezeConfig, scheduler_text
+    from shiva_export.models import scheduler_has_shift
+
+    if scheduler_has_shift(freeze_config.get("scheduler")):
+        return None
+    return scheduler_text(FreezeConfig.from_json(freeze_config))

@@ -73,6 +73,7 @@ class StaticInputs:
     vae_scale_factor: int           # image pixels per latent pixel of the pipeline the graphs were exported for
     constants: dict[str, torch.Tensor]   # inputs folded into the graphs (Flux's img_ids / txt_ids)
     family: str
+    roles: dict[str, str] = dataclasses.field(default_factory=dict)   # per input: its InputSpec role
 
     @classmethod
     def from_export(cls, cfg: ExportConfig, transformer_config) -> "StaticInputs":
@@ -80,7 +81,14 @@ class StaticInputs:
         shapes = {name: tuple(int(d) for d in spec.shape) for name, spec in specs.items()}
         return cls(cfg.height, cfg.width, cfg.batch, cfg.context_tokens, cfg.dtype, shapes,
                    {name: spec.dtype for name, spec in specs.items()}, cfg.vae_scale_factor,
-                   cfg.constants(transformer_config), backbones.for_config(transformer_config).family)
+                   cfg.constants(transformer_config), backbones.for_config(transformer_config).family,
+                   {name: spec.role for name, spec in specs.items()})
+
+    @property
+    def fp32_inputs(self) -> tuple[str, ...]:
+        """Inputs fed in fp32 whatever the precision: numbers per sample (timestep, guidance) and masks, cast by the
+        runtime as the model's own embedding or mask conversion does."""
+        return tuple(name for name in self.shapes if name in ("timestep", "guidance") or self.roles.get(name) == "mask")
 
     @property
     def adapter(self):
@@ -112,7 +120,10 @@ class StaticInputs:
             shape, expected = tuple(value.shape), self.shapes[name]
             if len(shape) != len(expected) or shape[1:] != expected[1:]:
                 problems.append(self._shape_problem(name, shape, expected))
-            if name in ("timestep", "guidance"):  # real numbers per sample, cast to fp32 as the model's embedding does
+            if self.roles.get(name) == "mask":  # 1 keep / 0 padding, any real, integer or bool dtype (cast to fp32)
+                if value.is_complex():
+                    problems.append(f"{name} is {value.dtype}; expected a 0/1 mask (integer, bool or real)")
+            elif name in self.fp32_inputs:  # real numbers per sample, cast to fp32 as the model's embedding does
                 if value.is_complex() or value.dtype == torch.bool:
                     problems.append(f"{name} is {value.dtype}; expected a real number per sample")
             elif value.dtype != self.dtype:
@@ -223,20 +234,26 @@ class _BucketedTransformer(torch.nn.Module):
                 return_dict: bool = True, skip_layers: list[int] | None = None, guidance: torch.Tensor | None = None,
                 img_ids: torch.Tensor | None = None, txt_ids: torch.Tensor | None = None,
                 controlnet_block_samples: list | None = None, controlnet_single_block_samples: list | None = None,
-                controlnet_blocks_repeat: bool = False):
-        """The transformer forward of the pipeline's family (SD3Transformer2DModel's or FluxTransformer2DModel's
-        keywords); one sampler step on the bucket of `timestep`."""
+                controlnet_blocks_repeat: bool = False, encoder_attention_mask: torch.Tensor | None = None,
+                added_cond_kwargs: dict | None = None, cross_attention_kwargs: dict | None = None,
+                attention_mask: torch.Tensor | None = None):
+        """The transformer forward of the pipeline's family (the keywords of every supported transformer class:
+        SD3's, Flux's, and a cross-attention DiT's caption mask); one sampler step on the bucket of `timestep`."""
+        added = {key: value for key, value in (added_cond_kwargs or {}).items() if value is not None}
         extras = {"block_controlnet_hidden_states": block_controlnet_hidden_states, "skip_layers": skip_layers,
                   "joint_attention_kwargs": joint_attention_kwargs or None,
                   "controlnet_block_samples": controlnet_block_samples,
-                  "controlnet_single_block_samples": controlnet_single_block_samples}
+                  "controlnet_single_block_samples": controlnet_single_block_samples,
+                  "cross_attention_kwargs": cross_attention_kwargs or None, "attention_mask": attention_mask,
+                  "added_cond_kwargs": added or None}
         unsupported = {name: value for name, value in extras.items() if value is not None}
         if unsupported:
             raise ConfigError(f"{self.root}: {sorted(unsupported)} cannot be applied to static bucket graphs; "
                               "expected None (no ControlNet, skip-layer guidance, LoRA scale or IP-Adapter). Call the "
                               "pipeline without skip_guidance_layers / joint_attention_kwargs")
         given = {"hidden_states": hidden_states, "encoder_hidden_states": encoder_hidden_states,
-                 "pooled_projections": pooled_projections, "timestep": timestep, "guidance": guidance}
+                 "pooled_projections": pooled_projections, "timestep": timestep, "guidance": guidance,
+                 "encoder_attention_mask": encoder_attention_mask}
         feed = {name: given.get(name) for name in self.static_inputs.shapes}
         subject = f"{self.root} ({type(self).__name__})"
         extra = sorted(name for name, value in given.items() if value is not None and name not in feed)
@@ -249,9 +266,8 @@ class _BucketedTransformer(torch.nn.Module):
             raise InputError(f"{subject}: " + "; ".join(f"{name} has {count} non-finite values (NaN/Inf)"
                                                         for name, count in counts.items()))
         bucket = self.bucket_for(timestep)
-        for name in ("timestep", "guidance"):  # the graphs take them in fp32
-            if name in feed:
-                feed[name] = feed[name].to(torch.float32)
+        for name in self.static_inputs.fp32_inputs:  # the graphs take them in fp32
+            feed[name] = feed[name].to(torch.float32)
         sample = self._run_bucket(bucket, feed).to(hidden_states.device)
         if self.check_finite and (counts := _nonfinite({"sample": sample})):
             raise NonFiniteError(f"{subject}: bucket {bucket} returned {counts['sample']} non-finite values (NaN/Inf) "

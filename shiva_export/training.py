@@ -294,6 +294,14 @@ class Trainer:
             raise ConfigError("precision bf16 needs a GPU; use --precision fp32 (or auto) on CPU")
         self.bf16 = bf16
         self.transformer, self.source = load_transformer(model, dtype=torch.bfloat16 if bf16 else torch.float32)
+        from shiva_export import backbones
+
+        adapter = backbones.for_model(self.transformer)
+        if not adapter.trainable:
+            trainable = [a.model_class for a in backbones.REGISTRY.values() if a.trainable]
+            raise ConfigError(f"train --model {model}: training a {adapter.model_class} is not supported yet (its "
+                              f"inputs are not the flow-matching, pooled-text ones the trainer feeds); expected one "
+                              f"of {trainable}")
         mcfg = self.transformer.config
         self.adapter = backbones.for_model(self.transformer)
         self.data = self._open_data(config, mcfg)

@@ -1,4 +1,4 @@
-"""StableDiffusion3Pipeline and FluxPipeline folders assembled from diffusers' own tiny test configurations, with no
+"""StableDiffusion3Pipeline, FluxPipeline and PixArtSigmaPipeline folders assembled from diffusers' own tiny test configurations, with no
 downloads.
 
 `sd3_components` follows `StableDiffusion3PipelineFastTests.get_dummy_components` (diffusers
@@ -143,4 +143,43 @@ def save_flux_pipeline(folder: Path, **options) -> Path:
 
     folder = Path(folder)
     FluxPipeline(**flux_components(**options)).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def pixart_components(num_layers: int = 3, sample_size: int = 16, seed: int = 0) -> dict:
+    """PixArtSigmaPipeline's components at the sizes of diffusers' `PixArtSigmaPipelineFastTests.get_dummy_components`
+    (tests/pipelines/pixart_sigma): 3-head adaLN-single transformer with learned sigma (8 output channels), the T5
+    size of hf-internal-testing/tiny-random-t5 (built, not loaded), a one-level VAE (vae_scale_factor 1, 4 latent
+    channels). Options: more blocks (diffusers' two leave one to prune) and a larger latent (8 x 8 px gives 16
+    tokens); the scheduler is the multistep DPM-Solver++ PixArt-Sigma ships (diffusers' test uses DDIM)."""
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = PixArtTransformer2DModel(
+            sample_size=sample_size, num_layers=num_layers, patch_size=2, attention_head_dim=8, num_attention_heads=3,
+            caption_channels=32, in_channels=4, cross_attention_dim=24, out_channels=8, attention_bias=True,
+            activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
+            norm_elementwise_affine=False, norm_eps=1e-6, use_additional_conditions=False)
+        torch.manual_seed(seed)
+        text_encoder = T5EncoderModel(T5Config(vocab_size=1103, d_model=32, d_ff=37, d_kv=8, num_layers=5,
+                                               num_heads=4, relative_attention_num_buckets=8,
+                                               decoder_start_token_id=0, eos_token_id=1, pad_token_id=0))
+        torch.manual_seed(seed)
+        vae = AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,),
+                            layers_per_block=1, latent_channels=4, norm_num_groups=1, use_quant_conv=False,
+                            use_post_quant_conv=False, scaling_factor=0.13025)
+    scheduler = DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2, lower_order_final=True,
+                                            timestep_spacing="linspace")
+    return {"scheduler": scheduler, "text_encoder": text_encoder.eval(), "tokenizer": _t5_tokenizer(),
+            "transformer": transformer.eval(), "vae": vae.eval()}
+
+
+def save_pixart_pipeline(folder: Path, **options) -> Path:
+    """A PixArtSigmaPipeline folder (save_pretrained, safetensors) from `pixart_components(**options)`."""
+    from diffusers import PixArtSigmaPipeline
+
+    folder = Path(folder)
+    PixArtSigmaPipeline(**pixart_components(**options)).save_pretrained(folder, safe_serialization=True)
     return folder

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from shiva_export.backbones.base import Backbone, InputSpec, cfg_get
 from shiva_export.backbones.flux import Flux
+from shiva_export.backbones.pixart import PixArt
 from shiva_export.backbones.sd3 import SD3
 from shiva_export.errors import ConfigError
 
-REGISTRY: dict[str, Backbone] = {adapter.model_class: adapter for adapter in (SD3(), Flux())}
+REGISTRY: dict[str, Backbone] = {adapter.model_class: adapter for adapter in (SD3(), Flux(), PixArt())}
 MODEL_CLASSES = tuple(REGISTRY)
 PIPELINE_CLASSES = tuple(adapter.pipeline_class for adapter in REGISTRY.values())
 # The model class of a record written before records named it (a router checkpoint's model section without

@@ -7,10 +7,14 @@ or the one recorded in an artifact) and calls the adapter. An adapter answers fi
    which order (routers go per adjacent pair of that order), the router's input widths, and which of the blocks'
    Linear layers `train` gives DoRA adapters (`adapter_targets`).
 2. The token streams inside a pruned block: what besides the image tokens must be gathered with the kept indices
-   (Flux's RoPE rows; nothing for SD3) and how to run the block on them (`prepare_block_call`).
+   (Flux's RoPE rows; nothing for SD3) and how to run the block on them (`prepare_block_call`); what the router is
+   conditioned on (`router_inputs`: the block's timestep embedding and its context tokens, with per-token weights
+   where some are padding, e.g. PixArt's caption mask); how a block returns its streams (`block_output` /
+   `block_result`: a (context, image) pair for MMDiT blocks, the image tokens alone for a cross-attention block).
 3. The transformer's inputs: names, static shapes and dtypes for an image size, the constants folded into the
-   graph (Flux's `img_ids` / `txt_ids`), what the sampler integrates (`hidden_states`), and how the scheduler's
-   timestep t in [0, 1000] becomes the transformer's `timestep` input and back.
+   graph (Flux's `img_ids` / `txt_ids`), what the sampler integrates (`hidden_states`), how the scheduler's
+   timestep t in [0, 1000] becomes the transformer's `timestep` input and back, and which part of the output the
+   sampler integrates (`sampler_output`: PixArt's learned-sigma channels are dropped).
 4. The analytic FLOP model (`dims(config)`: per-block and embedding FLOPs, exact under flops.py's convention).
 5. The pipeline around it: the facts a pipeline folder decides (scheduler, VAE factor, text length), how it loads,
    and how prompts become conditioning.
@@ -33,7 +37,8 @@ class InputSpec:
 
     shape: tuple[int, ...]
     dtype: str            # "fp32" | "fp16" | "bf16": "model" inputs take the export dtype, the rest stay fp32
-    role: str             # "latents" (integrated by the sampler), "timestep", or "conditioning" (fixed per run)
+    role: str             # "latents" (integrated by the sampler), "timestep", "conditioning" (fixed per run), or
+                          # "mask": which context tokens are real (1) or padding (0), fixed per run, fed as fp32
 
 
 def cfg_get(config: Any, key: str, default: Any = None) -> Any:
@@ -46,12 +51,14 @@ def cfg_get(config: Any, key: str, default: Any = None) -> Any:
 class Backbone(abc.ABC):
     """One DiT family (see the module docstring). Instances are stateless; `backbones.REGISTRY` holds one each."""
 
-    family: str                 # short name: "sd3", "flux"
+    family: str                 # short name: "sd3", "flux", "pixart"
     model_class: str            # diffusers transformer class name, as in a config's `_class_name`
     pipeline_class: str         # diffusers pipeline class the runtime drops into
     block_classes: tuple[str, ...]
     default_batch: int          # 2: [uncond; cond] classifier-free guidance; 1: guidance-distilled
     config_keys: tuple[str, ...]   # keys that identify the family in a config without `_class_name`
+    scheduler_classes: tuple[str, ...] = ("FlowMatchEulerDiscreteScheduler",)   # what its pipeline may run
+    trainable: bool = False     # the train verb's inputs (flow-matching noising, pooled text) fit the family
 
     # --- the model -------------------------------------------------------------------------------------------
     def model_type(self):
@@ -94,6 +101,21 @@ class Backbone(abc.ABC):
         shared_rows: every sample keeps the same tokens (batch 1, or one CFG pair), decided statically. Default:
         nothing besides the hidden states depends on token positions."""
 
+    def router_inputs(self, call: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """What the router of a pruned block is conditioned on, from the block's call (kwargs by name): the
+        timestep embedding [B, Dt], the context tokens [B, S, Dc] and per-token weights [B, S] (1 real, 0 padding)
+        or None when every context token counts. The router pools the context by its (weighted) mean."""
+        return call["temb"], call["encoder_hidden_states"], None
+
+    def block_output(self, result) -> tuple[Any, torch.Tensor]:
+        """(context stream out or None, image tokens out) of a block's return value."""
+        context_out, hidden_out = result
+        return context_out, hidden_out
+
+    def block_result(self, context_out, hidden_out: torch.Tensor):
+        """The block's return value from its streams (the inverse of block_output)."""
+        return context_out, hidden_out
+
     # --- inputs -----------------------------------------------------------------------------------------------
     @abc.abstractmethod
     def num_image_tokens(self, config, height: int, width: int, vae_scale_factor: int) -> int:
@@ -128,13 +150,21 @@ class Backbone(abc.ABC):
         """The inverse of transformer_timestep: which scheduler timestep a transformer call is."""
         return float(value)
 
+    def sampler_output(self, config, sample: torch.Tensor) -> torch.Tensor:
+        """The part of the transformer's output that the pipeline's sampler integrates (after guidance). Default:
+        all of it."""
+        return sample
+
     def conditioning(self, specs: Mapping[str, InputSpec], images: int, halves: int, generator: torch.Generator,
                      guidance: float | None = None) -> dict[str, torch.Tensor]:
-        """Seeded conditioning inputs for `images` images ([uncond; cond] halves when halves == 2), fp32."""
+        """Seeded conditioning inputs for `images` images ([uncond; cond] halves when halves == 2), fp32; a mask
+        input keeps every context token."""
         out = {}
         for name, spec in specs.items():
             if spec.role == "conditioning":
                 out[name] = torch.randn((halves, images, *spec.shape[1:]), generator=generator).flatten(0, 1)
+            elif spec.role == "mask":
+                out[name] = torch.ones((halves * images, *spec.shape[1:]))
         return out
 
     # --- FLOPs ------------------------------------------------------------------------------------------------

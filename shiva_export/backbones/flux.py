@@ -197,6 +197,7 @@ class Flux(Backbone):
     pipeline_class = "FluxPipeline"
     block_classes = ("FluxTransformerBlock", "FluxSingleTransformerBlock")
     default_batch = 1
+    trainable = True
     config_keys = ("num_single_layers", "axes_dims_rope", "guidance_embeds")
 
     def validate_config(self, config: dict, where: str) -> dict:

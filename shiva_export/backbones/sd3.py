@@ -144,6 +144,7 @@ class SD3(Backbone):
     block_classes = ("JointTransformerBlock",)
     default_batch = 2
     config_keys = ("caption_projection_dim",)
+    trainable = True
 
     def validate_config(self, config: dict, where: str) -> dict:
         validate(config, MODEL_CONFIG, where, error=ConfigError)
@@ -257,7 +258,8 @@ def _present(index: dict, root: Path, component: str) -> bool:
     return isinstance(entry, list) and len(entry) == 2 and entry[0] is not None and (root / component).is_dir()
 
 
-def _pipeline_index(root: Path, in_channels: int) -> tuple[dict, dict, int, int]:
+def _pipeline_index(root: Path, in_channels: int, scheduler_classes: tuple[str, ...] | None = None
+                    ) -> tuple[dict, dict, int, int]:
     """model_index.json, the scheduler config, and the VAE's scale factor and latent channels of a pipeline folder
     (as the diffusers pipelines compute vae_scale_factor: 2 ** (len(block_out_channels) - 1))."""
     from shiva_export.models import read_json, scheduler_config
@@ -268,7 +270,8 @@ def _pipeline_index(root: Path, in_channels: int) -> tuple[dict, dict, int, int]
     if not _present(index, root, "scheduler"):
         raise ConfigError(f"{root}: the pipeline folder has no scheduler (expected scheduler/scheduler_config.json)")
     scheduler = scheduler_config(read_json(root / "scheduler" / "scheduler_config.json"),
-                                 str(root / "scheduler" / "scheduler_config.json"))
+                                 str(root / "scheduler" / "scheduler_config.json"),
+                                 *(() if scheduler_classes is None else (scheduler_classes,)))
     factor, channels = VAE_SCALE_FACTOR, in_channels
     if _present(index, root, "vae"):
         vae_path = root / "vae" / "config.json"

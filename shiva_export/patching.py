@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
-from typing import Callable, Iterator, Literal, Sequence
+from typing import Any, Callable, Iterator, Literal, Sequence
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
@@ -63,6 +63,11 @@ class PruningState:
     indices: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
     processed_tokens: dict[int, int] = dataclasses.field(default_factory=dict)
     pi: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
+    # (block inputs the router conditioning was computed from, (temb, context, weights, pooled)): blocks of one
+    # forward that share those inputs (a cross-attention DiT conditions every block on the same caption) reuse it;
+    # cleared as each transformer forward starts
+    router_memo: tuple | None = dataclasses.field(default=None, repr=False)
+    memo_hook: Any = dataclasses.field(default=None, repr=False)
 
     @property
     def pruned_layers(self) -> list[int]:
@@ -80,6 +85,22 @@ class TokenPruningHook(ModelHook):
         self.topk = DifferentiableTopK()
         self.compiled_step = None   # set by compile_blocks: gather + block + in-place scatter in one compiled graph
 
+    def router_conditioning(self, call: dict):
+        """(temb, context, weights, pooled) for the router: the adapter's `router_inputs`, and with weights (padded
+        context tokens) their masked mean. Computed once per forward for blocks that get the very same input
+        tensors besides the image tokens (identity, not value: a block that feeds its successor new context
+        tokens, as MMDiT blocks do, never matches)."""
+        key = tuple((name, value) for name, value in call.items()
+                    if name != "hidden_states" and isinstance(value, torch.Tensor))
+        memo = self.state.router_memo
+        if memo is not None and len(memo[0]) == len(key) and all(
+                a[0] == b[0] and a[1] is b[1] for a, b in zip(memo[0], key)):
+            return memo[1]
+        temb, context, weights = self.adapter.router_inputs(call)
+        result = (temb, context, weights, None if weights is None else pooled_context(context, weights))
+        self.state.router_memo = (key, result)
+        return result
+
     def new_forward(self, module, *args, **kwargs):
         state = self.state
         if state.mode == "dense":
@@ -88,7 +109,7 @@ class TokenPruningHook(ModelHook):
         bound.apply_defaults()
         call = dict(bound.arguments)
         hidden = call["hidden_states"]
-        temb, context, weights = self.adapter.router_inputs(call)
+        temb, context, weights, pooled = self.router_conditioning(call)
         batch, num_tokens, _ = hidden.shape
         if state.mode == "static" and state.k[self.layer] == num_tokens and not state.select_full_layers:
             # every token kept: selection would be the identity, so the block runs as its dense self, with no
@@ -99,9 +120,11 @@ class TokenPruningHook(ModelHook):
             return self.fn_ref.original_forward(*args, **kwargs)
 
         if state.scorer is not None:
-            scores = state.scorer(self.layer, hidden, temb, pooled_context(context, weights))
+            scores = state.scorer(self.layer, hidden, temb, pooled if pooled is not None else context.mean(dim=1))
+        elif pooled is not None:  # pooled once per forward; the fused path takes it as a one-token context
+            scores = self.routers.score_context(self.layer, hidden, temb, pooled.unsqueeze(1))
         else:  # the routers take the context tokens: their fused CUDA path pools them itself
-            scores = self.routers.score_context(self.layer, hidden, temb, context, weights)
+            scores = self.routers.score_context(self.layer, hidden, temb, context)
         if state.mode == "train" and state.score_noise > 0:
             noise = torch.randn(scores.shape, generator=state.generator).to(scores.device)
             scores = scores + state.score_noise * scores.detach().std() * noise
@@ -237,6 +260,11 @@ def apply_token_pruning(transformer, routers: RouterBank, config: PruningConfig 
         registry = HookRegistry.check_if_exists_or_initialize(block)
         registry.register_hook(TokenPruningHook(index, routers, state, signature, adapter), PRUNING_HOOK)
     transformer.shiva_routers = routers  # registered as a submodule: moves with .to() and is saved with the model
+
+    def clear_memo(module, args):
+        state.router_memo = None
+
+    state.memo_hook = transformer.register_forward_pre_hook(clear_memo)
     return state
 
 
@@ -271,6 +299,10 @@ def remove_token_pruning(transformer) -> None:
     from shiva_export import backbones
 
     adapter = backbones.for_model(transformer)
+    state = get_pruning_state(transformer)
+    if state is not None and state.memo_hook is not None:
+        state.memo_hook.remove()
+        state.memo_hook, state.router_memo = None, None
     for block in _blocks(transformer):
         registry = HookRegistry.check_if_exists_or_initialize(block)
         if registry.get_hook(PRUNING_HOOK) is not None:

@@ -65,15 +65,11 @@ class RouterBank(nn.Module):
     def forward(self, layer: int, tokens: torch.Tensor, temb: torch.Tensor, pooled_context: torch.Tensor) -> torch.Tensor:
         return self.routers[layer // self.group_size](tokens, temb, pooled_context, layer % self.group_size)
 
-    def score_context(self, layer: int, tokens: torch.Tensor, temb: torch.Tensor, context: torch.Tensor,
-                      weights: torch.Tensor | None = None) -> torch.Tensor:
-        """Scores from the context tokens [B, L, Dc] (pooled by their mean): ``forward(..., context.mean(1))``;
-        with weights [B, L] (1 real token, 0 padding), by the mean over the real tokens."""
-        from shiva_export.patching import pooled_context
-
+    def score_context(self, layer: int, tokens: torch.Tensor, temb: torch.Tensor,
+                      context: torch.Tensor) -> torch.Tensor:
+        """Scores from the context tokens [B, L, Dc] (pooled by their mean): ``forward(..., context.mean(1))``. A
+        caller with padded context tokens pools them itself (`patching.pooled_context`) and passes [B, 1, Dc]."""
         router = self.routers[layer // self.group_size]
-        if weights is not None:   # pooled here; the fused path then takes the pooled vector as a one-token context
-            context = pooled_context(context, weights).unsqueeze(1)
         if kernels.usable(tokens, context) and kernels.router_supported(router, tokens):
             return kernels.router_scores(router, tokens, temb, context, layer % self.group_size)  # mean fused in
         return self(layer, tokens, temb, context.mean(dim=1))

@@ -122,6 +122,28 @@ def test_a_padded_caption_keeps_the_tokens_and_output_of_the_unpadded_one(pixart
         assert (got[0] - ignored[0]).abs().max() > 1e-3
 
 
+def test_the_router_conditioning_is_computed_once_per_forward_and_only_for_shared_inputs(pixart, monkeypatch):
+    """Every PixArt block reads the same caption and timestep embedding: the mask weights and the masked caption
+    mean are computed in the first pruned block of each forward and reused by the others. An MMDiT family, whose
+    blocks hand new context tokens on, computes its conditioning in every pruned block."""
+    calls = []
+    for model, batch in (("tiny-pixart", 2), ("tiny-sd3", 2)):
+        pruned = pixart[0] if model == "tiny-pixart" else load_pruned_model(model, cfg_consistent=True)
+        adapter = backbones.for_model(pruned.transformer)
+        original = adapter.router_inputs
+        monkeypatch.setattr(adapter, "router_inputs", lambda call, original=original: calls.append(1) or original(call))
+        cfg = ExportConfig(height=128, width=128, batch=batch, context_tokens=S)
+        feed = example_feed(pruned.config, cfg)
+        k = [cfg.validate(pruned.config)] + [16] * (pruned.state.num_layers - 1)
+        calls.clear()
+        with torch.no_grad():
+            for _ in range(2):   # each forward starts afresh
+                StaticBucket(pruned.transformer, k)(**feed)
+        expected = 1 if model == "tiny-pixart" else len(pruned.state.pruned_layers)
+        assert len(calls) == 2 * expected, (model, len(calls))
+        monkeypatch.undo()
+
+
 def test_flop_model_matches_torch_flop_counter_exactly(pixart):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode

@@ -68,6 +68,9 @@ def parse_args(argv=None):
     parser.add_argument("--compile-rows", action=argparse.BooleanOptionalAction, default=True,
                         help="with --compile-blocks: also compile the row gather and in-place scatter into each "
                         "pruned block's graph (default), or keep them eager kernels")
+    parser.add_argument("--fuse-qkv", action="store_true",
+                        help="fuse each attention's q/k/v projections into one GEMM (diffusers' fuse_qkv_projections), "
+                        "for dense and pruned alike, before timing")
     parser.add_argument("--skip-schedule", action="store_true",
                         help="time only dense and the uniform keeps: no schedule buckets, loop or numerics")
     parser.add_argument("--compile", default="", help="comma list of configs also run as torch.compile + CUDA graph, "
@@ -456,7 +459,8 @@ def render_markdown(result: dict) -> str:
              f"Selection/router kernels: {result.get('kernels', 'torch')} (fused Triton kernels used: "
              f"{result.get('fused_kernels_used', False)}); routers: {result.get('router_dtype')}; blocks compiled "
              f"(torch.compile, dense and pruned alike): {result.get('compile_blocks', False)}; gather/scatter compiled "
-             f"into the blocks: {result.get('compile_rows', False)}", "",
+             f"into the blocks: {result.get('compile_rows', False)}; q/k/v projections fused: "
+             f"{result.get('fuse_qkv', False)}", "",
              f"Command: `{result['command']}`", ""]
     rows = result["per_step"]
     backends = [b for b in ("eager", "cudagraph", "compile", "ort")
@@ -518,6 +522,10 @@ def main(argv=None) -> int:
     pruned = load_pruned_model(args.model, cfg_consistent=args.batch % 2 == 0, device=device)
     print(f"model {args.model} built on {device} in {time.perf_counter() - t0:.1f} s "
           f"({sum(p.numel() for p in pruned.transformer.parameters()) / 1e9:.2f}B parameters)", flush=True)
+    if args.fuse_qkv:
+        if not hasattr(pruned.transformer, "fuse_qkv_projections"):
+            raise SystemExit(f"--fuse-qkv: {type(pruned.transformer).__name__} has no fuse_qkv_projections")
+        pruned.transformer.fuse_qkv_projections()
     defaults = pruned.source.defaults
     args.context_tokens = args.context_tokens or defaults.get("context_tokens", 333)
     args.run_dtype = args.dtype if device == "cuda" else "fp32"
@@ -545,7 +553,7 @@ def main(argv=None) -> int:
             print(f"== kernels: {variant} failed: {type(err).__name__}: {str(err)[:500]}", flush=True)
             continue
         result.update(phase=args.phase, router_dtype=args.router_dtype, facts=facts, model=args.model,
-                      compile_blocks=args.compile_blocks, compile_rows=args.compile_blocks and args.compile_rows,
+                      compile_blocks=args.compile_blocks, fuse_qkv=args.fuse_qkv, compile_rows=args.compile_blocks and args.compile_rows,
                       ort_cuda_graph=args.ort_cuda_graph,
                       height=args.height, width=args.width, kernels=variant,
                       fused_kernels_used=variant == "triton" and kernels.triton_available() and device == "cuda",

@@ -300,7 +300,7 @@ def _feeds(ws, schedule, cfg, seed: int) -> list[dict[str, np.ndarray]]:
 
     rng = np.random.default_rng(seed)
     dtype = _numpy_dtype(cfg.dtype)
-    shapes = cfg.input_shapes(ws.pruned.config)
+    shapes = cfg.input_shapes(ws.manifest.require("export")["transformer_config"])   # the recorded config: no model
     base = {name: rng.standard_normal(shape).astype(np.float32).astype(dtype)
             for name, shape in shapes.items() if name != "timestep"}
     return [{**base, "timestep": np.full((cfg.batch,), t, dtype=np.float32)} for t in schedule.timesteps]

@@ -7,6 +7,8 @@ shared machine hits both alike. Then the whole loop: the schedule's steps, each 
 the dense graph for all steps. Statistics per row: mean / P50 / P95 / P99 in ms. The measured speedup is the ratio
 of P50s (robust to stragglers); the FLOP-bound speedup is dense FLOPs / pruned FLOPs from the schedule
 (`shiva_export.flops`: routers included, element-wise work excluded), i.e. what perfect scaling would give.
+The PyTorch targets are made by the caller's `torch_target` (`shiva_export.torch_bench`): this module runs no
+PyTorch model.
 
 Clocks: `time.perf_counter` around synchronous calls on the CPU; on the GPU the same wall clock between device
 synchronizations, so work on any stream counts (ORT CUDA runs with IO binding on preallocated device buffers, as
@@ -291,65 +293,6 @@ class _OrtCudaTarget(_CudaEvents, _Target):
         self.inner.close()
 
 
-class _TorchTarget(_CudaEvents, _Target):
-    """The PyTorch static-mode model on the GPU: eager, or one CUDA graph per bucket (and the dense model)."""
-
-    clock = "cuda_sync"
-    device = "cuda"
-
-    def __init__(self, ws, schedule, cfg, cuda_graph: bool):
-        import torch
-
-        from shiva_export.export import DenseModel, StaticBucket, torch_dtype
-
-        self.name = "torch-cudagraph" if cuda_graph else "torch-eager"
-        self.cuda_graph = cuda_graph
-        self.pruned = ws.pruned
-        self.pruned.to_dtype(torch_dtype(cfg.dtype))
-        self.pruned.transformer.to("cuda")
-        # the family's shape-fixed inputs (FLUX.1's img_ids / txt_ids), folded into the graphs, passed here
-        constants = {name: value.to("cuda") for name, value in cfg.constants(self.pruned.config).items()}
-        self.modules = {"dense": DenseModel(self.pruned.transformer, constants).eval()}
-        # kept rows are written back into each block's own input (no copy of the sequence): what a PyTorch
-        # deployment of the static model runs under inference mode
-        self.modules.update({b.index: StaticBucket(self.pruned.transformer, b.k, inplace_scatter=True,
-                                                   constants=constants).eval()
-                             for b in schedule.buckets})
-        self.pool = torch.cuda.graph_pool_handle() if cuda_graph else None
-        self.graphs: list = []
-
-    def prepare(self, key, feed):
-        import torch
-
-        module = self.modules[key]
-        inputs = {n: torch.from_numpy(np.ascontiguousarray(a)).cuda() for n, a in feed.items()}
-        if not self.cuda_graph:
-            def call():
-                with torch.inference_mode():
-                    module(**inputs)
-            call()
-            return call
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.inference_mode(), torch.cuda.stream(stream):
-            for _ in range(2):
-                module(**inputs)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.inference_mode(), torch.cuda.graph(graph, pool=self.pool):
-            module(**inputs)
-        self.graphs.append((graph, inputs))
-        return graph.replay
-
-    def close(self):
-        import torch
-
-        self.graphs.clear()
-        self.pruned.transformer.to("cpu")
-        self.pruned.to_dtype(torch.float32)
-        torch.cuda.empty_cache()
-
-
 # --------------------------------------------------------------------------------------------------- timing
 def _feeds(ws, schedule, cfg, seed: int) -> list[dict[str, np.ndarray]]:
     """One seeded feed per step (graph dtypes) with the step's timestep."""
@@ -357,7 +300,7 @@ def _feeds(ws, schedule, cfg, seed: int) -> list[dict[str, np.ndarray]]:
 
     rng = np.random.default_rng(seed)
     dtype = _numpy_dtype(cfg.dtype)
-    shapes = cfg.input_shapes(ws.pruned.config)
+    shapes = cfg.input_shapes(ws.manifest.require("export")["transformer_config"])   # the recorded config: no model
     base = {name: rng.standard_normal(shape).astype(np.float32).astype(dtype)
             for name, shape in shapes.items() if name != "timestep"}
     return [{**base, "timestep": np.full((cfg.batch,), t, dtype=np.float32)} for t in schedule.timesteps]
@@ -447,8 +390,12 @@ def default_targets(device: str) -> list[str]:
     return [*TORCH_TARGETS, ORT_CUDA_TARGETS[0]] if device == "cuda" else ["onnxruntime"]
 
 
-def _targets(ws, schedule, cfg, backends: Sequence[str] | None, device: str
-             ) -> list[tuple[str, Callable[[], _Target]]]:
+# The PyTorch targets' maker: (ws, schedule, ExportConfig, name in TORCH_TARGETS) -> a _Target on the GPU.
+TorchTargetFn = Callable[[Any, Any, Any, str], _Target]
+
+
+def _targets(ws, schedule, cfg, backends: Sequence[str] | None, device: str,
+             torch_target: TorchTargetFn | None = None) -> list[tuple[str, Callable[[], _Target]]]:
     """(name, lazy maker) per target: the named ones, or the default set for the device."""
     from shiva_export.engines.runners import get_engine_set
 
@@ -458,7 +405,7 @@ def _targets(ws, schedule, cfg, backends: Sequence[str] | None, device: str
         if name in TORCH_TARGETS:
             if device != "cuda":
                 raise BackendUnavailableError(f"bench target {name} runs on a CUDA GPU; this run's device is {device}")
-            makers.append((name, lambda name=name: _TorchTarget(ws, schedule, cfg, name == TORCH_TARGETS[0])))
+            makers.append((name, lambda name=name: _torch_target(torch_target, ws, schedule, cfg, name)))
         elif name in ORT_CUDA_TARGETS or (name == "onnxruntime" and device == "cuda"):
             graph = name != ORT_CUDA_TARGETS[1]
             makers.append((name, lambda graph=graph: _OrtCudaTarget(ws, keys, graph)))
@@ -468,8 +415,16 @@ def _targets(ws, schedule, cfg, backends: Sequence[str] | None, device: str
     return makers
 
 
+def _torch_target(torch_target: TorchTargetFn | None, ws, schedule, cfg, name: str) -> _Target:
+    if torch_target is None:
+        raise BackendUnavailableError(f"bench target {name} times the PyTorch model, and this run was given no "
+                                      "maker for it (run_bench's torch_target)")
+    return torch_target(ws, schedule, cfg, name)
+
+
 def run_bench(ws, config: BenchConfig | None = None, backends: Sequence[str] | None = None, *,
-              runs: int | None = None, force: bool = False, device: str | None = None) -> BenchReport:
+              runs: int | None = None, force: bool = False, device: str | None = None,
+              torch_target: TorchTargetFn | None = None) -> BenchReport:
     """Time dense vs pruned per bucket and for the whole loop on every available backend; write bench.json/.md.
 
     Args:
@@ -478,6 +433,9 @@ def run_bench(ws, config: BenchConfig | None = None, backends: Sequence[str] | N
             onnxruntime-cuda; default: `default_targets(device)`.
         force: measure again even if bench.json is fresh (same graphs, device, config and backends).
         device: "cpu" | "cuda" (default: the CUDA GPU if torch sees one).
+        torch_target: (ws, schedule, export config, name) -> target, the maker of the PyTorch targets
+            (`shiva_export.torch_bench.torch_target`); called only for torch-cudagraph / torch-eager. Without it
+            those targets are unavailable (skipped from the defaults, refused when named).
 
     A backend that cannot run here (no CUDA EP) is recorded in `skipped` with its reason; a named one raises.
     """
@@ -515,7 +473,7 @@ def run_bench(ws, config: BenchConfig | None = None, backends: Sequence[str] | N
     dense_flops = schedule.summary.dense_flops_per_step
     rows: list[BenchRow] = []
     skipped: list[dict] = []
-    for name, make in _targets(ws, schedule, cfg, backends, device):
+    for name, make in _targets(ws, schedule, cfg, backends, device, torch_target):
         try:
             target = make()
         except BackendUnavailableError as err:

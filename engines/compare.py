@@ -217,14 +217,15 @@ class CheckConfig:
     """How the check runs; part of the check stage's inputs hash (P2)."""
 
     seed: int = 0
-    guidance_scale: float = 7.0
+    guidance_scale: float | None = None   # None: the family's default for the exported batch (the adapter's)
     full_trajectory: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"--seed {self.seed!r} must be an integer >= 0")
-        if not (isinstance(self.guidance_scale, (int, float)) and math.isfinite(self.guidance_scale)
-                and self.guidance_scale >= 1.0):
+        if self.guidance_scale is not None and not (
+                isinstance(self.guidance_scale, (int, float)) and not isinstance(self.guidance_scale, bool)
+                and math.isfinite(self.guidance_scale) and self.guidance_scale >= 1.0):
             raise ConfigError(f"--guidance-scale {self.guidance_scale!r} must be a finite number >= 1")
 
     def to_json(self) -> dict:
@@ -306,6 +307,7 @@ class CheckReport:
     buckets: tuple[BucketResult, ...]
     trajectories: tuple[TrajectoryResult, ...]
     versions: dict[str, str]
+    guidance: dict = dataclasses.field(default_factory=dict)   # trajectory.Guidance.to_json(): what really ran
     reused: bool = False      # loaded from a fresh check.json instead of run
 
     def __bool__(self) -> bool:
@@ -317,7 +319,7 @@ class CheckReport:
 
     def to_json(self) -> dict:
         return {"schema": REPORT_SCHEMA, "model": self.model, "dtype": self.dtype, "config": self.config.to_json(),
-                "num_steps": self.num_steps, "buckets": [b.to_json() for b in self.buckets],
+                "guidance": dict(self.guidance), "num_steps": self.num_steps, "buckets": [b.to_json() for b in self.buckets],
                 "trajectories": [t.to_json() for t in self.trajectories], "versions": self.versions,
                 "passed": bool(self), "failures": self.failures}
 
@@ -329,7 +331,7 @@ class CheckReport:
         return cls(model=data["model"], dtype=data["dtype"], config=CheckConfig(**config),
                    num_steps=int(data["num_steps"]), buckets=tuple(BucketResult.from_json(b) for b in data["buckets"]),
                    trajectories=tuple(TrajectoryResult.from_json(t) for t in data["trajectories"]),
-                   versions=dict(data["versions"]), reused=reused)
+                   versions=dict(data["versions"]), guidance=dict(data.get("guidance") or {}), reused=reused)
 
 
 # --------------------------------------------------------------------------------------------------- running
@@ -418,12 +420,14 @@ def run_check(ws, backends: Sequence[Any] = ("onnxruntime",), config: CheckConfi
         ws: the artifact folder (`pipeline.Workspace`); its export must be current (hashes verified).
         backends: engine set names (`engines.runners.ENGINE_SET_NAMES`: "onnxruntime", "ort", "trt", "trt-rtx",
             ...) or `EngineSet` objects.
-        config: seed, guidance scale, whether to run the whole loop.
+        config: seed, guidance scale (None: the family's default for the exported batch, the adapter's
+            `default_guidance`), whether to run the whole loop.
         force: re-run even if check.json is fresh for these inputs.
         device: where the PyTorch reference and ONNX Runtime run ("cpu" | "cuda"; default: the CUDA GPU if torch
             sees one). On "cuda" the ONNX Runtime sets run on its CUDA execution provider.
         reference: (ws, seed, guidance_scale, device) -> Trajectory, the stage that runs the PyTorch model
-            (`shiva_export.reference.capture_trajectory`); called only when the check runs.
+            (`shiva_export.reference.capture_trajectory`); called only when the check runs, with the resolved
+            guidance scale (a CFG scale, or a guidance-distilled model's guidance input).
 
     Writes ``check.json``, ``check/bucket{i}/{inputs.json, reference.json, inputs/, reference/, outputs-*.json}``
     and ``check/repro.sh`` atomically, then records the ``check`` stage in the manifest. Returns the report; its
@@ -431,7 +435,7 @@ def run_check(ws, backends: Sequence[Any] = ("onnxruntime",), config: CheckConfi
     """
     from shiva_export.engines.backends.base import compute_device
     from shiva_export.engines.runners import get_engine_set, library_versions
-    from shiva_export.engines.trajectory import export_config, save_bucket_data
+    from shiva_export.engines.trajectory import export_config, resolve_guidance, save_bucket_data
     from shiva_export.io import atomic_directory, sha256_json, write_json
 
     device = compute_device(device)
@@ -446,18 +450,19 @@ def run_check(ws, backends: Sequence[Any] = ("onnxruntime",), config: CheckConfi
     from shiva_export.pipeline import require_runnable
 
     require_runnable(engine_sets, "check")   # before minutes of trajectory capture
+    guidance = resolve_guidance(ws.manifest.require("export")["transformer_config"], cfg.batch, config.guidance_scale)
     gate, trajectory_gate = _gate(GATES, cfg.dtype), _gate(TRAJECTORY_GATES, cfg.dtype)
     versions = library_versions()
     # The export's inputs hash covers the schedule, the shapes and the model/checkpoint identity of the reference.
     inputs = sha256_json({"engines": {e.name: e.identity() for e in engine_sets}, "config": config.to_json(),
-                          "device": device,
+                          "guidance": guidance.to_json(), "device": device,
                           "export": ws.manifest.require("export").get("inputs_hash"), "schedule": schedule.schedule_hash,
                           "gates": [gate.to_json(), trajectory_gate.to_json()], "versions": versions})
     if not force and ws.manifest.is_fresh(CHECK_STAGE, inputs):
         logger.info("check: check.json is up to date for these engines and seed, reused (--force to re-run)")
         return CheckReport.from_json(json.loads(ws.path(CHECK_FILE).read_text()), reused=True)
 
-    trajectory = reference(ws, config.seed, config.guidance_scale, device=device)
+    trajectory = reference(ws, config.seed, guidance.scale, device=device)
     bucket_results, trajectory_results = [], []
     with ws.manifest.writing():
         with atomic_directory(ws.path(CHECK_DIR)) as tmp:
@@ -469,9 +474,10 @@ def run_check(ws, backends: Sequence[Any] = ("onnxruntime",), config: CheckConfi
                     bucket_results.append(check_bucket(engines, bucket, records, gate, tmp / f"bucket{bucket.index}"))
                 if config.full_trajectory:
                     trajectory_results.append(check_full_trajectory(engines, ws, trajectory, trajectory_gate))
-            write_repro(tmp / "repro.sh", ws, schedule, gate, config, engine_sets)
+            write_repro(tmp / "repro.sh", ws, schedule, gate, config, engine_sets, guidance)
         report = CheckReport(model=ws.config.model, dtype=cfg.dtype, config=config, num_steps=schedule.num_steps,
-                             buckets=tuple(bucket_results), trajectories=tuple(trajectory_results), versions=versions)
+                             buckets=tuple(bucket_results), trajectories=tuple(trajectory_results), versions=versions,
+                             guidance=guidance.to_json())
         write_json(ws.path(CHECK_FILE), report.to_json())
         files = [ws.path(CHECK_FILE), ws.path(f"{CHECK_DIR}/repro.sh")]
         for bucket in schedule.buckets:
@@ -491,8 +497,9 @@ def _polygraphy_tolerances(gate: Gate) -> str:
     return f"--atol {gate.atol:g} --rtol {gate.rtol:g} --check-error-stat max"
 
 
-def write_repro(path: Path, ws, schedule, gate: Gate, config: CheckConfig, engine_sets) -> Path:
-    """Shell script with the polygraphy / trtexec commands that repeat the check outside shiva_export."""
+def write_repro(path: Path, ws, schedule, gate: Gate, config: CheckConfig, engine_sets, guidance) -> Path:
+    """Shell script with the polygraphy / trtexec commands that repeat the check outside shiva_export.
+    guidance: the trajectory's (`engines.trajectory.Guidance`)."""
     import shlex
     import sys
 
@@ -509,7 +516,7 @@ def write_repro(path: Path, ws, schedule, gate: Gate, config: CheckConfig, engin
         "#!/usr/bin/env bash",
         f"# Repeat `python -m shiva_export check --out {ws.root} --seed {config.seed}` with Polygraphy and trtexec.",
         f"# Written by shiva_export {shiva_export.__version__}. Inputs: a {schedule.num_steps}-step sampling trajectory "
-        f"(seed {config.seed}, CFG scale {config.guidance_scale:g}) captured with the PyTorch static-mode model;",
+        f"(seed {config.seed}, {guidance.describe()}) captured with the PyTorch static-mode model;",
         f"# reference outputs: runner '{REFERENCE_RUNNER}'. Gate ({gate.name}): "
         + ", ".join(f"{n} {op} {v:g}" for n, op, v in (("max_abs", "<=", gate.max_abs), ("cosine", ">=", gate.cosine),
                                                       ("psnr dB", ">=", gate.psnr),
@@ -579,9 +586,13 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def render_report(data: Mapping[str, Any]) -> str:
     """Markdown table of a check report, from its JSON (`CheckReport.to_json()` / check.json)."""
+    from shiva_export.engines.trajectory import Guidance
+
     cfg = data["config"]
-    lines = [f"check: {data['model']} {data['dtype']}, {data['num_steps']} steps, seed {cfg['seed']}, "
-             f"CFG scale {cfg['guidance_scale']:g}", "",
+    guidance = data.get("guidance") or {}
+    used = Guidance(guidance["kind"], float(guidance["scale"])).describe() if guidance else (
+        f"CFG scale {cfg['guidance_scale']:g}" if cfg.get("guidance_scale") is not None else "guidance not recorded")
+    lines = [f"check: {data['model']} {data['dtype']}, {data['num_steps']} steps, seed {cfg['seed']}, {used}", "",
              "| backend | scope | steps | max abs | mean abs | rel err | cosine | PSNR dB | agreement (min layer) | gate |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for b in data["buckets"]:

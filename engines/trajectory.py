@@ -1,9 +1,9 @@
 """Check inputs from a real sampling trajectory, not from random tensors: the feeds an engine meets in deployment.
 
 Random inputs at one timestep miss what matters for a pruned DiT: the router ranks tokens of *denoising*
-latents, and each step runs on its own bucket's engine. So the check runs the sampler the SD3/SD3.5 pipelines run
-(diffusers' ``FlowMatchEulerDiscreteScheduler`` with the schedule's steps and shift, classifier-free guidance on a
-batch ``[uncond; cond]``) with the PyTorch pruned model in static mode (each step pinned to its bucket's k vector,
+latents, and each step runs on its own bucket's engine. So the check runs the sampler the family's pipeline runs
+(its scheduler with the schedule's steps and shift; classifier-free guidance on a batch ``[uncond; cond]``, or a
+guidance-distilled model's guidance input, as the adapter says) with the PyTorch pruned model in static mode (each step pinned to its bucket's k vector,
 as exported), from seeded latents and seeded prompt embeddings, and records at every step the transformer's inputs
 (in the graphs' exact dtypes), its outputs and the kept token indices per pruned layer.
 
@@ -15,11 +15,13 @@ transformer differs. Nothing here runs a PyTorch model.
 from __future__ import annotations
 
 __all__ = [
+    "Guidance",
     "REFERENCE_RUNNER",
     "StepRecord",
     "Trajectory",
     "denoise",
     "export_config",
+    "resolve_guidance",
     "save_bucket_data",
     "save_run_results",
     "step_ranges",
@@ -38,7 +40,6 @@ from shiva_export.errors import ArtifactError, ConfigError
 logger = logging.getLogger(__name__)
 
 REFERENCE_RUNNER = "torch-static"   # runner name of the PyTorch static-mode outputs in reference.json
-DEFAULT_GUIDANCE_SCALE = 7.0        # demoDiffusion's SD3.5 default (--guidance-scale 7.0)
 TIMESTEP_ATOL = 1e-2                # passes.freeze.TIMESTEP_ATOL: the frozen timesteps are the scheduler's
 
 # The transformer call of one step: feed dict (numpy, graph dtypes) -> {"sample": ..., maybe indices_layer{l}}.
@@ -52,7 +53,7 @@ class StepRecord:
     step: int
     bucket: int
     timestep: float
-    feed: dict[str, np.ndarray]        # INPUT_NAMES -> array in the graph's dtype
+    feed: dict[str, np.ndarray]        # graph input name (export.input_names) -> array in the graph's dtype
     outputs: dict[str, np.ndarray]     # "sample" + "indices_layer{l}" per pruned layer (int64 [B, k])
 
 
@@ -62,7 +63,8 @@ class Trajectory:
 
     Attributes:
         seed: seeds the initial latents and the prompt embeddings.
-        guidance_scale: classifier-free guidance scale (1.0 when the batch has no [uncond; cond] halves).
+        guidance_scale: the classifier-free guidance scale the loop applied (1.0 when the batch has no
+            [uncond; cond] halves; a guidance-distilled model's guidance input is in `conditioning`).
         dtype: the export dtype ("fp32", "fp16", "bf16"); latents stay in it between steps, as in diffusers.
         steps: one record per sampler step.
         initial_latents / final_latents: [images, C, H, W] before the first and after the last step.
@@ -83,6 +85,53 @@ class Trajectory:
     @property
     def buckets(self) -> tuple[int, ...]:
         return tuple(sorted({s.bucket for s in self.steps}))
+
+
+@dataclasses.dataclass(frozen=True)
+class Guidance:
+    """The guidance a trajectory runs with, as the family's adapter applies it to the exported batch.
+
+    kind: "cfg" (classifier-free guidance over [uncond; cond] halves at `scale`), "embedded" (a guidance-distilled
+    model's guidance input, fed `scale`; no CFG) or "none" (no guidance; scale 1).
+    """
+
+    kind: str
+    scale: float
+
+    @property
+    def cfg_scale(self) -> float:
+        """The scale of the sampler's uncond + g (cond - uncond) (1.0 unless the batch has CFG halves)."""
+        return self.scale if self.kind == "cfg" else 1.0
+
+    @property
+    def embedded(self) -> float | None:
+        """The value of the model's guidance input, if it has one."""
+        return self.scale if self.kind == "embedded" else None
+
+    def describe(self) -> str:
+        if self.kind == "cfg":
+            return f"CFG scale {self.scale:g}"
+        if self.kind == "embedded":
+            return f"guidance {self.scale:g} (the model's guidance input, no CFG)"
+        return "no guidance"
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "scale": self.scale}
+
+
+def resolve_guidance(model_config, batch: int, scale: float | None) -> Guidance:
+    """The guidance of a trajectory at the exported batch: `scale`, or the family's default for the batch (the
+    adapter's `default_guidance`, as `generate` uses); a scale for a batch that runs no guidance is refused."""
+    from shiva_export import backbones
+
+    adapter = backbones.for_config(model_config)
+    kind = adapter.guidance_kind(model_config, batch)
+    if kind == "none":
+        if scale is not None and float(scale) != 1.0:
+            raise ConfigError(f"--guidance-scale {scale:g}: the engines run batch {batch} without guidance (no "
+                              "[uncond; cond] halves, no guidance input); omit --guidance-scale")
+        return Guidance("none", 1.0)
+    return Guidance(kind, float(adapter.default_guidance(batch) if scale is None else scale))
 
 
 def export_config(ws):
@@ -139,9 +188,11 @@ def _scheduler(schedule):
     return scheduler
 
 
-def _seeded_inputs(cfg, model_config, seed: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def _seeded_inputs(cfg, model_config, seed: int, guidance: float | None = None
+                   ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Initial latents [images, ...] and the batch's conditioning ([uncond; cond] when the batch is even and the
-    family runs classifier-free guidance), in the graphs' dtypes."""
+    family runs classifier-free guidance), in the graphs' dtypes; `guidance`: the value of a guidance input (None:
+    the adapter's default)."""
     import torch
 
     from shiva_export import backbones
@@ -153,7 +204,7 @@ def _seeded_inputs(cfg, model_config, seed: int) -> tuple[np.ndarray, dict[str, 
     images = batch // halves
     gen = torch.Generator().manual_seed(int(seed))
     latents = torch.randn((images, *specs["hidden_states"].shape[1:]), generator=gen)
-    conditioning = adapter.conditioning(specs, images, halves, gen)
+    conditioning = adapter.conditioning(specs, images, halves, gen, guidance=guidance)
     conditioning = {name: _to_numpy(value, _numpy_dtype(specs[name].dtype)) for name, value in conditioning.items()}
     return _to_numpy(latents, _numpy_dtype(cfg.dtype)), conditioning
 
@@ -163,7 +214,7 @@ def denoise(step_fn: StepFn, schedule, cfg, model_config, latents: np.ndarray,
             progress: str | None = None) -> np.ndarray:
     """The pipelines' denoising loop around any transformer; returns the final latents.
 
-    Mirrors ``StableDiffusion3Pipeline.__call__`` / ``FluxPipeline.__call__``: latents are duplicated for an
+    Mirrors the pipelines' ``__call__`` (the adapter's ``pipeline_class``): latents are duplicated for an
     [uncond; cond] batch, the timestep is the family's transformer input of t (``t`` or ``t / 1000``) expanded to
     the batch in fp32, guidance is ``uncond + g (cond - uncond)`` in the output dtype, the part of the output the
     sampler integrates is the adapter's (``sampler_output``) and the step is the scheduler's own (FlowMatch Euler

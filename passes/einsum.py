@@ -1,6 +1,6 @@
 """Rewrite a single-input Einsum that only permutes axes as a Transpose.
 
-The exporter lowers the unpatchify `torch.einsum("nhwpqc->nchpwq", x)` of SD3/SD3.5 to an ONNX
+The exporter lowers an unpatchify such as `torch.einsum("nhwpqc->nchpwq", x)` to an ONNX
 `Einsum`. ONNX's Einsum schema has no bfloat16 (its type constraint stops at fp16/fp32/fp64), so
 a bf16 graph fails strict shape inference and the checker there, and every dim after it is
 unknown to the lint. A permutation is a `Transpose(perm)`, defined for every dtype, exact (pure

@@ -89,14 +89,15 @@ BUCKETING_WARN_KEEP = 0.05
 class FreezeConfig:
     """How learned ratios become fixed k buckets; travels inside every schedule (P2)."""
 
-    num_steps: int = 28  # sampler steps; diffusers' SD3 pipelines default to 28
-    shift: float = 3.0  # FlowMatchEulerDiscreteScheduler shift of the SD3 / SD3.5 scheduler config
+    num_steps: int = 28  # sampler steps; the stages pass the artifact's --steps
+    shift: float = 3.0  # flow-matching timestep shift; the stages pass the pipeline scheduler's
     align: int = 64  # k of a pruned layer is rounded up to a multiple of this (tensor-core tiles)
     align_to: str = "k"  # what is a multiple of align: "k", "sequence" (k + context tokens) or "either"
     k_min: int | None = None  # smallest k of a pruned layer; None -> align
     max_buckets: int = 4  # most distinct k-vectors, i.e. engines to build
     dense_layers: tuple[int, ...] = (0,)  # blocks that are never pruned (D3)
-    # the pipeline's scheduler config (models.scheduler_config, with `shift`); None: FlowMatchEuler(shift) as SD3
+    # the pipeline's scheduler config (models.scheduler_config, with `shift`); None: diffusers'
+    # FlowMatchEulerDiscreteScheduler with its defaults at `shift` (the stages always pass the pipeline's)
     scheduler: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
@@ -167,7 +168,7 @@ def make_scheduler(shift: float, scheduler: Mapping[str, Any] | None = None):
 def set_pipeline_timesteps(scheduler, num_steps: int, image_seq_len: int | None) -> None:
     """`scheduler.set_timesteps` as the pipeline calls it: with dynamic shifting, mu comes from the image sequence
     length (diffusers' calculate_shift over the scheduler config's base/max lengths and shifts); a scheduler made
-    for a pipeline that passes its own sigmas (`_sigmas: linspace`, FluxPipeline) gets linspace(1, 1/n, n)."""
+    for a pipeline that passes its own sigmas (`_sigmas: linspace`, the adapter's folder facts) gets linspace(1, 1/n, n)."""
     config, kwargs = scheduler.config, {}
     if config.get("use_dynamic_shifting", False):
         if image_seq_len is None:
@@ -190,8 +191,8 @@ def dynamic_shift_mu(config: Mapping[str, Any], image_seq_len: int) -> float:
 def scheduler_timesteps(num_steps: int, shift: float, scheduler: Mapping[str, Any] | None = None,
                         image_seq_len: int | None = None) -> torch.Tensor:
     """The timesteps (0..1000, float32) that the pipeline's scheduler visits in num_steps steps: exactly what
-    StableDiffusion3Pipeline passes to the transformer (FlowMatchEuler(shift) when no scheduler config is given;
-    with dynamic shifting, at this image sequence length)."""
+    the pipeline steps its scheduler through (diffusers' FlowMatchEulerDiscreteScheduler at `shift` when no
+    scheduler config is given; with dynamic shifting, at this image sequence length)."""
     FreezeConfig(num_steps=num_steps, shift=shift, scheduler=scheduler)  # validates them
     sampler = make_scheduler(shift, scheduler)
     set_pipeline_timesteps(sampler, num_steps, image_seq_len)
@@ -693,7 +694,7 @@ def freeze(ratio_fn: RatioFn, model_config: Mapping[str, Any], height: int, widt
         model_config: the transformer's diffusers config (``transformer.config``).
         height, width: image size in pixels.
         batch: the transformer batch (2 per image with classifier-free guidance).
-        context_tokens: S, text tokens (333 for SD3 with CLIP 77 + T5 256).
+        context_tokens: S, text tokens (the pipeline's, `PipelineFacts.context_tokens`).
         cfg: step count, shift, alignment, k_min, bucket count and dense layers.
         model_hash, checkpoint_hash: recorded so later stages can refuse a schedule from other inputs.
         vae_scale_factor: the pipeline's image pixels per latent pixel.

@@ -4,7 +4,7 @@ TensorRT 11 is strongly typed: a layer computes in the dtype of its inputs, the 
 builder flags are gone and `setComputePrecision` is rejected, so precision has to be spelled
 out in the ONNX as Cast nodes. Normalizations and reductions over thousands of fp16 values
 overflow (TensorRT warns "layernorm after self-attention with FP16 Reduce or Pow may cause
-overflow"; demoDiffusion runs an SD3.5-large block in fp32 for the same reason).
+overflow"; NVIDIA's demoDiffusion runs a large DiT block in fp32 for the same reason).
 
 `Fp32IslandsPass` casts the listed ops' low-precision inputs up to fp32 (constant inputs such as
 LayerNorm scale/bias become fp32 initializers, no runtime Cast) and casts their outputs back.

@@ -1,6 +1,6 @@
 """Rewrite TopK with a large constant K into rounds of TopK that TensorRT accepts.
 
-TensorRT's `ITopKLayer` takes K <= 3840 only, yet SD3.5 at 1024 px has N = 4096 image tokens
+TensorRT's `ITopKLayer` takes K <= 3840 only, yet a DiT at 1024 px has N = 4096 image tokens (patch 2, VAE /8)
 and a token-pruned block may keep more than 3840 of them (D16). `SplitLargeTopKPass` "peels"
 the selection: round r runs TopK(K_r <= max_k) over the elements that the earlier rounds have
 not taken, and the rounds' values and indices are concatenated along the axis.

@@ -31,7 +31,6 @@ from shiva_export.topk import ROW_SCATTERS
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-INPUT_NAMES = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep")   # SD3's; see input_names
 OUTPUT_NAME = "sample"
 WEIGHTS_FILE = "weights.bin"
 MIN_EXTERNAL_BYTES = 1024
@@ -82,7 +81,7 @@ class ExportConfig:
         return {name: spec.dtype for name, spec in self.input_specs(model_config).items()}
 
     def constants(self, model_config) -> dict[str, torch.Tensor]:
-        """Transformer inputs fixed by these shapes, folded into the graphs (Flux's img_ids / txt_ids)."""
+        """Transformer inputs fixed by these shapes, folded into the graphs (the adapter's `constants`)."""
         return backbones.for_config(model_config).constants(model_config, self.height, self.width,
                                                             self.context_tokens, self.vae_scale_factor)
 
@@ -117,7 +116,7 @@ class _GraphInputs(torch.nn.Module):
 class StaticBucket(_GraphInputs):
     """The patched transformer pinned to one bucket's k vector: the exact module torch.export traces.
 
-    constants: the family's shape-fixed inputs (ExportConfig.constants), e.g. Flux's img_ids / txt_ids."""
+    constants: the family's shape-fixed inputs (ExportConfig.constants, the adapter's `constants`)."""
 
     def __init__(self, transformer, k: Sequence[int], debug_indices: bool = False, inplace_scatter: bool = False,
                  select_full_layers: bool = False, row_scatter: str = "scatternd",

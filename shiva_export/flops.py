@@ -116,7 +116,7 @@ def model_flops(cfg: Mapping[str, Any] | Any, k_per_layer: Sequence[int], contex
         context_tokens: S.
         batch: the transformer batch (2 per image with classifier-free guidance).
         num_tokens: N, image tokens of the latent; defaults to the model's native resolution
-            (the family's default size: 4096 for SD3.5-Medium and FLUX.1). Blocks with k < N also pay the router.
+            (the family's default size, the adapter's dims). Blocks with k < N also pay the router.
     """
     dims = ModelDims.from_config(cfg)
     batch = _count(batch, "batch", 1)

@@ -82,7 +82,8 @@ def generate(artifacts: str | Path, prompt: str, model: str | Path | None = None
         artifacts: the artifact folder (its engines, schedule and exported size).
         model: the pipeline folder (default: the model the artifact was built from, if that is a pipeline folder).
         steps: sampler steps (default and only choice that the engines run: the frozen step count).
-        guidance_scale: CFG scale (default 7.0 for an artifact exported for CFG pairs, else 1.0).
+        guidance_scale: the pipeline's guidance_scale, a CFG scale or a guidance-distilled model's guidance input
+            (default: the family's for the exported batch, the adapter's `default_guidance`).
         out: output folder (default ARTIFACTS/generate).
     Returns the JSON record.
     """

@@ -159,7 +159,8 @@ def scheduler_defaults(name: str) -> dict:
 
 
 def scheduler_has_shift(scheduler: dict | None) -> bool:
-    """Whether a scheduler config's class is shifted (flow matching); None stands for SD3's FlowMatchEuler."""
+    """Whether a scheduler config's class is shifted (flow matching); None stands for what `passes.freeze.
+    make_scheduler` makes without a config: diffusers' FlowMatchEulerDiscreteScheduler at the recorded shift."""
     return scheduler is None or scheduler.get("_class_name") in SHIFTED_SCHEDULERS
 
 

@@ -92,11 +92,12 @@ class ArtifactConfig:
 
     @property
     def freeze_scheduler(self) -> dict:
-        """The scheduler config freeze steps through (SD3's FlowMatchEuler at `shift` for a config resolved
-        without pipeline facts)."""
-        if self.scheduler is not None:
-            return self.scheduler
-        return {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0 if self.shift is None else self.shift}
+        """The scheduler config freeze steps through: the pipeline's (its folder facts, or the family's defaults
+        through the adapter's `folder_facts` for a transformer folder alone), filled in by `resolve`."""
+        if self.scheduler is None:
+            raise ConfigError(f"{self.model}: the config was resolved without its pipeline facts, so it has no "
+                              "scheduler config to freeze with")
+        return self.scheduler
 
     @property
     def cfg_consistent(self) -> bool:
@@ -583,10 +584,11 @@ def build(ws: Workspace, backends: list[str], runs: int = 5, force: bool = False
     result.check = run_check(ws, backends=runnable, force=force, device=device, reference=capture_trajectory)
     note("check", (ws.manifest.stage("check") or {}).get("finished") != previous, started)
     from shiva_export.engines.bench import run_bench
+    from shiva_export.torch_bench import torch_target
 
     started = time.perf_counter()
     previous = (ws.manifest.stage("bench") or {}).get("finished")
-    result.bench = run_bench(ws, runs=runs, force=force, device=device)
+    result.bench = run_bench(ws, runs=runs, force=force, device=device, torch_target=torch_target)
     note("bench", (ws.manifest.stage("bench") or {}).get("finished") != previous, started)
     from shiva_export.report import write_report
 

@@ -13,8 +13,8 @@ from typing import Iterator, Mapping
 
 import numpy as np
 
-from shiva_export.engines.trajectory import (DEFAULT_GUIDANCE_SCALE, StepRecord, Trajectory, _seeded_inputs,
-                                             _to_numpy, _to_torch, denoise, export_config)
+from shiva_export.engines.trajectory import (StepRecord, Trajectory, _seeded_inputs, _to_numpy, _to_torch, denoise,
+                                             export_config, resolve_guidance)
 
 logger = logging.getLogger(__name__)
 
@@ -44,9 +44,12 @@ def _model_in_dtype(pruned, dtype_name: str, device: str = "cpu") -> Iterator[No
             pruned.to_dtype(torch.float32)
 
 
-def capture_trajectory(ws, seed: int = 0, guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+def capture_trajectory(ws, seed: int = 0, guidance_scale: float | None = None,
                        device: str = "cpu") -> Trajectory:
     """Run the sampler with the PyTorch pruned model in static mode on `device` and record every step.
+
+    guidance_scale: a CFG scale, or a guidance-distilled model's guidance input, as the family applies it to the
+    exported batch (`engines.trajectory.resolve_guidance`); None: the family's default for the batch.
 
     Each step calls ``StaticBucket(transformer, bucket.k, debug_indices=True)`` (the module the graphs were traced
     from) pinned to its bucket's k vector, in the export dtype, so its outputs and kept indices are the reference
@@ -62,7 +65,8 @@ def capture_trajectory(ws, seed: int = 0, guidance_scale: float = DEFAULT_GUIDAN
     pruned = ws.pruned
     state = pruned.state
     names = output_names(state.num_layers, state.pruned_layers, debug_indices=True)
-    latents, conditioning = _seeded_inputs(cfg, pruned.config, seed)
+    guidance = resolve_guidance(pruned.config, cfg.batch, guidance_scale)
+    latents, conditioning = _seeded_inputs(cfg, pruned.config, seed, guidance.embedded)
     constants = cfg.constants(pruned.config)
     modules = {b.index: StaticBucket(pruned.transformer, b.k, debug_indices=True, constants=constants).eval()
                for b in schedule.buckets}
@@ -81,11 +85,11 @@ def capture_trajectory(ws, seed: int = 0, guidance_scale: float = DEFAULT_GUIDAN
         records.append(StepRecord(step, schedule.step_to_bucket[step], float(feed["timestep"][0]),
                                   dict(feed), dict(outputs)))
 
-    scale = float(guidance_scale) if latents.shape[0] * 2 == cfg.batch else 1.0
+    scale = guidance.cfg_scale
     with _model_in_dtype(pruned, cfg.dtype, device):
         final = denoise(step_fn, schedule, cfg, pruned.config, latents, conditioning, scale, on_step,
                         progress=f"trajectory (PyTorch, {device})")
-    logger.info("captured a %d-step trajectory (seed %d, guidance %.1f, %s, %s)", len(records), seed, scale,
+    logger.info("captured a %d-step trajectory (seed %d, %s, %s, %s)", len(records), seed, guidance.describe(),
                 cfg.dtype, device)
     return Trajectory(seed=int(seed), guidance_scale=scale, dtype=cfg.dtype, steps=tuple(records),
                       initial_latents=latents, final_latents=final, conditioning=dict(conditioning),

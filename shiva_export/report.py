@@ -469,8 +469,8 @@ def _repro_section(reader: _Reader, check: dict | None) -> dict:
     if check is not None:
         c = check["config"]
         backends = " ".join(f"--backend {b}" for b in dict.fromkeys(r["backend"] for r in check["buckets"]))
-        commands.append(f"python -m shiva_export check --out {root} {backends} --seed {c['seed']} "
-                        f"--guidance-scale {c['guidance_scale']:g}"
+        commands.append(f"python -m shiva_export check --out {root} {backends} --seed {c['seed']}"
+                        + ("" if c.get("guidance_scale") is None else f" --guidance-scale {c['guidance_scale']:g}")
                         + ("" if c["full_trajectory"] else " --no-trajectory"))
     bench = reader.manifest.stage("bench")
     if bench:

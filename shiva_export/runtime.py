@@ -1,23 +1,23 @@
 """Deployment runtime: an artifact folder's bucket engines behind the transformer interface of its diffusers pipeline.
 
 `ShivaEngineTransformer.from_artifacts(folder)` replaces `pipe.transformer` of the pipeline its backbone family runs
-in (`StableDiffusion3Pipeline`, `FluxPipeline`; the adapter's `pipeline_class`). Each call is one sampler step: the
-step's timestep picks the frozen bucket (`Schedule.bucket_for_timestep`), the inputs are checked against the static
-export shapes, and the bucket's engine runs. Inputs the graphs fold in as constants (Flux's `img_ids` / `txt_ids`)
-are checked against the folded ones. `load_pruned_reference(folder)` is the
+in (the adapter's `pipeline_class`). Each call is one sampler step: the step's timestep picks the frozen bucket
+(`Schedule.bucket_for_timestep`), the inputs are checked against the static export shapes, and the bucket's engine
+runs. Inputs the graphs fold in as constants (the family's shape-fixed inputs, the adapter's `constants`) are
+checked against the folded ones. `load_pruned_reference(folder)` is the
 PyTorch pruned model behind the same interface and the same schedule (`static_k` per step), so an engine pipeline
 and a PyTorch pipeline can be compared image for image.
 
-What the pipelines (diffusers 0.42) need from their transformer, and where it is provided here (the SD3 pipeline's
-list; FluxPipeline also reads `config.guidance_embeds` / `config.in_channels`, passes `guidance`, `img_ids`,
-`txt_ids`, and enters `cache_context(name)`):
-- `config.sample_size`, `config.patch_size` (default height/width, `check_inputs`), `config.in_channels` (latent
-  shape), `config.joint_attention_dim` (zero T5 embeddings when `text_encoder_3` is None): `config`, a `FrozenDict`
-  of the exported backbone's diffusers config, recorded by the export stage;
+What the pipelines (diffusers 0.42) need from their transformer, and where it is provided here (the union over the
+adapters' pipeline classes; some also pass a guidance input or the shape-fixed inputs, and enter
+`cache_context(name)`):
+- config fields (`sample_size`, `patch_size`, `in_channels`, ...: default height/width, `check_inputs`, latent
+  shape, text-embedding widths): `config`, a `FrozenDict` of the exported backbone's diffusers config, recorded by
+  the export stage;
 - being a `torch.nn.Module` with `.device` and `.dtype`: `pipe.device`, `pipe.dtype`, `pipe._execution_device` and
   `pipe.to()` only look at components that are modules;
-- `forward(hidden_states, timestep, encoder_hidden_states, pooled_projections, joint_attention_kwargs,
-  return_dict=False)` returning `(sample,)`, and `skip_layers=` for skip-layer guidance (refused: a static graph
+- `forward(hidden_states, timestep, encoder_hidden_states, ..., return_dict=False)` with the keywords of every
+  supported transformer class, returning `(sample,)`, and `skip_layers=` for skip-layer guidance (refused: a static graph
   cannot skip blocks).
 """
 
@@ -71,7 +71,7 @@ class StaticInputs:
     shapes: dict[str, tuple[int, ...]]
     dtypes: dict[str, str]          # per input: the export precision, or fp32 (timestep, guidance)
     vae_scale_factor: int           # image pixels per latent pixel of the pipeline the graphs were exported for
-    constants: dict[str, torch.Tensor]   # inputs folded into the graphs (Flux's img_ids / txt_ids)
+    constants: dict[str, torch.Tensor]   # inputs folded into the graphs (the adapter's constants)
     family: str
     roles: dict[str, str] = dataclasses.field(default_factory=dict)   # per input: its InputSpec role
 
@@ -151,7 +151,7 @@ class StaticInputs:
         return problem
 
     def check_constants(self, given: dict[str, Any], subject: str) -> None:
-        """Inputs the graphs hold as constants (Flux's img_ids / txt_ids) must be the folded ones."""
+        """Inputs the graphs hold as constants (the adapter's `constants`) must be the folded ones."""
         for name, value in given.items():
             folded = self.constants.get(name)
             if value is None or folded is None:
@@ -177,8 +177,8 @@ def _batch_meaning(batch: int, adapter) -> str:
 def _pipeline_config(transformer_config: dict, inputs: StaticInputs) -> FrozenDict:
     """The backbone's config, with `sample_size` set to the exported latent size when the export is square.
 
-    StableDiffusion3Pipeline's default height/width is `sample_size * vae_scale_factor`: that way the default call
-    asks for the only resolution a static engine runs (FluxPipeline's default size is fixed; pass height/width).
+    A pipeline whose default height/width is `sample_size * vae_scale_factor` then asks, by default, for the only
+    resolution a static engine runs (a pipeline with a fixed default size needs height/width passed).
     """
     config = {key: value for key, value in dict(transformer_config).items() if key != "_class_name"}
     if inputs.height == inputs.width and "sample_size" in config:
@@ -237,8 +237,8 @@ class _BucketedTransformer(torch.nn.Module):
                 controlnet_blocks_repeat: bool = False, encoder_attention_mask: torch.Tensor | None = None,
                 added_cond_kwargs: dict | None = None, cross_attention_kwargs: dict | None = None,
                 attention_mask: torch.Tensor | None = None):
-        """The transformer forward of the pipeline's family (the keywords of every supported transformer class:
-        SD3's, Flux's, and a cross-attention DiT's caption mask); one sampler step on the bucket of `timestep`."""
+        """The transformer forward of the pipeline's family (the keywords of every supported transformer class,
+        a caption mask included); one sampler step on the bucket of `timestep`."""
         added = {key: value for key, value in (added_cond_kwargs or {}).items() if value is not None}
         extras = {"block_controlnet_hidden_states": block_controlnet_hidden_states, "skip_layers": skip_layers,
                   "joint_attention_kwargs": joint_attention_kwargs or None,
@@ -279,8 +279,8 @@ class _BucketedTransformer(torch.nn.Module):
 
     @contextlib.contextmanager
     def cache_context(self, name: str):
-        """FluxPipeline enters `transformer.cache_context("cond")` (diffusers' CacheMixin) around each call; static
-        graphs cache nothing."""
+        """Some pipelines enter `transformer.cache_context("cond")` (diffusers' CacheMixin) around each call;
+        static graphs cache nothing."""
         yield
 
 
@@ -354,7 +354,7 @@ class ShivaEngineTransformer(_BucketedTransformer):
 
     @property
     def device(self) -> torch.device:
-        """Where the engines run; StableDiffusion3Pipeline creates its latents on `pipe.device`."""
+        """Where the engines run; pipelines create their latents on `pipe.device`."""
         return torch.device(self.engine_set.device)
 
     @property

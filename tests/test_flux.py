@@ -194,6 +194,25 @@ def test_export_is_static_and_ort_matches_pytorch_with_identical_indices(flux_ar
             assert np.array_equal(got, want.numpy())
 
 
+def test_check_runs_and_reports_the_distilled_guidance_input_not_a_cfg_scale(flux_artifact, tmp_path, capsys):
+    import shutil
+
+    from shiva_export.cli import EXIT_OK, main
+
+    out = shutil.copytree(flux_artifact, tmp_path / "art")
+    for given, scale in ((None, 3.5), (2.0, 2.0)):   # FluxPipeline's default guidance_scale, then --guidance-scale
+        args = [] if given is None else ["--guidance-scale", f"{given:g}"]
+        assert main(["check", "--out", str(out), "--no-trajectory", "--force", *args]) == EXIT_OK
+        header = capsys.readouterr().out.splitlines()[0]
+        assert header.endswith(f"guidance {scale:g} (the model's guidance input, no CFG)") and "CFG scale" not in header
+        check = json.loads((out / "check.json").read_text())
+        assert check["guidance"] == {"kind": "embedded", "scale": scale}
+        from polygraphy.json import load_json
+
+        feeds = load_json(str(out / "check" / "bucket0" / "inputs.json"))
+        assert all(np.all(feed["guidance"] == np.float32(scale)) for feed in feeds)   # what the trajectory fed
+
+
 def test_check_passes_with_full_agreement_and_trt_rtx_builds_every_bucket(flux_artifact, tmp_path):
     import shutil
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -171,9 +172,11 @@ def test_folder_without_a_transformer_is_a_config_error(tmp_path):
 def test_folder_with_an_unsupported_model_class_is_a_config_error(tmp_path, subdir):
     folder = tmp_path / subdir
     folder.mkdir(exist_ok=True)
-    (folder / "config.json").write_text(json.dumps({"_class_name": "PixArtTransformer2DModel"}))
-    with pytest.raises(ConfigError, match=r"model class 'PixArtTransformer2DModel' is not supported; "
-                                          r"expected one of \['SD3Transformer2DModel', 'FluxTransformer2DModel'\]"):
+    (folder / "config.json").write_text(json.dumps({"_class_name": "HunyuanDiT2DModel"}))
+    from shiva_export.backbones import MODEL_CLASSES
+
+    with pytest.raises(ConfigError, match=re.escape(f"model class 'HunyuanDiT2DModel' is not supported; "
+                                                    f"expected one of {list(MODEL_CLASSES)}")):
         load_transformer(str(tmp_path))
 
 

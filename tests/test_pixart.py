@@ -250,6 +250,15 @@ def test_export_is_static_and_ort_matches_pytorch_with_identical_indices_under_p
             assert np.array_equal(got, want.numpy()) and np.array_equal(got, short.numpy())
 
 
+def test_check_defaults_to_the_pipelines_guidance_scale(pixart_artifact, tmp_path, capsys):
+    from shiva_export.cli import EXIT_OK, main
+
+    out = shutil.copytree(pixart_artifact, tmp_path / "art")
+    assert main(["check", "--out", str(out), "--no-trajectory"]) == EXIT_OK
+    assert capsys.readouterr().out.splitlines()[0].endswith("seed 0, CFG scale 4.5")   # PixArtSigmaPipeline's default
+    assert json.loads((out / "check.json").read_text())["guidance"] == {"kind": "cfg", "scale": 4.5}
+
+
 def test_build_checks_benches_reports_and_builds_trt_rtx_plans(pixart_artifact, tmp_path):
     pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX (tensorrt-rtx-cu13) is not installed")
     from shiva_export import pipeline

@@ -66,9 +66,10 @@ def _write_check(root: Path, manifest: Manifest, schedule) -> None:
                                     metrics=step, per_step=tuple(step for _ in bucket.steps),
                                     agreement={1: 1.0, 2: 1.0, 3: 1.0, 4: 1.0, 5: 1.0}, agreement_note=None,
                                     gate=GATES["fp32"], failures=()))
-    config = CheckConfig(full_trajectory=False)
+    config = CheckConfig(guidance_scale=7.0, full_trajectory=False)   # as given: the repro repeats it
     report = CheckReport(model="tiny-sd35", dtype="fp32", config=config, num_steps=STEPS,
-                         buckets=tuple(results), trajectories=(), versions={"onnxruntime": "1.0"})
+                         buckets=tuple(results), trajectories=(), versions={"onnxruntime": "1.0"},
+                         guidance={"kind": "cfg", "scale": 7.0})
     write_json(root / "check.json", report.to_json())
     (root / "check/repro.sh").write_text("#!/usr/bin/env bash\nset -euo pipefail\ncd \"$(dirname \"$0\")/..\"\n"
                                          "# bucket 0\npolygraphy run onnx/b0.debug.onnx --onnxrt --load-inputs "

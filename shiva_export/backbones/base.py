@@ -191,6 +191,11 @@ class Backbone(abc.ABC):
         """Whether a transformer batch is [uncond; cond] halves (classifier-free guidance in the batch)."""
         return self.default_batch == 2 and batch % 2 == 0
 
+    def guidance_kind(self, config, batch: int) -> str:
+        """How a guidance scale acts on a transformer batch: "cfg" (uncond + g (cond - uncond) over [uncond; cond]
+        halves), "embedded" (a guidance-distilled model's guidance input) or "none" (no guidance at all)."""
+        return "cfg" if self.cfg_pairs(batch) else "none"
+
     def default_guidance(self, batch: int) -> float:
         """The pipeline's guidance_scale for this batch (a CFG scale, or a distilled model's guidance input)."""
         return 7.0 if self.cfg_pairs(batch) else 1.0

@@ -300,6 +300,9 @@ class Flux(Backbone):
         finally:
             transformer.pos_embed = original
 
+    def guidance_kind(self, config, batch: int) -> str:
+        return "embedded" if cfg_get(config, "guidance_embeds") else "none"
+
     def default_guidance(self, batch: int) -> float:
         return DEFAULT_GUIDANCE
 

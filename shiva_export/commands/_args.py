@@ -40,10 +40,9 @@ def add_artifact_args(parser: argparse.ArgumentParser) -> None:
     shape.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
     shape.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
     shape.add_argument("--batch", type=int, default=None, help="transformer batch; for a CFG family 2 = one image with CFG (default: the "
-                       "model's: 2 with CFG, 1 for guidance-distilled FLUX.1)")
+                       "model's: 2 for a family with classifier-free guidance, 1 for a guidance-distilled one)")
     shape.add_argument("--context-tokens", type=int, default=None,
-                       help="text tokens (default: the pipeline's, e.g. 77 CLIP + 256 T5 = 333 for SD3/SD3.5, 512 T5 "
-                            "for FLUX.1)")
+                       help="text tokens (default: the pipeline's, e.g. its text encoders' max lengths summed)")
     shape.add_argument("--dtype", default=ArtifactConfig.dtype, help="fp32, fp16 or bf16")
     shape.add_argument("--opset", type=int, default=ArtifactConfig.opset, help="ONNX opset (18..23)")
     shape.add_argument("--row-scatter", choices=("where", "scatternd"), default=ArtifactConfig.row_scatter,

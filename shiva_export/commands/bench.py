@@ -41,11 +41,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from shiva_export.engines.bench import BenchConfig, render_markdown, run_bench
     from shiva_export.pipeline import Workspace
+    from shiva_export.torch_bench import torch_target
 
     config = BenchConfig(warmup=args.warmup, runs=args.runs, loop_runs=args.loop_runs, seed=args.seed,
                          min_seconds=args.min_seconds)
     ws = Workspace(args.out)
-    report = run_bench(ws, config, backends=args.backend, force=args.force, device=args.device)
+    report = run_bench(ws, config, backends=args.backend, force=args.force, device=args.device,
+                       torch_target=torch_target)
     print(render_markdown(report.to_json()))
     print(f"{ws.path('bench.json')}" + (" (reused: same graphs, device and settings; --force measures again)"
                                          if report.reused else ""))

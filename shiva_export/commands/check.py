@@ -11,13 +11,14 @@ from shiva_export.commands._args import add_device_arg, add_out_arg
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
+    from shiva_export import backbones
     from shiva_export.engines.compare import CheckConfig
     from shiva_export.engines.runners import ENGINE_SET_CHOICES
 
     parser = subparsers.add_parser(
         "check", help="compare every bucket engine with the PyTorch static-mode model",
         description="Capture a sampling trajectory with the PyTorch pruned model in static mode (the schedule's "
-                    "steps and shift, classifier-free guidance, seeded latents and prompt embeddings), run each "
+                    "steps and shift, the family's guidance, seeded latents and prompt embeddings), run each "
                     "bucket's engine on its steps and the whole loop on the engine set, and gate max abs / cosine / "
                     "PSNR / token-selection agreement per precision. Writes OUT/check.json, OUT/check/ (Polygraphy "
                     "inputs.json + reference.json per bucket, raw .bin inputs for trtexec, repro.sh). Exit 0 all "
@@ -29,7 +30,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                             "on ONNX Runtime CPU). ort/trt/trt-rtx use engines built by `engine`")
     group.add_argument("--seed", type=int, default=CheckConfig.seed, help="seeds latents and prompt embeddings")
     group.add_argument("--guidance-scale", type=float, default=CheckConfig.guidance_scale,
-                       help="classifier-free guidance scale of the trajectory")
+                       help="guidance of the trajectory: a classifier-free guidance scale, or a guidance-distilled "
+                            "model's guidance input (default: the family's for the exported batch: " + ", ".join(
+                                f"{adapter.default_guidance(adapter.default_batch):g} for {adapter.pipeline_class}"
+                                for adapter in backbones.REGISTRY.values()) + "; none for a batch without CFG)")
     group.add_argument("--no-trajectory", action="store_true", help="skip the whole-loop comparison")
     group.add_argument("--force", action="store_true", help="re-run even if check.json is fresh for these inputs")
     add_device_arg(group)

@@ -113,3 +113,26 @@ def test_device_cuda_without_a_gpu_is_refused_in_one_line_before_any_work(verb, 
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: --device cuda: torch sees no CUDA GPU on this machine; use --device cpu"]
     assert (artifact_copy / "manifest.json").read_bytes() == before
+
+
+def test_the_pytorch_targets_are_the_callers_and_engines_runs_no_pytorch_model(artifact_copy):
+    """torch-cudagraph / torch-eager time the PyTorch model: run_bench gets their maker from its caller (the bench
+    verb and the pipeline pass `shiva_export.torch_bench.torch_target`); without one they are unavailable."""
+    from shiva_export.engines.bench import TORCH_TARGETS, _targets
+    from shiva_export.engines.trajectory import export_config
+    from shiva_export.errors import BackendUnavailableError, ConfigError
+    from shiva_export.pipeline import Workspace
+    from shiva_export.torch_bench import TorchTarget, torch_target
+
+    ws = Workspace(artifact_copy, write=False)
+    schedule, cfg = ws.schedule(), export_config(ws)
+    for name, make in _targets(ws, schedule, cfg, list(TORCH_TARGETS), "cuda"):   # makers are lazy: no GPU used
+        with pytest.raises(BackendUnavailableError, match=f"{name} times the PyTorch model.*torch_target"):
+            make()
+    with pytest.raises(ConfigError, match="not a PyTorch target"):
+        torch_target(ws, schedule, cfg, "onnxruntime")
+    assert TorchTarget.device == "cuda" and TorchTarget.clock == "cuda_sync"
+    engines = Path(__file__).resolve().parents[2] / "engines"
+    for path in engines.rglob("*.py"):   # the modules the graphs were traced from, and graph capture of them
+        text = path.read_text()
+        assert not any(name in text for name in ("StaticBucket(", "DenseModel(", "torch.cuda.graph(")), path

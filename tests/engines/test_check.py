@@ -15,7 +15,7 @@ import pytest
 
 from shiva_export.cli import EXIT_BAD_INPUT, EXIT_CHECK_FAILED, EXIT_OK, main
 from shiva_export.engines.compare import GATES, Gate, Metrics, index_agreement
-from shiva_export.export import INPUT_NAMES
+from shiva_export.export import input_names
 from shiva_export.reference import capture_trajectory
 from shiva_export.io import sha256_file, write_json
 
@@ -36,6 +36,29 @@ def checked(tiny_artifact, tmp_path_factory):
 
 def _report(root: Path) -> dict:
     return json.loads((root / "check.json").read_text())
+
+
+@pytest.mark.parametrize("preset, batch, scale, want", [
+    ("tiny-sd35", 2, None, ("cfg", 7.0)), ("tiny-sd35", 2, 3.0, ("cfg", 3.0)), ("tiny-sd35", 1, None, ("none", 1.0)),
+    ("tiny-flux", 1, None, ("embedded", 3.5)), ("tiny-flux", 1, 2.0, ("embedded", 2.0)),
+    ("tiny-pixart", 2, None, ("cfg", 4.5)), ("tiny-pixart", 1, None, ("none", 1.0))])
+def test_the_trajectory_guidance_is_the_familys_default_for_the_batch_unless_given(preset, batch, scale, want):
+    from shiva_export.engines.trajectory import resolve_guidance
+    from shiva_export.models import read_preset
+
+    config = {"_class_name": read_preset(preset)["class_name"], **read_preset(preset)["config"]}
+    guidance = resolve_guidance(config, batch, scale)
+    assert (guidance.kind, guidance.scale) == want
+
+
+def test_a_guidance_scale_for_a_batch_without_guidance_is_refused():
+    from shiva_export.engines.trajectory import resolve_guidance
+    from shiva_export.errors import ConfigError
+    from shiva_export.models import read_preset
+
+    config = {"_class_name": read_preset("tiny-sd35")["class_name"], **read_preset("tiny-sd35")["config"]}
+    with pytest.raises(ConfigError, match="batch 1 without guidance"):
+        resolve_guidance(config, 1, 7.0)
 
 
 def rerecord_export(root: Path) -> None:
@@ -124,9 +147,13 @@ def test_check_stage_is_recorded_with_graph_and_engine_hashes_and_reused_when_un
 
 def test_ort_cpu_passes_every_gate_on_tiny_sd3(tiny_sd3_artifact, tmp_path, capsys):
     root = Path(shutil.copytree(tiny_sd3_artifact, tmp_path / "sd3"))
-    assert main(["check", "--out", str(root)]) == EXIT_OK, capsys.readouterr().out
+    assert main(["check", "--out", str(root)]) == EXIT_OK
+    out = capsys.readouterr().out
     report = _report(root)
     assert report["model"] == "tiny-sd3" and len(report["buckets"]) == 2
+    # a CFG family at batch 2: the adapter's default scale, and the header says so
+    assert report["guidance"] == {"kind": "cfg", "scale": 7.0} and report["config"]["guidance_scale"] is None
+    assert out.splitlines()[0].endswith("seed 0, CFG scale 7")
     assert all(share == 1.0 for b in report["buckets"] for share in b["agreement"].values())
 
 
@@ -136,13 +163,15 @@ def test_inputs_json_loads_with_polygraphys_loader_as_one_feed_per_step(checked)
     from polygraphy.json import load_json
 
     root, _, _ = checked
+    names = input_names(json.loads((root / "manifest.json").read_text())["stages"]["export"]["transformer_config"])
+    assert names == ["hidden_states", "encoder_hidden_states", "pooled_projections", "timestep"]
     for bucket in _report(root)["buckets"][:2]:
         path = root / "check" / f"bucket{bucket['bucket']}" / "inputs.json"
         feeds = load_json(str(path))
         assert isinstance(feeds, list) and len(feeds) == len(bucket["steps"])
         for feed in feeds:
-            assert list(feed) == list(INPUT_NAMES)
-            assert {name: a.dtype for name, a in feed.items()} == {name: np.dtype(np.float32) for name in INPUT_NAMES}
+            assert list(feed) == names
+            assert {name: a.dtype for name, a in feed.items()} == {name: np.dtype(np.float32) for name in names}
             assert feed["hidden_states"].shape == (2, 16, 32, 32) and feed["encoder_hidden_states"].shape == (2, 24, 64)
         assert len(list(StreamingDataLoader(str(path)))) == len(bucket["steps"])
 

@@ -142,6 +142,30 @@ def router_flops(num_tokens: int, d: int, router_dim: int) -> int:
             + linear_flops(1, 6 * d, router_dim) + linear_flops(1, d, router_dim))
 
 
+def _scheduler(scheduler) -> dict:
+    """The scheduler config with PixArt-Sigma's values for what it leaves out."""
+    return {**SCHEDULER, **{key: value for key, value in dict(scheduler or {}).items() if value is not None}}
+
+
+def alpha_bar(timesteps: torch.Tensor, scheduler=None) -> torch.Tensor:
+    """alphas_cumprod of the scheduler's beta schedule at timesteps [B] (0..num_train_timesteps - 1, float; linear
+    interpolation between the integer timesteps), fp32."""
+    cfg = _scheduler(scheduler)
+    count, start, end = int(cfg["num_train_timesteps"]), float(cfg["beta_start"]), float(cfg["beta_end"])
+    if cfg["beta_schedule"] == "linear":
+        betas = torch.linspace(start, end, count, dtype=torch.float64)
+    elif cfg["beta_schedule"] == "scaled_linear":
+        betas = torch.linspace(start ** 0.5, end ** 0.5, count, dtype=torch.float64) ** 2
+    else:
+        raise ConfigError(f"scheduler beta_schedule {cfg['beta_schedule']!r}: train supports linear or scaled_linear")
+    table = torch.cumprod(1.0 - betas, dim=0)
+    position = timesteps.detach().double().cpu().clamp(0, count - 1)
+    low = position.floor().long()
+    high = (low + 1).clamp(max=count - 1)
+    frac = position - low
+    return ((1 - frac) * table[low] + frac * table[high]).float().to(timesteps.device)
+
+
 class PixArt(Backbone):
     family = "pixart"
     model_class = "PixArtTransformer2DModel"
@@ -150,6 +174,7 @@ class PixArt(Backbone):
     default_batch = 2
     config_keys = ("caption_channels", "num_embeds_ada_norm")
     scheduler_classes = ("DPMSolverMultistepScheduler",)
+    trainable = True
 
     def validate_config(self, config: dict, where: str) -> dict:
         validate(config, MODEL_CONFIG, where, error=ConfigError)
@@ -175,8 +200,7 @@ class PixArt(Backbone):
         return config
 
     def adapter_targets(self) -> str:
-        # self- and cross-attention projections and the FFN of every BasicTransformerBlock (train refuses the family
-        # for now: `trainable` is False; the targets are what its adapters will be)
+        # self- and cross-attention projections and the FFN of every BasicTransformerBlock
         return r".*transformer_blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2))"
 
     def blocks(self, transformer) -> list[torch.nn.Module]:
@@ -236,6 +260,22 @@ class PixArt(Backbone):
         if (full["out_channels"] or full["in_channels"]) // 2 == full["in_channels"]:
             return sample.chunk(2, dim=1)[0]
         return sample
+
+    def noised(self, latents, noise, timesteps, scheduler=None):
+        """The DDPM forward process of the pipeline's scheduler: sqrt(a_t) x0 + sqrt(1 - a_t) noise, a_t its
+        alphas_cumprod at t (interpolated between integer timesteps; training draws t continuously)."""
+        alpha = alpha_bar(timesteps, scheduler).reshape(-1, *[1] * (latents.dim() - 1))
+        return alpha.sqrt() * latents + (1 - alpha).sqrt() * noise
+
+    def training_target(self, latents, noise, timesteps, scheduler=None):
+        """The scheduler's prediction_type: epsilon (PixArt-Sigma), or v = sqrt(a_t) noise - sqrt(1 - a_t) x0."""
+        prediction = _scheduler(scheduler)["prediction_type"]
+        if prediction == "epsilon":
+            return noise
+        if prediction == "v_prediction":
+            alpha = alpha_bar(timesteps, scheduler).reshape(-1, *[1] * (latents.dim() - 1))
+            return alpha.sqrt() * noise - (1 - alpha).sqrt() * latents
+        raise ConfigError(f"scheduler prediction_type {prediction!r}: train supports epsilon or v_prediction")
 
     def conditioning(self, specs, images, halves, generator, guidance=None):
         """Random caption embeddings; caption masks as the pipeline makes them: the empty negative prompt keeps one

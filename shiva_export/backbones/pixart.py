@@ -327,8 +327,9 @@ class PixArt(Backbone):
 
     def teacher_latents(self, pipe, conditioning, unconditional, guidance_scale, steps, height, width, generator):
         context = conditioning["encoder_hidden_states"]
+        # negative_prompt=None: the pipeline's default "" may not be given together with negative_prompt_embeds
         return pipe(prompt_embeds=context, prompt_attention_mask=conditioning["encoder_attention_mask"],
-                    negative_prompt_embeds=unconditional["encoder_hidden_states"],
+                    negative_prompt=None, negative_prompt_embeds=unconditional["encoder_hidden_states"],
                     negative_prompt_attention_mask=unconditional["encoder_attention_mask"],
                     guidance_scale=guidance_scale, num_inference_steps=steps, height=height, width=width,
                     generator=generator, output_type="latent", use_resolution_binning=False,

@@ -172,34 +172,31 @@ def pixart_dataset(root: Path, lengths: list[int], tokens: int, seed: int = 0, m
                                 encoder_attention_mask=caption if mask else None)
 
 
-def test_a_padded_caption_trains_as_the_unpadded_one(tmp_path, monkeypatch):
+def test_a_padded_caption_trains_as_the_unpadded_one(tmp_path):
     """Same samples, captions padded to 16 tokens (mask) or cut to their real tokens: the masked cross-attention and
-    the router's masked mean ignore the padding, so a step's losses and gradients agree."""
-    from shiva_export import training
-
+    the router's masked mean ignore the padding, so a micro-batch's losses and router gradients agree."""
     lengths = [5, 8]
     exact = pixart_dataset(tmp_path / "exact", lengths, tokens=8)
     padded = pixart_dataset(tmp_path / "padded", lengths, tokens=CONTEXT, seed=7)
-    batch = LatentDataset(padded, load_transformer(PIXART)[0].config).read([0, 1])
-    assert batch.pooled_projections is None and batch.encoder_attention_mask.sum(1).tolist() == [5.0, 8.0]
+    config = TrainConfig(warmup_steps=1, policy_steps=0, joint_steps=0, lr_warmup_steps=1, global_batch=2,
+                         micro_batch=2, eval_steps=1, eval_samples=1, cfg_dropout=0.0, data=str(exact))
+    trainer = Trainer(PIXART, config, RunOptions(out=tmp_path / "ckpt", progress=False), DistContext())
     results = []
-    for name, data in (("exact", exact), ("padded", padded)):
-        grads = []
-        monkeypatch.setattr(training, "sum_gradients",
-                            lambda params, ctx, grads=grads: grads.extend(p.grad.clone() for p in params
-                                                                          if p.grad is not None))
-        config = TrainConfig(warmup_steps=1, policy_steps=1, joint_steps=0, lr_warmup_steps=1, global_batch=2,
-                             micro_batch=1, eval_steps=1, eval_samples=1, cfg_dropout=0.0, data=str(data))
-        trainer = Trainer(PIXART, config, RunOptions(out=tmp_path / name / "ckpt", progress=False), DistContext())
-        results.append((trainer.train_step(), grads))
-    (exact_record, exact_grads), (padded_record, padded_grads) = results
-    assert exact_record["diffusion"] > 0 and exact_record["distill"] > 0
-    for key in ("distill", "diffusion", "batch_keep"):
-        assert padded_record[key] == pytest.approx(exact_record[key], rel=1e-4, abs=1e-7), key
-    assert len(exact_grads) == len(padded_grads) > 0
-    flat_exact, flat_padded = (torch.cat([g.reshape(-1) for g in grads]) for grads in (exact_grads, padded_grads))
-    assert float(flat_exact.norm()) > 0
-    assert float((flat_padded - flat_exact).norm() / flat_exact.norm()) < 1e-4
+    for data in (exact, padded):
+        trainer.data = LatentDataset(data, trainer.transformer.config)
+        batch = trainer.data.read([0, 1])
+        assert batch.pooled_projections is None and batch.encoder_attention_mask.sum(1).tolist() == [5.0, 8.0]
+        micro = trainer._micro_batches(0, 1)[0]
+        losses = trainer._losses(0, micro, *config.temperatures(0))
+        trainer.routers.zero_grad(set_to_none=True)
+        (losses["distill"] + losses["diffusion"]).backward()
+        grads = torch.cat([p.grad.reshape(-1) for p in trainer.routers.parameters() if p.grad is not None])
+        results.append(({key: float(value) for key, value in losses.items()}, grads))
+    (exact_losses, exact_grads), (padded_losses, padded_grads) = results
+    assert exact_losses["diffusion"] > 0 and exact_losses["distill"] > 0
+    assert padded_losses == pytest.approx(exact_losses, rel=1e-4, abs=1e-8)
+    assert float(exact_grads.norm()) > 0 and exact_grads.shape == padded_grads.shape
+    assert float((padded_grads - exact_grads).norm() / exact_grads.norm()) < 1e-4
 
 
 @pytest.mark.parametrize("case, message", [
@@ -245,3 +242,31 @@ def test_training_and_data_code_name_no_family():
     found = {path.name: re.findall(r"PixArt|Pixart|pixart|PIXART|Flux|FLUX|SD3|Joint", path.read_text())
              for path in files}
     assert not any(found.values()), found
+
+
+def test_the_data_verb_on_a_pixart_pipeline_folder_writes_caption_masks_that_train(tmp_path):
+    """`data` on a PixArtSigmaPipeline folder (diffusers' tiny test components, VAE factor 1): the teacher's latents
+    [n, 4, 16, 16], the T5 embeddings and their caption masks (no pooled text); the empty prompt's too. A training
+    step reads them back."""
+    from safetensors.torch import load_file
+
+    from tests.pipelines import save_pixart_pipeline
+
+    folder = save_pixart_pipeline(tmp_path / "pipe", num_layers=2)
+    (tmp_path / "prompts.txt").write_text("a red square\n")
+    assert run_cli("data", "--model", str(folder), "--prompts", str(tmp_path / "prompts.txt"), "--out",
+                   str(tmp_path / "data"), "--steps", "1", "--height", "16", "--width", "16", "--no-progress") == 0
+    index = json.loads((tmp_path / "data" / "index.json").read_text())
+    assert (index["latent_channels"], index["latent_height"], index["latent_width"]) == (4, 16, 16)
+    assert index["caption_mask"] and "pooled_dim" not in index and index["source"]["guidance_scale"] == 4.5
+    shard = load_file(str(tmp_path / "data" / index["shards"][0]["file"]))
+    null = load_file(str(tmp_path / "data" / "null.safetensors"))
+    assert set(shard) == {"latents", "encoder_hidden_states", "encoder_attention_mask"} and set(null) == set(shard) - {
+        "latents"}
+    assert 1 < float(shard["encoder_attention_mask"].sum()) < index["context_tokens"]   # a prompt, padded
+    assert float(null["encoder_attention_mask"].sum()) == 1.0                            # "" keeps </s>
+    config = TrainConfig(warmup_steps=1, policy_steps=1, joint_steps=0, lr_warmup_steps=1, global_batch=2,
+                         micro_batch=1, eval_steps=1, eval_samples=1, data=str(tmp_path / "data"))
+    trainer = Trainer(str(folder), config, RunOptions(out=tmp_path / "ckpt", progress=False), DistContext())
+    record = trainer.train_step()
+    assert record["diffusion"] > 0 and math.isfinite(record["loss"]) and trainer.num_tokens == TOKENS

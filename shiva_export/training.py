@@ -711,9 +711,9 @@ class Trainer:
 
     def eval_timesteps(self) -> torch.Tensor:
         """The timesteps the sampler visits in eval_steps steps. A pipeline that shifts dynamically or passes its own
-        sigma grid (facts.scheduler's "_sigmas") visits its own grid, which freeze reproduces; with its shift (not a --timestep-shift
-        of one's own) the evaluation uses that grid too; a scheduler without a shift (e.g. DPM-Solver) always visits
-        its own. Otherwise FlowMatchEuler(shift)."""
+        sigma grid (facts.scheduler's "_sigmas") visits its own grid, which freeze reproduces; with its shift (not a
+        --timestep-shift of one's own) the evaluation uses that grid too; a scheduler without a shift (e.g.
+        DPM-Solver) always visits its own. Otherwise FlowMatchEuler(shift)."""
         from shiva_export.models import scheduler_has_shift
 
         cfg, facts = self.config, self.source.facts

@@ -67,7 +67,7 @@ def test_pixart_noises_as_its_ddpm_scheduler_and_predicts_epsilon_while_flow_fam
     between = pixart.noised(x0, noise, torch.tensor([417.5] * 3), scheduler)   # continuous t: interpolated
     low, high = (ddpm.add_noise(x0, noise, torch.full((3,), v)) for v in (417, 418))
     assert ((between - low).norm() < (high - low).norm()) and ((between - high).norm() < (high - low).norm())
-    for family in ("SD3Transformer2DModel", "FluxTransformer2DModel"):                                           # rectified flow, velocity target
+    for family in ("SD3Transformer2DModel", "FluxTransformer2DModel"):          # rectified flow, velocity target
         adapter = backbones.REGISTRY[family]
         assert torch.allclose(adapter.noised(x0, noise, t), (1 - t / 1000).reshape(-1, 1, 1, 1) * x0
                               + (t / 1000).reshape(-1, 1, 1, 1) * noise)

@@ -18,6 +18,9 @@ or the one recorded in an artifact) and calls the adapter. An adapter answers fi
 4. The analytic FLOP model (`dims(config)`: per-block and embedding FLOPs, exact under flops.py's convention).
 5. The pipeline around it: the facts a pipeline folder decides (scheduler, VAE factor, text length), how it loads,
    and how prompts become conditioning.
+6. Training (`trainable`): how clean latents are noised at a scheduler timestep (`noised`) and what the model learns
+   to predict there (`training_target`): rectified flow by default, a DDPM schedule for PixArt; the text inputs
+   training feeds are those of `input_specs` (pooled text and / or a caption mask).
 """
 
 from __future__ import annotations

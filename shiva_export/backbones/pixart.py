@@ -19,6 +19,11 @@ integrates the first half (`sampler_output`), the runtime returns all of it as t
 
 Scheduler: the pipeline folder's (PixArtSigmaPipeline ships the multistep DPM-Solver++); freeze evaluates the
 policy at its timesteps for the step count.
+
+Training: PixArt-Sigma is a DDPM-family model, not flow matching: `noised` is sqrt(a_t) x0 + sqrt(1 - a_t) eps with
+a_t the scheduler's alphas_cumprod (its betas), `training_target` the noise (prediction_type epsilon); the losses
+compare the sampler's 4 channels (`sampler_output`). The training data carry the caption mask in place of a pooled
+text vector (input_specs has no pooled_projections, and a "mask" input).
 """
 
 from __future__ import annotations

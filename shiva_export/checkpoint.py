@@ -56,9 +56,8 @@ CONFIG_SPEC = Obj(
         "model": Obj(required={
             "name": Str(), "kind": Str(choices=("preset", "folder")), "model_hash": Hex(),
             "num_layers": Int(minimum=1, maximum=1024), "token_dim": _SIZE, "temb_dim": _SIZE, "context_dim": _SIZE,
-            "joint_attention_dim": _SIZE, "pooled_projection_dim": _SIZE, "in_channels": _SIZE,
-            "patch_size": Int(minimum=1, maximum=64)},
-            optional={"model_class": Str(choices=MODEL_CLASSES)}),
+            "joint_attention_dim": _SIZE, "in_channels": _SIZE, "patch_size": Int(minimum=1, maximum=64)},
+            optional={"model_class": Str(choices=MODEL_CLASSES), "pooled_projection_dim": _SIZE}),
         "train": train_spec(required=BUILD_KEYS),
         "adapters": Obj(required={"rank": _SIZE, "alpha": Float(minimum=0, maximum=1e6, exclusive_minimum=True),
                                   "use_dora": Bool(), "target_modules": Str()}),
@@ -76,21 +75,27 @@ def model_sizes(transformer) -> dict:
 
     ``num_layers`` is the number of routed blocks (the backbone adapter's `blocks`, of every block kind),
     ``token_dim`` / ``temb_dim`` / ``context_dim`` the router's input widths (the adapter's router_dims); the rest
-    are the transformer config's own widths. A checkpoint without ``model_class`` predates it (check_model reads
-    backbones.UNRECORDED_MODEL_CLASS for it).
+    are the transformer's widths: ``joint_attention_dim`` / ``pooled_projection_dim`` those of its text inputs
+    (`encoder_hidden_states`, and `pooled_projections` for a model that takes a pooled text vector; absent
+    otherwise), read from the adapter's input_specs. A checkpoint without ``model_class`` predates it (check_model
+    reads backbones.UNRECORDED_MODEL_CLASS for it).
     """
     from shiva_export import backbones
 
     cfg = transformer.config
     adapter = backbones.for_model(transformer)
     token_dim, temb_dim, context_dim = adapter.router_dims(cfg)
-    return {
+    factor = 8
+    size = adapter.default_size(cfg, factor)
+    specs = adapter.input_specs(cfg, size, size, 1, 1, factor, "fp32")
+    sizes = {
         "model_class": adapter.model_class,
         "num_layers": adapter.num_blocks(cfg), "token_dim": token_dim, "temb_dim": temb_dim,
-        "context_dim": context_dim, "joint_attention_dim": cfg.joint_attention_dim,
-        "pooled_projection_dim": cfg.pooled_projection_dim, "in_channels": cfg.in_channels,
-        "patch_size": cfg.patch_size,
+        "context_dim": context_dim, "joint_attention_dim": int(specs["encoder_hidden_states"].shape[-1]),
+        "pooled_projection_dim": int(specs["pooled_projections"].shape[-1]) if "pooled_projections" in specs else None,
+        "in_channels": cfg.in_channels, "patch_size": cfg.patch_size,
     }
+    return {key: value for key, value in sizes.items() if value is not None}
 
 
 def model_identity(transformer, source) -> dict:

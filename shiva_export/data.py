@@ -20,7 +20,8 @@ import torch
 
 from shiva_export.errors import ConfigError
 from shiva_export.io import atomic_output, sha256_file, sha256_json, write_json
-from shiva_export.training_data import (CONTEXT, DATA_FORMAT, DATA_VERSION, INDEX_FILE, LATENTS, NULL_FILE, POOLED)
+from shiva_export.training_data import (CONTEXT, DATA_FORMAT, DATA_VERSION, INDEX_FILE, LATENTS, MASK, NULL_FILE,
+                                        POOLED)
 
 logger = logging.getLogger(__name__)
 
@@ -165,30 +166,34 @@ def make_data(model: str | Path, prompts_file: str | Path, out: str | Path, imag
     out.mkdir(parents=True, exist_ok=True)
 
     @torch.inference_mode()
-    def encode(prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(prompt: str) -> dict[str, torch.Tensor]:
+        """The prompt's text tensors (one sample), by name: the context and, as the family's pipeline makes them,
+        pooled text and / or the caption mask (stored as fp32 0 / 1)."""
         encoded = adapter.encode_prompts(pipe, [prompt], device)
-        if POOLED not in encoded:
-            raise ConfigError(f"{root}: training data holds {CONTEXT} and {POOLED}; {adapter.pipeline_class}'s "
-                              f"prompts give {sorted(encoded)}, not supported yet")
-        return encoded[CONTEXT][0].float().cpu(), encoded[POOLED][0].float().cpu()
+        unknown = sorted(set(encoded) - {CONTEXT, POOLED, MASK})
+        if CONTEXT not in encoded or unknown:
+            raise ConfigError(f"{root}: training data holds {CONTEXT}, {POOLED} and / or {MASK}; "
+                              f"{adapter.pipeline_class}'s prompts give {sorted(encoded)}, not supported yet")
+        return {name: value[0].float().cpu() for name, value in encoded.items()}
 
     null = encode("")
     if not (out / NULL_FILE).is_file() or NULL_FILE not in state["shards"]:
-        _save(out / NULL_FILE, {CONTEXT: null[0], POOLED: null[1]})
+        _save(out / NULL_FILE, null)
         state["shards"][NULL_FILE] = sha256_file(out / NULL_FILE)
         write_json(state_path, state)
 
     @torch.inference_mode()
-    def latents_of(index: int, context: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+    def latents_of(index: int, text: dict[str, torch.Tensor]) -> torch.Tensor:
         generator = sample_generator(config.seed, index)
         if image_files is not None:
             pixels = _load_image(image_files[index], height, width).to(device, vae.dtype)
             posterior = vae.encode(pixels).latent_dist
             noise = torch.randn(posterior.mean.shape, generator=generator).to(device, posterior.mean.dtype)
             latent = posterior.mean + posterior.std * noise
-            return ((latent - vae.config.shift_factor) * vae.config.scaling_factor)[0].float().cpu()
-        conditioning = {CONTEXT: context[None].to(device), POOLED: pooled[None].to(device)}
-        unconditional = {CONTEXT: null[0][None].to(device), POOLED: null[1][None].to(device)}
+            shift = getattr(vae.config, "shift_factor", None) or 0.0   # a VAE without one (SDXL's) shifts by 0
+            return ((latent - shift) * vae.config.scaling_factor)[0].float().cpu()
+        conditioning = {name: value[None].to(device) for name, value in text.items()}
+        unconditional = {name: value[None].to(device) for name, value in null.items()}
         return adapter.teacher_latents(pipe, conditioning, unconditional, guidance_scale=guidance,
                                        steps=config.steps, height=height, width=width,
                                        generator=generator)[0].float().cpu()
@@ -203,12 +208,12 @@ def make_data(model: str | Path, prompts_file: str | Path, out: str | Path, imag
             shards.append({"file": name, "count": end - start})
             if _finished(out, state, number):
                 continue
-            rows = {LATENTS: [], CONTEXT: [], POOLED: []}
+            rows: dict[str, list[torch.Tensor]] = {LATENTS: [], **{key: [] for key in null}}
             for index in range(start, end):
-                context, pooled = encode(prompts[index])
-                rows[LATENTS].append(latents_of(index, context, pooled))
-                rows[CONTEXT].append(context)
-                rows[POOLED].append(pooled)
+                text = encode(prompts[index])
+                rows[LATENTS].append(latents_of(index, text))
+                for key, value in text.items():
+                    rows[key].append(value)
                 bar.update()
             _save(out / name, {key: torch.stack(value) for key, value in rows.items()})
             state["shards"][name] = sha256_file(out / name)
@@ -220,7 +225,8 @@ def make_data(model: str | Path, prompts_file: str | Path, out: str | Path, imag
         rows_shape = handle.get_slice(CONTEXT).get_shape()
     index = {"format": DATA_FORMAT, "version": DATA_VERSION, "latent_channels": latent_shape[1],
              "latent_height": latent_shape[2], "latent_width": latent_shape[3], "context_tokens": rows_shape[1],
-             "context_dim": rows_shape[2], "pooled_dim": int(null[1].shape[0]), "shards": shards,
+             "context_dim": rows_shape[2], **({"pooled_dim": int(null[POOLED].shape[0])} if POOLED in null else {}),
+             **({"caption_mask": True} if MASK in null else {}), "shards": shards,
              "source": {"pipeline": str(root), "prompts": len(prompts),
                         "latents": "images through the VAE" if image_files is not None else "teacher samples",
                         "height": height, "width": width, "seed": config.seed,

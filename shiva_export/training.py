@@ -27,9 +27,12 @@ Backbones: training names no DiT family. What differs between families comes fro
 (shiva_export/backbones): the routed blocks (`blocks`) and router widths, the latents' layout (image-shaped, or
 latent patches packed into tokens: training_data.LatentLayout, read from `input_specs`), the timestep convention
 (`transformer_timestep`), the inputs fixed per run (`constants`, and conditioning such as a distilled guidance at
-the pipeline's value), the per-block call on the kept tokens (`prepare_block_call`, e.g. gathered RoPE rows) and the
-DoRA targets (`adapter_targets`). The noising, the losses and the scheduler's timesteps t in [0, 1000] are the
-same for every family.
+the pipeline's value), the text inputs (pooled text and / or a caption mask, as `input_specs` lists them), the
+per-block call on the kept tokens (`prepare_block_call`, e.g. gathered RoPE rows), the DoRA targets
+(`adapter_targets`), the training process (`noised`: how clean latents are noised at a timestep, flow matching or a
+DDPM schedule; `training_target`: velocity or epsilon) and which output channels the losses compare
+(`sampler_output`, the ones the pipeline's sampler integrates). The scheduler's timesteps t in [0, 1000], their
+sampling and the losses' form are the same for every family.
 
 Determinism: every random draw comes from a generator keyed by (seed, step, global micro-batch index), so results do
 not depend on how micro-batches are spread over processes and accumulation steps (up to float summation order),
@@ -58,7 +61,7 @@ from shiva_export.patching import (PruningConfig, apply_token_pruning, keep_rati
 from shiva_export.policy import AdaptiveRatioPolicy, BudgetLoss, stratified_ratios
 from shiva_export.router import RouterBank
 from shiva_export.training_config import CFG_DROPOUT, RunOptions, TrainConfig
-from shiva_export.training_data import DataFreeSource, LatentDataset
+from shiva_export.training_data import MASK, DataFreeSource, LatentDataset
 
 logger = logging.getLogger(__name__)
 
@@ -194,6 +197,15 @@ def _transformer_timesteps(adapter, timesteps: torch.Tensor) -> torch.Tensor:
     """Scheduler timesteps (0..1000) as the pipeline feeds them to the transformer (the adapter's
     transformer_timestep: as they are, or scaled to 0..1), in the dtype given."""
     return torch.tensor([adapter.transformer_timestep(value) for value in timesteps.tolist()], dtype=timesteps.dtype)
+
+
+def null_text(text: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Caption dropout's stand-in where the data holds no empty-prompt embeddings: zero embeddings, and a caption
+    mask keeping the first token (a tokenizer's end-of-text token: what an empty prompt keeps)."""
+    out = {name: torch.zeros_like(value[0]) for name, value in text.items()}
+    if MASK in out:
+        out[MASK][0] = 1.0
+    return out
 
 
 @contextlib.contextmanager
@@ -384,15 +396,16 @@ class Trainer:
         return {"constants": {name: value.to(self.device) for name, value in constants.items()},
                 "conditioning": {name: value.to(self.device) for name, value in conditioning.items()}}
 
-    def _model_inputs(self, latents: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor,
+    def _model_inputs(self, latents: torch.Tensor, text: Mapping[str, torch.Tensor],
                       timesteps: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One transformer call's keyword inputs: noised latents (the backbone's layout), text embeddings,
-        scheduler timesteps (0..1000, converted as the pipeline converts them) and the backbone's fixed inputs."""
+        """One transformer call's keyword inputs: noised latents (the backbone's layout), the text inputs by name
+        (embeddings in the model's dtype, a caption mask in fp32), scheduler timesteps (0..1000, converted as the
+        pipeline converts them) and the backbone's fixed inputs."""
         dtype, batch = self.transformer.dtype, latents.shape[0]
-        inputs = {"hidden_states": latents.to(self.device, dtype),
-                  "encoder_hidden_states": context.to(self.device, dtype),
-                  "pooled_projections": pooled.to(self.device, dtype),
-                  "timestep": _transformer_timesteps(self.adapter, timesteps).to(self.device)}
+        inputs = {"hidden_states": latents.to(self.device, dtype)}
+        for name, value in text.items():
+            inputs[name] = value.to(self.device, torch.float32 if name == MASK else dtype)
+        inputs["timestep"] = _transformer_timesteps(self.adapter, timesteps).to(self.device)
         inputs.update(self.call_inputs["constants"])
         for name, value in self.call_inputs["conditioning"].items():
             inputs[name] = value.expand(batch, *value.shape[1:])
@@ -517,19 +530,26 @@ class Trainer:
         batch = self.data.batch(positions, generator)
         x0 = batch.latents
         noise = torch.randn(x0.shape, generator=generator)
-        sigma = (micro.timesteps / 1000.0).reshape(-1, *[1] * (x0.dim() - 1))
-        noisy = (1 - sigma) * x0 + sigma * noise
-        context, pooled = batch.encoder_hidden_states, batch.pooled_projections
+        scheduler = self._scheduler_config()
+        noisy = self.adapter.noised(x0, noise, micro.timesteps, scheduler)
+        text = batch.text()
         target = None
         if self.data.has_targets:
-            target = (noise - x0).to(self.device)
+            target = self.adapter.training_target(x0, noise, micro.timesteps, scheduler).to(self.device)
             drop = torch.rand(cfg.micro_batch, generator=generator) < cfg.cfg_dropout
-            null = self.data.null_embeddings()
-            null_context, null_pooled = null if null is not None else (torch.zeros_like(context[0]),
-                                                                       torch.zeros_like(pooled[0]))
-            context = torch.where(drop.reshape(-1, 1, 1), null_context, context)
-            pooled = torch.where(drop.reshape(-1, 1), null_pooled, pooled)
-        return self._model_inputs(noisy, context, pooled, micro.timesteps), target
+            null = self.data.null_embeddings() or null_text(text)
+            text = {name: torch.where(drop.reshape(-1, *[1] * (value.dim() - 1)), null[name], value)
+                    for name, value in text.items()}
+        return self._model_inputs(noisy, text, micro.timesteps), target
+
+    def _scheduler_config(self) -> Mapping[str, Any] | None:
+        """The pipeline's scheduler config (what the adapter's training process may read)."""
+        facts = self.source.facts
+        return facts.scheduler if facts is not None else None
+
+    def _output(self, sample: torch.Tensor) -> torch.Tensor:
+        """The part of a transformer output the losses and errors compare: what the pipeline's sampler integrates."""
+        return self.adapter.sampler_output(self.transformer.config, sample)
 
     def _losses(self, step: int, micro: MicroBatch, tau_rank: float, tau_sel: float,
                 teachers: dict[int, tuple] | None = None) -> dict[str, torch.Tensor]:
@@ -539,7 +559,7 @@ class Trainer:
         if cached is None:
             with torch.no_grad(), self._teacher(), self._autocast(), \
                     captured_block_outputs(self.transformer, self.distilled) as teacher:
-                teacher_out = self.transformer(**inputs).sample
+                teacher_out = self._output(self.transformer(**inputs).sample)
             if teachers is not None:
                 teachers[micro.sample_index] = (teacher_out, teacher)
         else:
@@ -547,7 +567,7 @@ class Trainer:
         with training_ratios(self.transformer, micro.ratios, tau_rank=tau_rank, tau_sel=tau_sel,
                              score_noise=self.config.score_noise, generator=micro.generator), \
                 self._autocast(), captured_block_outputs(self.transformer, self.distilled) as student:
-            student_out = self.transformer(**inputs).sample
+            student_out = self._output(self.transformer(**inputs).sample)
         distill = relative_mse(student_out, teacher_out)
         for layer in self.distilled:
             distill = distill + normalized_mse(student[layer], teacher[layer])
@@ -691,12 +711,17 @@ class Trainer:
 
     def eval_timesteps(self) -> torch.Tensor:
         """The timesteps the sampler visits in eval_steps steps. A pipeline that shifts dynamically or passes its own
-        sigma grid (facts.scheduler's "_sigmas") visits its own grid, which freeze reproduces; with its shift (not a --timestep-shift
-        of one's own) the evaluation uses that grid too. Otherwise FlowMatchEuler(shift)."""
+        sigma grid (facts.scheduler's "_sigmas") visits its own grid, which freeze reproduces; with its shift (not a
+        --timestep-shift of one's own) the evaluation uses that grid too; a scheduler without a shift (e.g.
+        DPM-Solver) always visits its own. Otherwise FlowMatchEuler(shift)."""
+        from shiva_export.models import scheduler_has_shift
+
         cfg, facts = self.config, self.source.facts
         scheduler = facts.scheduler if facts is not None else {}
-        if (scheduler.get("use_dynamic_shifting") or scheduler.get("_sigmas")) \
-                and cfg.timestep_shift == facts.effective_shift(self.num_tokens):
+        if (scheduler and not scheduler_has_shift(scheduler)) or ((scheduler.get("use_dynamic_shifting")
+                                                                   or scheduler.get("_sigmas"))
+                                                                  and cfg.timestep_shift
+                                                                  == facts.effective_shift(self.num_tokens)):
             from shiva_export.passes.freeze import scheduler_timesteps as pipeline_timesteps
 
             return pipeline_timesteps(cfg.eval_steps, facts.shift, scheduler, self.num_tokens).float()
@@ -713,8 +738,7 @@ class Trainer:
         positions = list(range(cfg.eval_samples))
         batch = self.data.batch(positions, generator)
         noise = torch.randn(batch.latents.shape, generator=generator)
-        return {"latents": batch.latents, "context": batch.encoder_hidden_states,
-                "pooled": batch.pooled_projections}, noise
+        return {"latents": batch.latents, "text": batch.text()}, noise
 
     @torch.no_grad()
     def output_errors(self, conditions: Mapping[str, tuple[torch.nn.Module | None, bool]],
@@ -733,17 +757,17 @@ class Trainer:
         ratios = self.schedule(timesteps) if ratios is None else ratios
         per_step: dict[str, list[float]] = {name: [] for name in conditions}
         for index, t in enumerate(timesteps):
-            sigma = float(t) / 1000.0
-            inputs = self._model_inputs((1 - sigma) * batch["latents"] + sigma * noise, batch["context"],
-                                        batch["pooled"], torch.full((cfg.eval_samples,), float(t)))
+            at = torch.full((cfg.eval_samples,), float(t))
+            noisy = self.adapter.noised(batch["latents"], noise, at, self._scheduler_config())
+            inputs = self._model_inputs(noisy, batch["text"], at)
             with self._teacher(), self._autocast():
-                reference = self.transformer(**inputs).sample.float()
+                reference = self._output(self.transformer(**inputs).sample).float()
             k = keep_ratios_to_k(ratios[index].tolist(), self.num_tokens, cfg.dense_layers)
             for name, (scorer, adapters) in conditions.items():
                 adapter_ctx = contextlib.nullcontext() if adapters else self._teacher()
                 scorer_ctx = scored_by(self.transformer, scorer) if scorer is not None else contextlib.nullcontext()
                 with static_k(self.transformer, k), scorer_ctx, adapter_ctx, self._autocast():
-                    output = self.transformer(**inputs).sample.float()
+                    output = self._output(self.transformer(**inputs).sample).float()
                 per_step[name].append(float((output - reference).pow(2).sum() / reference.pow(2).sum()))
         weights = trajectory_weight(timesteps, cfg.timestep_shift).double()
         weights = (weights / weights.sum()).tolist()

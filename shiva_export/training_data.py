@@ -26,18 +26,25 @@ INDEX_FILE = "index.json"
 NULL_FILE = "null.safetensors"
 DATA_FORMAT = "shiva-latents"
 DATA_VERSION = 1
-LATENTS, CONTEXT, POOLED = "latents", "encoder_hidden_states", "pooled_projections"
+LATENTS, CONTEXT, POOLED, MASK = "latents", "encoder_hidden_states", "pooled_projections", "encoder_attention_mask"
 VAE_SCALE_FACTOR = 8
 
 
 @dataclasses.dataclass(frozen=True)
 class Batch:
     """Clean latents x0 in the transformer's layout (`LatentLayout.to_model`: image-shaped [B,C,H,W], or packed
-    tokens [B,N,C p^2]), text context [B,M,Dj] and pooled text [B,Dp] for one micro-batch."""
+    tokens [B,N,C p^2]), text context [B,M,Dj], and, as the model takes them, pooled text [B,Dp] and the caption
+    mask [B,M] (1 real token, 0 padding) for one micro-batch."""
 
     latents: torch.Tensor
     encoder_hidden_states: torch.Tensor
-    pooled_projections: torch.Tensor
+    pooled_projections: torch.Tensor | None = None
+    encoder_attention_mask: torch.Tensor | None = None
+
+    def text(self) -> dict[str, torch.Tensor]:
+        """The text inputs the model takes, by name."""
+        out = {CONTEXT: self.encoder_hidden_states, POOLED: self.pooled_projections, MASK: self.encoder_attention_mask}
+        return {name: value for name, value in out.items() if value is not None}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,8 +59,14 @@ class LatentLayout:
 
     latent_channels: int    # C of the image-shaped latents (the VAE's latent channels)
     context_dim: int        # encoder_hidden_states width
-    pooled_dim: int         # pooled_projections width
+    pooled_dim: int | None  # pooled_projections width; None: the model takes no pooled text vector
     pack: int               # 1: the transformer takes [B, C, h, w]; p: [B, h/p * w/p, C p^2]
+    masked: bool = False    # the model takes a caption mask (encoder_attention_mask [B, M]) with the context
+
+    @property
+    def text_names(self) -> tuple[str, ...]:
+        """The text tensors of a sample (on disk and in a Batch)."""
+        return (CONTEXT,) + ((POOLED,) if self.pooled_dim is not None else ()) + ((MASK,) if self.masked else ())
 
     @property
     def channels_name(self) -> str:
@@ -87,16 +100,20 @@ def latent_layout(model_config: Any, vae_scale_factor: int = VAE_SCALE_FACTOR) -
     size = adapter.default_size(model_config, vae_scale_factor)
     specs = adapter.input_specs(model_config, size, size, 1, 1, vae_scale_factor, "fp32")
     latent = tuple(specs["hidden_states"].shape[1:])
-    context, pooled = specs[CONTEXT].shape[-1], specs[POOLED].shape[-1]
+    context = int(specs[CONTEXT].shape[-1])
+    pooled = int(specs[POOLED].shape[-1]) if POOLED in specs else None
+    masks = [name for name, spec in specs.items() if spec.role == "mask"]
+    if masks and masks != [MASK]:
+        raise ConfigError(f"{adapter.model_class}: caption mask input {masks}; training data names it {MASK!r}")
     if len(latent) == 3:                       # [C, h, w]: image-shaped
-        return LatentLayout(int(latent[0]), int(context), int(pooled), 1)
+        return LatentLayout(int(latent[0]), context, pooled, 1, bool(masks))
     tokens, width = latent                     # [N, C p^2]: packed tokens of p x p latent pixels
     side = size // vae_scale_factor
     pack = math.isqrt(side * side // tokens)
     if pack * pack * tokens != side * side or width % (pack * pack):
         raise ConfigError(f"{adapter.model_class}: hidden_states {list(latent)} at {size}x{size} px is neither "
                           "[C, h, w] nor packed latent patches [h/p * w/p, C p^2]")
-    return LatentLayout(int(width) // (pack * pack), int(context), int(pooled), pack)
+    return LatentLayout(int(width) // (pack * pack), context, pooled, pack, bool(masks))
 
 
 def check_latent_size(model_config: Any, height: int, width: int, where: str,
@@ -155,14 +172,16 @@ class DataFreeSource:
         latents = torch.randn(count, channels, height, width, generator=generator)
         if self.contrast:  # the envelope lives on the latent image, before any packing into tokens
             latents = latents * self.envelope(count, generator)
-        return Batch(
-            latents=self.layout.to_model(latents),
-            encoder_hidden_states=torch.randn(count, self.context_tokens, self.layout.context_dim,
-                                              generator=generator),
-            pooled_projections=torch.randn(count, self.layout.pooled_dim, generator=generator),
-        )
+        context = torch.randn(count, self.context_tokens, self.layout.context_dim, generator=generator)
+        pooled = mask = None
+        if self.layout.pooled_dim is not None:
+            pooled = torch.randn(count, self.layout.pooled_dim, generator=generator)
+        if self.layout.masked:   # captions of 1..M real tokens, the rest padding (embeddings there too, masked out)
+            lengths = torch.randint(1, self.context_tokens + 1, (count, 1), generator=generator)
+            mask = (torch.arange(self.context_tokens) < lengths).float()
+        return Batch(self.layout.to_model(latents), context, pooled, mask)
 
-    def null_embeddings(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def null_embeddings(self) -> dict[str, torch.Tensor] | None:
         return None
 
 
@@ -198,14 +217,16 @@ class LatentDataset:
                           layout.channels_name)
         self._check_width(index_path, "context_dim", index.get("context_dim"), layout.context_dim,
                           "joint_attention_dim (text embedding width)")
-        self._check_width(index_path, "pooled_dim", index.get("pooled_dim"), layout.pooled_dim,
-                          "pooled_projection_dim")
+        if layout.pooled_dim is not None:
+            self._check_width(index_path, "pooled_dim", index.get("pooled_dim"), layout.pooled_dim,
+                              "pooled_projection_dim")
         self.latent_hw = (int(index["latent_height"]), int(index["latent_width"]))
         check_latent_size(model_config, *self.latent_hw, where=str(index_path), vae_scale_factor=vae_scale_factor)
         self.context_tokens = int(index["context_tokens"])
+        shapes = {CONTEXT: [self.context_tokens, layout.context_dim], POOLED: [layout.pooled_dim],
+                  MASK: [self.context_tokens]}
         self.shape = {LATENTS: [layout.latent_channels, *self.latent_hw],
-                      CONTEXT: [self.context_tokens, layout.context_dim],
-                      POOLED: [layout.pooled_dim]}
+                      **{name: shapes[name] for name in layout.text_names}}
         self._handles, self._starts, total = [], [], 0
         for entry in index.get("shards") or []:
             path = self.root / entry["file"]
@@ -238,21 +259,21 @@ class LatentDataset:
             raise ConfigError(f"{where}: {key} is {value} but the model's {model_name} is {expected}; "
                               "the data was encoded for another model")
 
-    def _load_null(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _load_null(self) -> dict[str, torch.Tensor] | None:
         from safetensors.torch import load_file
 
         path = self.root / NULL_FILE
         if not path.is_file():
             return None
         tensors = load_file(str(path))
-        context, pooled = tensors.get(CONTEXT), tensors.get(POOLED)
-        if context is None or pooled is None or list(context.shape) != self.shape[CONTEXT] \
-                or list(pooled.shape) != self.shape[POOLED]:
-            raise ConfigError(f"{path}: expected {CONTEXT} {self.shape[CONTEXT]} and {POOLED} {self.shape[POOLED]}")
-        return context.float(), pooled.float()
+        names = self.layout.text_names
+        if any(tensors.get(name) is None or list(tensors[name].shape) != self.shape[name] for name in names):
+            raise ConfigError(f"{path}: expected " + " and ".join(f"{name} {self.shape[name]}" for name in names))
+        return {name: tensors[name].float() for name in names}
 
-    def null_embeddings(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The empty prompt's embeddings for caption dropout, or None (then zeros are used)."""
+    def null_embeddings(self) -> dict[str, torch.Tensor] | None:
+        """The empty prompt's text tensors (one sample, by name) for caption dropout, or None (then zeros are used,
+        with a caption mask keeping the first token)."""
         return self._null
 
     def _locate(self, index: int) -> tuple[Any, int]:
@@ -276,8 +297,8 @@ class LatentDataset:
             handle, row = self._locate(index)
             for name in self.shape:
                 parts[name].append(handle.get_slice(name)[row:row + 1].float())
-        latents, context, pooled = (torch.cat(parts[name]) for name in (LATENTS, CONTEXT, POOLED))
-        return Batch(self.layout.to_model(latents), context, pooled)
+        joined = {name: torch.cat(values) for name, values in parts.items()}
+        return Batch(self.layout.to_model(joined[LATENTS]), joined[CONTEXT], joined.get(POOLED), joined.get(MASK))
 
     def batch(self, positions: Sequence[int], generator: torch.Generator) -> Batch:
         """The samples at these global positions (the generator is not used: the order is the epoch permutation)."""
@@ -285,31 +306,44 @@ class LatentDataset:
 
 
 def write_latent_dataset(root: str | Path, latents: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                         pooled_projections: torch.Tensor, shard_size: int = 1024,
-                         null_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None) -> Path:
-    """Write tensors in the on-disk format (atomically: the folder appears whole). Returns the folder."""
+                         pooled_projections: torch.Tensor | None, shard_size: int = 1024,
+                         null_embeddings: tuple[torch.Tensor, torch.Tensor] | Mapping[str, torch.Tensor] | None = None,
+                         encoder_attention_mask: torch.Tensor | None = None) -> Path:
+    """Write tensors in the on-disk format (atomically: the folder appears whole). Returns the folder.
+
+    pooled_projections: None for a model without a pooled text vector; encoder_attention_mask [n, M]: the caption
+    masks of a model that takes them. null_embeddings: the empty prompt's (context, pooled), or its text tensors by
+    name."""
     from safetensors.torch import save_file
 
     count = latents.shape[0]
-    if encoder_hidden_states.shape[0] != count or pooled_projections.shape[0] != count or latents.dim() != 4:
+    columns = {LATENTS: latents, CONTEXT: encoder_hidden_states, POOLED: pooled_projections,
+               MASK: encoder_attention_mask}
+    columns = {name: value for name, value in columns.items() if value is not None}
+    if any(value.shape[0] != count for value in columns.values()) or latents.dim() != 4 \
+            or (MASK in columns and tuple(columns[MASK].shape) != tuple(encoder_hidden_states.shape[:2])):
         raise ConfigError("write_latent_dataset: expected latents [n,C,H,W], encoder_hidden_states [n,M,D] and "
-                          "pooled_projections [n,P] with the same n")
+                          "pooled_projections [n,P] (or encoder_attention_mask [n,M]) with the same n")
+    if isinstance(null_embeddings, tuple):
+        null_embeddings = {CONTEXT: null_embeddings[0], POOLED: null_embeddings[1]}
     with atomic_directory(root) as tmp:
         shards = []
         for number, start in enumerate(range(0, count, shard_size)):
             name = f"shard-{number:05d}.safetensors"
             end = min(start + shard_size, count)
-            save_file({LATENTS: latents[start:end].contiguous(),
-                       CONTEXT: encoder_hidden_states[start:end].contiguous(),
-                       POOLED: pooled_projections[start:end].contiguous()}, str(tmp / name))
+            save_file({key: value[start:end].contiguous() for key, value in columns.items()}, str(tmp / name))
             shards.append({"file": name, "count": end - start})
         if null_embeddings is not None:
-            save_file({CONTEXT: null_embeddings[0].contiguous(), POOLED: null_embeddings[1].contiguous()},
+            save_file({key: value.contiguous() for key, value in null_embeddings.items() if value is not None},
                       str(tmp / NULL_FILE))
-        write_json(tmp / INDEX_FILE, {
+        index = {
             "format": DATA_FORMAT, "version": DATA_VERSION,
             "latent_channels": latents.shape[1], "latent_height": latents.shape[2], "latent_width": latents.shape[3],
             "context_tokens": encoder_hidden_states.shape[1], "context_dim": encoder_hidden_states.shape[2],
-            "pooled_dim": pooled_projections.shape[1], "shards": shards,
-        })
+        }
+        if pooled_projections is not None:
+            index["pooled_dim"] = pooled_projections.shape[1]
+        if encoder_attention_mask is not None:
+            index["caption_mask"] = True
+        write_json(tmp / INDEX_FILE, {**index, "shards": shards})
     return Path(root)

@@ -205,15 +205,6 @@ def test_bad_pixart_inputs_are_one_line_config_errors(tmp_path):
         pipeline.start(tmp_path / "art", pipeline.ArtifactConfig(model="tiny-pixart", shift=3.0))
 
 
-def test_train_refuses_pixart_in_one_line_until_its_inputs_are_wired(tmp_path):
-    from shiva_export.training import DistContext, Trainer
-    from shiva_export.training_config import RunOptions, TrainConfig
-
-    with pytest.raises(ConfigError, match="training a PixArtTransformer2DModel is not supported yet") as err:
-        Trainer("tiny-pixart", TrainConfig(), RunOptions(out=tmp_path / "ckpt", progress=False), DistContext())
-    assert "\n" not in str(err.value)
-
-
 @pytest.fixture(scope="module")
 def pixart_artifact(tmp_path_factory):
     """tiny-pixart, 128 px, CFG batch 2, fp32, 6 DPM-Solver steps in 2 buckets: exported, linted."""

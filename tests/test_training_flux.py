@@ -112,8 +112,7 @@ def test_samples_of_a_micro_batch_keep_their_own_tokens_and_rope_rows_in_trainin
                          micro_batch=2, eval_steps=1, eval_samples=1, height=SIZE, width=SIZE)
     trainer = Trainer(FLUX, config, RunOptions(out=Path("unused"), progress=False), DistContext())
     batch = trainer.data.batch([0, 1], torch.Generator().manual_seed(1))
-    inputs = trainer._model_inputs(batch.latents, batch.encoder_hidden_states, batch.pooled_projections,
-                                   torch.tensor([600.0, 600.0]))
+    inputs = trainer._model_inputs(batch.latents, batch.text(), torch.tensor([600.0, 600.0]))
     ratios = torch.full((2, trainer.num_layers), 0.5)
     ratios[:, 0] = 1.0
 

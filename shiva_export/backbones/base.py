@@ -18,6 +18,9 @@ or the one recorded in an artifact) and calls the adapter. An adapter answers fi
 4. The analytic FLOP model (`dims(config)`: per-block and embedding FLOPs, exact under flops.py's convention).
 5. The pipeline around it: the facts a pipeline folder decides (scheduler, VAE factor, text length), how it loads,
    and how prompts become conditioning.
+6. Training (`trainable`): how clean latents are noised at a scheduler timestep (`noised`) and what the model learns
+   to predict there (`training_target`): rectified flow by default, a DDPM schedule for PixArt; the text inputs
+   training feeds are those of `input_specs` (pooled text and / or a caption mask).
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ class Backbone(abc.ABC):
     default_batch: int          # 2: [uncond; cond] classifier-free guidance; 1: guidance-distilled
     config_keys: tuple[str, ...]   # keys that identify the family in a config without `_class_name`
     scheduler_classes: tuple[str, ...] = ("FlowMatchEulerDiscreteScheduler",)   # what its pipeline may run
-    trainable: bool = False     # the train verb's inputs (flow-matching noising, pooled text) fit the family
+    trainable: bool = False     # the train verb supports the family (its noising, target and inputs below)
 
     # --- the model -------------------------------------------------------------------------------------------
     def model_type(self):
@@ -166,6 +169,25 @@ class Backbone(abc.ABC):
             elif spec.role == "mask":
                 out[name] = torch.ones((halves * images, *spec.shape[1:]))
         return out
+
+    # --- training ---------------------------------------------------------------------------------------------
+    # The train verb draws scheduler timesteps t in [0, 1000] and clean latents x0 (the transformer's layout) and asks
+    # the family how its training process noises them and what the transformer learns to predict. Default: rectified
+    # flow (sigma = t / 1000), the velocity noise - x0 as the target. `sampler_output` decides which output channels
+    # the losses compare (the ones the pipeline's sampler integrates).
+
+    def noised(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+               scheduler: Mapping[str, Any] | None = None) -> torch.Tensor:
+        """x_t for clean latents [B, ...], noise like them and scheduler timesteps [B] (0..1000); `scheduler`: the
+        pipeline folder's scheduler config (models.PipelineFacts.scheduler) where the process depends on it."""
+        sigma = (timesteps.float() / 1000.0).reshape(-1, *[1] * (latents.dim() - 1))
+        return (1 - sigma) * latents + sigma * noise
+
+    def training_target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+                        scheduler: Mapping[str, Any] | None = None) -> torch.Tensor:
+        """What the transformer's `sampler_output` regresses at x_t = noised(latents, noise, timesteps): the
+        flow-matching velocity by default."""
+        return noise - latents
 
     # --- FLOPs ------------------------------------------------------------------------------------------------
     @abc.abstractmethod

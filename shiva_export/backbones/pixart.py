@@ -19,6 +19,11 @@ integrates the first half (`sampler_output`), the runtime returns all of it as t
 
 Scheduler: the pipeline folder's (PixArtSigmaPipeline ships the multistep DPM-Solver++); freeze evaluates the
 policy at its timesteps for the step count.
+
+Training: PixArt-Sigma is a DDPM-family model, not flow matching: `noised` is sqrt(a_t) x0 + sqrt(1 - a_t) eps with
+a_t the scheduler's alphas_cumprod (its betas), `training_target` the noise (prediction_type epsilon); the losses
+compare the sampler's 4 channels (`sampler_output`). The training data carry the caption mask in place of a pooled
+text vector (input_specs has no pooled_projections, and a "mask" input).
 """
 
 from __future__ import annotations
@@ -142,6 +147,30 @@ def router_flops(num_tokens: int, d: int, router_dim: int) -> int:
             + linear_flops(1, 6 * d, router_dim) + linear_flops(1, d, router_dim))
 
 
+def _scheduler(scheduler) -> dict:
+    """The scheduler config with PixArt-Sigma's values for what it leaves out."""
+    return {**SCHEDULER, **{key: value for key, value in dict(scheduler or {}).items() if value is not None}}
+
+
+def alpha_bar(timesteps: torch.Tensor, scheduler=None) -> torch.Tensor:
+    """alphas_cumprod of the scheduler's beta schedule at timesteps [B] (0..num_train_timesteps - 1, float; linear
+    interpolation between the integer timesteps), fp32."""
+    cfg = _scheduler(scheduler)
+    count, start, end = int(cfg["num_train_timesteps"]), float(cfg["beta_start"]), float(cfg["beta_end"])
+    if cfg["beta_schedule"] == "linear":
+        betas = torch.linspace(start, end, count, dtype=torch.float64)
+    elif cfg["beta_schedule"] == "scaled_linear":
+        betas = torch.linspace(start ** 0.5, end ** 0.5, count, dtype=torch.float64) ** 2
+    else:
+        raise ConfigError(f"scheduler beta_schedule {cfg['beta_schedule']!r}: train supports linear or scaled_linear")
+    table = torch.cumprod(1.0 - betas, dim=0)
+    position = timesteps.detach().double().cpu().clamp(0, count - 1)
+    low = position.floor().long()
+    high = (low + 1).clamp(max=count - 1)
+    frac = position - low
+    return ((1 - frac) * table[low] + frac * table[high]).float().to(timesteps.device)
+
+
 class PixArt(Backbone):
     family = "pixart"
     model_class = "PixArtTransformer2DModel"
@@ -150,6 +179,7 @@ class PixArt(Backbone):
     default_batch = 2
     config_keys = ("caption_channels", "num_embeds_ada_norm")
     scheduler_classes = ("DPMSolverMultistepScheduler",)
+    trainable = True
 
     def validate_config(self, config: dict, where: str) -> dict:
         validate(config, MODEL_CONFIG, where, error=ConfigError)
@@ -175,8 +205,7 @@ class PixArt(Backbone):
         return config
 
     def adapter_targets(self) -> str:
-        # self- and cross-attention projections and the FFN of every BasicTransformerBlock (train refuses the family
-        # for now: `trainable` is False; the targets are what its adapters will be)
+        # self- and cross-attention projections and the FFN of every BasicTransformerBlock
         return r".*transformer_blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2))"
 
     def blocks(self, transformer) -> list[torch.nn.Module]:
@@ -237,6 +266,22 @@ class PixArt(Backbone):
             return sample.chunk(2, dim=1)[0]
         return sample
 
+    def noised(self, latents, noise, timesteps, scheduler=None):
+        """The DDPM forward process of the pipeline's scheduler: sqrt(a_t) x0 + sqrt(1 - a_t) noise, a_t its
+        alphas_cumprod at t (interpolated between integer timesteps; training draws t continuously)."""
+        alpha = alpha_bar(timesteps, scheduler).reshape(-1, *[1] * (latents.dim() - 1))
+        return alpha.sqrt() * latents + (1 - alpha).sqrt() * noise
+
+    def training_target(self, latents, noise, timesteps, scheduler=None):
+        """The scheduler's prediction_type: epsilon (PixArt-Sigma), or v = sqrt(a_t) noise - sqrt(1 - a_t) x0."""
+        prediction = _scheduler(scheduler)["prediction_type"]
+        if prediction == "epsilon":
+            return noise
+        if prediction == "v_prediction":
+            alpha = alpha_bar(timesteps, scheduler).reshape(-1, *[1] * (latents.dim() - 1))
+            return alpha.sqrt() * noise - (1 - alpha).sqrt() * latents
+        raise ConfigError(f"scheduler prediction_type {prediction!r}: train supports epsilon or v_prediction")
+
     def conditioning(self, specs, images, halves, generator, guidance=None):
         """Random caption embeddings; caption masks as the pipeline makes them: the empty negative prompt keeps one
         token (T5's </s>), a prompt about half of them; padded positions hold embeddings too (masked out)."""
@@ -287,8 +332,9 @@ class PixArt(Backbone):
 
     def teacher_latents(self, pipe, conditioning, unconditional, guidance_scale, steps, height, width, generator):
         context = conditioning["encoder_hidden_states"]
+        # negative_prompt=None: the pipeline's default "" may not be given together with negative_prompt_embeds
         return pipe(prompt_embeds=context, prompt_attention_mask=conditioning["encoder_attention_mask"],
-                    negative_prompt_embeds=unconditional["encoder_hidden_states"],
+                    negative_prompt=None, negative_prompt_embeds=unconditional["encoder_hidden_states"],
                     negative_prompt_attention_mask=unconditional["encoder_attention_mask"],
                     guidance_scale=guidance_scale, num_inference_steps=steps, height=height, width=width,
                     generator=generator, output_type="latent", use_resolution_binning=False,

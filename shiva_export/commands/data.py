@@ -51,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
     index = make_data(args.model, args.prompts, args.out, images=args.images, config=config, device=args.device,
                       force=args.force, progress=not args.no_progress)
     print(json.dumps({key: index[key] for key in ("latent_channels", "latent_height", "latent_width",
-                                                  "context_tokens", "context_dim", "pooled_dim", "source")}, indent=2))
+                                                  "context_tokens", "context_dim", "pooled_dim", "caption_mask",
+                                                  "source") if key in index}, indent=2))
     print(f"{args.out}: {sum(s['count'] for s in index['shards'])} samples in {len(index['shards'])} shard(s); "
           f"train with `python -m shiva_export train --model {args.model} --data {args.out} ...`")
     return 0

@@ -40,8 +40,9 @@ HELP = {
     "width": "data-free image width in pixels (default: the model's)",
     "context_tokens": "data-free text tokens (default: the model's)",
     "data_free_contrast": "data-free latents: spread of their smooth random amplitude envelope (0: i.i.d. noise)",
-    "timestep_shift": "flow-matching scheduler shift (default: the pipeline's scheduler: its shift, or its dynamic "
-                      "shift at the image's token count)",
+    "timestep_shift": "training timesteps t = 1000 s u / (1 + (s - 1) u), u uniform: the flow-matching scheduler "
+                      "shift, 1 for a scheduler without one, e.g. DPM-Solver (default: the pipeline's scheduler: its "
+                      "shift, or its dynamic shift at the image's token count)",
     "budget_gradient": "budget-loss gradient through the batch's sampled ratios into the whole policy (batch, Eq. 13) "
                        "or into the anchor alone (anchor: the budget sets the level, the losses the shape)",
     "timestep_weighting": "distillation weight per timestep: euler-step = the sampler's step size d(sigma)/du there "
@@ -94,10 +95,11 @@ def add_parser(subparsers) -> None:
         "train", help="train the router, ratio policy and DoRA adapters (three stages)",
         description="Stage 1 warms the router up on stratified keep ratios, stage 2 learns the ratio policy under "
                     "the EMA budget loss with logit noise, stage 3 tunes router, policy and DoRA adapters together. "
-                    "Losses: normalised feature distillation from the frozen teacher, the flow-matching loss with "
-                    "--data, and the budget loss. Without --data it distils on random latents and context. Runs "
-                    "under `torchrun --nproc-per-node N -m shiva_export train ...` too. Writes a checkpoint folder "
-                    "(--out) with safetensors weights, config.json, log.jsonl and summary.json; prints the summary.")
+                    "Losses: normalised feature distillation from the frozen teacher, the denoising loss (the "
+                    "family's: flow matching, or epsilon for a DDPM-family model) with --data, and the budget loss. "
+                    "Without --data it distils on random latents and context. Runs under `torchrun --nproc-per-node "
+                    "N -m shiva_export train ...` too. Writes a checkpoint folder (--out) with "
+                    "safetensors weights, config.json, log.jsonl and summary.json; prints the summary.")
     parser.add_argument("--model", default=argparse.SUPPRESS,
                         help=f"preset ({', '.join(preset_names())}) or a local diffusers folder (a pipeline or "
                              f"transformer folder of {' / '.join(MODEL_CLASSES)}) (required unless --resume, which "

@@ -112,6 +112,9 @@ def check_model(stored: Mapping[str, Any], transformer, source=None, where: str 
     current = model_sizes(transformer)
     for key, value in current.items():
         recorded = stored.get(key, UNRECORDED_MODEL_CLASS if key == "model_class" else None)
+        if key not in stored and key != "model_class" and value is not None:
+            # optional in the schema (a family without that input records none), required by this model's family
+            raise ConfigError(f"{where}: field model.{key}: missing; the given model's family needs it ({key}={value})")
         if recorded != value:
             raise ConfigError(
                 f"{where}: was trained for model {stored.get('name')!r} with {key}={recorded}, but the given "

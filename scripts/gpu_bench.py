@@ -68,6 +68,9 @@ def parse_args(argv=None):
     parser.add_argument("--compile-rows", action=argparse.BooleanOptionalAction, default=True,
                         help="with --compile-blocks: also compile the row gather and in-place scatter into each "
                         "pruned block's graph (default), or keep them eager kernels")
+    parser.add_argument("--compile-mode", default=None,
+                        help="with --compile-blocks: torch.compile mode for the blocks, e.g. max-autotune-no-cudagraphs "
+                        "(inductor benchmarks cuBLAS against its Triton GEMM templates per shape and keeps the fastest)")
     parser.add_argument("--fuse-qkv", action="store_true",
                         help="fuse each attention's q/k/v projections into one GEMM (diffusers' fuse_qkv_projections), "
                         "for dense and pruned alike, before timing")
@@ -239,7 +242,8 @@ def run_torch_phase(pruned, args, num_tokens, configs, schedule, facts):
         if args.compile_blocks and not getattr(pruned.transformer, "_bench_blocks_compiled", False):
             for name, k in configs.items():  # the same static forward uncompiled: what compiled outputs must equal
                 reference[name] = torch_module(pruned, k, constants)(**feed).float().clone()
-            compile_blocks(pruned.transformer, gather_scatter=args.compile_rows)
+            mode = {"mode": args.compile_mode} if args.compile_mode else {}
+            compile_blocks(pruned.transformer, gather_scatter=args.compile_rows, **mode)
             pruned.transformer._bench_blocks_compiled = True
         for name, k in configs.items():
             fn = torch_module(pruned, k, constants)
@@ -460,7 +464,7 @@ def render_markdown(result: dict) -> str:
              f"{result.get('fused_kernels_used', False)}); routers: {result.get('router_dtype')}; blocks compiled "
              f"(torch.compile, dense and pruned alike): {result.get('compile_blocks', False)}; gather/scatter compiled "
              f"into the blocks: {result.get('compile_rows', False)}; q/k/v projections fused: "
-             f"{result.get('fuse_qkv', False)}", "",
+             f"{result.get('fuse_qkv', False)}; compile mode: {result.get('compile_mode') or 'default'}", "",
              f"Command: `{result['command']}`", ""]
     rows = result["per_step"]
     backends = [b for b in ("eager", "cudagraph", "compile", "ort")
@@ -553,7 +557,8 @@ def main(argv=None) -> int:
             print(f"== kernels: {variant} failed: {type(err).__name__}: {str(err)[:500]}", flush=True)
             continue
         result.update(phase=args.phase, router_dtype=args.router_dtype, facts=facts, model=args.model,
-                      compile_blocks=args.compile_blocks, fuse_qkv=args.fuse_qkv, compile_rows=args.compile_blocks and args.compile_rows,
+                      compile_blocks=args.compile_blocks, compile_mode=args.compile_mode,
+                      fuse_qkv=args.fuse_qkv, compile_rows=args.compile_blocks and args.compile_rows,
                       ort_cuda_graph=args.ort_cuda_graph,
                       height=args.height, width=args.width, kernels=variant,
                       fused_kernels_used=variant == "triton" and kernels.triton_available() and device == "cuda",

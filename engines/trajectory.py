@@ -36,6 +36,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 import numpy as np
 
 from shiva_export.errors import ArtifactError, ConfigError
+from shiva_export.records import ExportRecord
 
 logger = logging.getLogger(__name__)
 
@@ -138,9 +139,8 @@ def export_config(ws):
     """The ExportConfig the graphs of `ws` were exported with (shapes and dtypes of their inputs)."""
     from shiva_export.export import ExportConfig
 
-    record = ws.manifest.require("export")
     try:
-        return ExportConfig(**record["config"])
+        return ExportConfig(**ws.manifest.require(ExportRecord).config.to_json())
     except (KeyError, TypeError) as err:
         raise ArtifactError(f"{ws.root}: the manifest's export record has no usable config ({err}); re-export") from err
 

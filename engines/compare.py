@@ -51,8 +51,9 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from shiva_export.errors import ArtifactError, ConfigError
-from shiva_export.records import (CHECK_DIR, CHECK_FILE, CHECK_SCHEMA, ONNX_DIR, REPRO_FILE, CheckRecord, EngineRecord,
-                                  ExportRecord)
+from shiva_export.records import (CHECK_DIR, CHECK_FILE, CHECK_INPUTS, CHECK_REFERENCE, CHECK_SCHEMA, ONNX_DIR,
+                                  REPRO_FILE, CheckRecord, EngineRecord, ExportRecord, check_bucket_dir,
+                                  check_outputs_file)
 
 logger = logging.getLogger(__name__)
 
@@ -352,7 +353,7 @@ def check_bucket(engines, bucket, records, gate: Gate, save_dir: Path | None = N
     feeds = [r.feed for r in records]
     outputs = _run_all(engines.runner(bucket.index), feeds)
     if save_dir is not None:
-        save_run_results(outputs, engines.name, save_dir / f"outputs-{engines.name}.json")
+        save_run_results(outputs, engines.name, save_dir / check_outputs_file(engines.name))
     per_step = tuple(Metrics.of(r.outputs["sample"], out["sample"]) for r, out in zip(records, outputs))
     metrics = Metrics.worst(per_step)
 
@@ -464,22 +465,26 @@ def run_check(ws, backends: Sequence[Any] = ("onnxruntime",), config: CheckConfi
     bucket_results, trajectory_results = [], []
     with ws.manifest.writing():
         with atomic_directory(ws.path(CHECK_DIR)) as tmp:
+            def staged(relative: str) -> Path:   # tmp stands for check/ until it is swapped in whole
+                return tmp / Path(relative).relative_to(CHECK_DIR)
+
             for bucket in schedule.buckets:
-                save_bucket_data(trajectory, bucket.index, tmp / f"bucket{bucket.index}")
+                save_bucket_data(trajectory, bucket.index, staged(check_bucket_dir(bucket.index)))
             for engines in engine_sets:
                 for bucket in schedule.buckets:
                     records = trajectory.bucket_steps(bucket.index)
-                    bucket_results.append(check_bucket(engines, bucket, records, gate, tmp / f"bucket{bucket.index}"))
+                    bucket_results.append(check_bucket(engines, bucket, records, gate,
+                                                       staged(check_bucket_dir(bucket.index))))
                 if config.full_trajectory:
                     trajectory_results.append(check_full_trajectory(engines, ws, trajectory, trajectory_gate))
-            write_repro(tmp / Path(REPRO_FILE).name, ws, schedule, gate, config, engine_sets, guidance)
+            write_repro(staged(REPRO_FILE), ws, schedule, gate, config, engine_sets, guidance)
         report = CheckReport(model=ws.config.model, dtype=cfg.dtype, config=config, num_steps=schedule.num_steps,
                              buckets=tuple(bucket_results), trajectories=tuple(trajectory_results), versions=versions,
                              guidance=guidance.to_json())
         write_json(ws.path(CHECK_FILE), report.to_json())
         files = [ws.path(CHECK_FILE), ws.path(REPRO_FILE)]
         for bucket in schedule.buckets:
-            files += [ws.path(f"{CHECK_DIR}/bucket{bucket.index}/{n}") for n in ("inputs.json", "reference.json")]
+            files += [ws.path(f"{check_bucket_dir(bucket.index)}/{n}") for n in (CHECK_INPUTS, CHECK_REFERENCE)]
         ws.manifest.set_stage(CheckRecord(files=tuple(map(ws.manifest.file_record, files)), backends=tuple(names),
                                           device=device, config=config.to_json(), passed=bool(report),
                                           failures=tuple(report.failures)), inputs)
@@ -533,10 +538,10 @@ def write_repro(path: Path, ws, schedule, gate: Gate, config: CheckConfig, engin
     trt_rtx = _trt_rtx_convert_flags(built.engines["trt-rtx"]) if built and "trt-rtx" in built.engines else None
     for bucket in schedule.buckets:
         graph = graphs[bucket.index]
-        data = f"{CHECK_DIR}/bucket{bucket.index}"
+        data = check_bucket_dir(bucket.index)
         production = f"{ONNX_DIR}/{graph.file}"
         debug = f"{ONNX_DIR}/{graph.debug_file}" if graph.debug_file else production
-        load = f"--load-inputs {data}/inputs.json --load-outputs {data}/reference.json"
+        load = f"--load-inputs {data}/{CHECK_INPUTS} --load-outputs {data}/{CHECK_REFERENCE}"
         lines += [
             f"# bucket {bucket.index}: steps {step_ranges(bucket.steps)}, k={list(bucket.k)}",
             f'"$POLYGRAPHY" run {debug} --onnxrt {load} {tol}',

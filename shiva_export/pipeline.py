@@ -16,9 +16,9 @@ from shiva_export.engines.backends.names import TENSORRT_BACKENDS, backend_name
 from shiva_export.errors import ArtifactError, ConfigError, StaleArtifactError
 from shiva_export.io import sha256_json
 from shiva_export.manifest import Manifest
-from shiva_export.records import (MANIFEST_NAME, ONNX_DIR, SCHEDULE_FILE, WEIGHTS_FILE, BenchRecord, CheckRecord,
-                                  DenseGraphRecord, EngineEntry, EngineRecord, ExportRecord, FreezeRecord, GraphConfig,
-                                  GraphRecord, LintRecord)
+from shiva_export.records import (LINT_FILE, MANIFEST_NAME, ONNX_DIR, SCHEDULE_FILE, WEIGHTS_FILE, BenchRecord,
+                                  CheckRecord, DenseGraphRecord, EngineEntry, EngineRecord, ExportRecord, FreezeRecord,
+                                  GraphConfig, GraphRecord, LintRecord)
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +210,7 @@ class Workspace:
     def schedule(self):
         from shiva_export.passes.freeze import Schedule
 
-        self.manifest.verify_files("freeze")
+        self.manifest.verify_files(FreezeRecord)
         return Schedule.load(self.path(SCHEDULE_FILE))
 
     def bucket_graphs(self) -> tuple[GraphRecord, ...]:
@@ -433,13 +433,13 @@ def run_lint(ws: Workspace, force: bool = False) -> dict:
     inputs = sha256_json({name: record.inputs_hash for name in files})
     if not force and ws.manifest.is_fresh(LintRecord, inputs):
         log.info("lint: reports are up to date, reused")
-        return dict(ws.manifest.require(LintRecord).reports)
+        return dict(ws.manifest.require(LintRecord).reports or {})
     ws.bucket_graphs()
     reports = {name: lint_model(str(ws.path(f"{ONNX_DIR}/{name}"))).to_json() for name in files}
     errors = sum(r["errors"] for r in reports.values())
     warnings = sum(r["warnings"] for r in reports.values())
     with ws.manifest.writing():
-        path = write_json(ws.path("lint.json"), reports)
+        path = write_json(ws.path(LINT_FILE), reports)
         ws.manifest.set_stage(LintRecord(files=(ws.manifest.file_record(path),), reports=reports, errors=errors,
                                          warnings=warnings, passed=errors == 0), inputs)
         ws.manifest.save()

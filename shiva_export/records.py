@@ -35,6 +35,8 @@ SIDECAR_SUFFIX = ".meta.json"         # beside each engine: <engine>.meta.json
 LINT_FILE = "lint.json"
 CHECK_FILE = "check.json"
 CHECK_DIR = "check"                   # check/bucket{i}/..., check/repro.sh
+CHECK_INPUTS = "inputs.json"          # check/bucket{i}/inputs.json: the bucket's feeds (Polygraphy --load-inputs)
+CHECK_REFERENCE = "reference.json"    # check/bucket{i}/reference.json: PyTorch's outputs (a Polygraphy RunResults)
 REPRO_FILE = f"{CHECK_DIR}/repro.sh"
 BENCH_JSON = "bench.json"
 BENCH_MD = "bench.md"
@@ -49,6 +51,16 @@ REPORT_SCHEMA = "shiva.report/1"      # report/report.json
 def graph_file(bucket: int | str, debug: bool = False) -> str:
     """A bucket graph's file name in onnx/: b0.onnx, or b0.debug.onnx (the twin that also returns the indices)."""
     return f"b{bucket}.debug.onnx" if debug else f"b{bucket}.onnx"
+
+
+def check_bucket_dir(bucket: int) -> str:
+    """Where check keeps one bucket's inputs, reference and engine outputs: check/bucket0."""
+    return f"{CHECK_DIR}/bucket{bucket}"
+
+
+def check_outputs_file(engine_set: str) -> str:
+    """An engine set's outputs for a bucket, beside its reference (a Polygraphy RunResults): outputs-ort.json."""
+    return f"outputs-{engine_set}.json"
 
 
 # --------------------------------------------------------------------------------------------------- base

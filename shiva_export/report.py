@@ -52,10 +52,11 @@ from shiva_export.engines.backends.names import BACKEND_LABELS as ENGINE_BACKEND
 from shiva_export.errors import ArtifactError, BackendUnavailableError, StaleArtifactError
 from shiva_export.io import sha256_file, sha256_json
 from shiva_export.manifest import Manifest
-from shiva_export.records import (BENCH_JSON, BENCH_MD, BENCH_SCHEMA, CHECK_DIR, CHECK_FILE, CHECK_SCHEMA,
+from shiva_export.records import (BENCH_JSON, BENCH_MD, BENCH_SCHEMA, CHECK_FILE, CHECK_REFERENCE, CHECK_SCHEMA,
                                   ENGINES_DIR, LINT_FILE, MANIFEST_NAME, ONNX_DIR, REPORT_DIR, REPORT_JSON, REPORT_MD,
                                   REPORT_SCHEMA, REPRO_FILE, SCHEDULE_FILE, SIDECAR_SUFFIX, STAGES, BenchRecord,
-                                  CheckRecord, EngineRecord, ExportRecord, FreezeRecord, LintRecord, ReportRecord)
+                                  CheckRecord, EngineRecord, ExportRecord, FreezeRecord, LintRecord, ReportRecord,
+                                  check_bucket_dir, check_outputs_file)
 
 logger = logging.getLogger(__name__)
 
@@ -410,8 +411,8 @@ def _error_distributions(reader: _Reader, check: dict) -> tuple[list[dict], list
     references: dict[int, list] = {}
     for result in check["buckets"]:
         bucket, backend = result["bucket"], result["backend"]
-        outputs_rel = f"{CHECK_DIR}/bucket{bucket}/outputs-{backend}.json"
-        reference_rel = f"{CHECK_DIR}/bucket{bucket}/reference.json"
+        outputs_rel = f"{check_bucket_dir(bucket)}/{check_outputs_file(backend)}"
+        reference_rel = f"{check_bucket_dir(bucket)}/{CHECK_REFERENCE}"
         outputs_path = reader.unlisted(outputs_rel)
         if outputs_path is None:
             missing.append(outputs_rel)

@@ -106,7 +106,7 @@ def describe(record: StageRecord, manifest=None) -> list[str]:
             lines += [f"  bucket {e.bucket}: {e.engine} ({engine_freshness(manifest, e)})" for e in entries]
         return lines
     if isinstance(record, LintRecord):
-        return [f"errors: {record.errors}", f"warnings: {record.warnings}", f"passed: {record.passed}"]
+        return [f"errors: {record.errors}", f"passed: {record.passed}", f"warnings: {record.warnings}"]
     if isinstance(record, CheckRecord):
         return [f"passed: {record.passed}"]
     return []

@@ -24,7 +24,7 @@ from shiva_export.records import ENGINES_DIR
 
 logger = logging.getLogger(__name__)
 
-_BUCKET = re.compile(r"^b(\d+)\.onnx$")
+_BUCKET = re.compile(r"^b(\d+)\.onnx$")   # the names `records.graph_file` gives bucket graphs
 
 
 @dataclass(frozen=True)

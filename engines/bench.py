@@ -33,14 +33,12 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from shiva_export.engines.backends.names import TENSORRT_BACKENDS
 from shiva_export.errors import ArtifactError, BackendUnavailableError, ConfigError
+from shiva_export.records import BENCH_JSON, BENCH_MD, BENCH_SCHEMA, BenchRecord, ExportRecord
 
 logger = logging.getLogger(__name__)
 
-BENCH_STAGE = "bench"
-BENCH_JSON = "bench.json"
-BENCH_MD = "bench.md"
-SCHEMA = "shiva.bench/1"
 LOOP_AGREEMENT = 0.15   # a loop P50 further than this from the sum of its steps' P50s is reported
 
 
@@ -133,14 +131,14 @@ class BenchReport:
     reused: bool = False            # loaded from a fresh bench.json instead of measured
 
     def to_json(self) -> dict:
-        return {"schema": SCHEMA, "device": self.device, "versions": self.versions, "config": self.config.to_json(),
-                "artifact": self.artifact, "rows": [r.to_json() for r in self.rows],
+        return {"schema": BENCH_SCHEMA, "device": self.device, "versions": self.versions,
+                "config": self.config.to_json(), "artifact": self.artifact, "rows": [r.to_json() for r in self.rows],
                 "speedups": [s.to_json() for s in self.speedups], "skipped": list(self.skipped)}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "BenchReport":
-        if data.get("schema") != SCHEMA:
-            raise ArtifactError(f"bench report schema {data.get('schema')!r} is not {SCHEMA!r}; re-run bench")
+        if data.get("schema") != BENCH_SCHEMA:
+            raise ArtifactError(f"bench report schema {data.get('schema')!r} is not {BENCH_SCHEMA!r}; re-run bench")
         timing_fields = [f.name for f in dataclasses.fields(Timing)]
         rows = tuple(BenchRow(r["backend"], r["variant"], r["scope"], r["steps"], r["flops"], r["clock"],
                               Timing(**{k: r[k] for k in timing_fields}), r.get("device", "cpu"))
@@ -300,7 +298,7 @@ def _feeds(ws, schedule, cfg, seed: int) -> list[dict[str, np.ndarray]]:
 
     rng = np.random.default_rng(seed)
     dtype = _numpy_dtype(cfg.dtype)
-    shapes = cfg.input_shapes(ws.manifest.require("export")["transformer_config"])   # the recorded config: no model
+    shapes = cfg.input_shapes(ws.manifest.require(ExportRecord).transformer_config)   # the recorded config: no model
     base = {name: rng.standard_normal(shape).astype(np.float32).astype(dtype)
             for name, shape in shapes.items() if name != "timestep"}
     return [{**base, "timestep": np.full((cfg.batch,), t, dtype=np.float32)} for t in schedule.timesteps]
@@ -450,7 +448,7 @@ def run_bench(ws, config: BenchConfig | None = None, backends: Sequence[str] | N
 
     for name in backends or ():  # refused before any session is built
         short = engine_set_name(name)
-        if short in ("trt", "trt-rtx") and runnable_reason(short) is not None:
+        if short in TENSORRT_BACKENDS and runnable_reason(short) is not None:
             raise BackendUnavailableError(f"bench --backend {name}: its engines cannot run here "
                                           f"({runnable_reason(short)})")
     config = config or BenchConfig()
@@ -459,14 +457,14 @@ def run_bench(ws, config: BenchConfig | None = None, backends: Sequence[str] | N
     schedule = ws.schedule()
     cfg = export_config(ws)
     graphs = ws.bucket_graphs()
-    dense_record = ws.manifest.require("export").get("dense")
-    if not dense_record:
+    dense = ws.manifest.require(ExportRecord).dense
+    if dense is None:
         raise ConfigError(f"{ws.root}: the export has no dense.onnx baseline; re-export with this version")
-    inputs = sha256_json({"graphs": [g["sha256"] for g in graphs], "dense": dense_record["sha256"],
+    inputs = sha256_json({"graphs": [g.sha256 for g in graphs], "dense": dense.sha256,
                           "config": config.to_json(), "device": device_facts(), "run_on": device,
                           "backends": list(backends or []),
                           "versions": library_versions()})
-    if not force and ws.manifest.is_fresh(BENCH_STAGE, inputs):
+    if not force and ws.manifest.is_fresh(BenchRecord, inputs):
         logger.info("bench: bench.json is up to date for these graphs, device and settings, reused (--force re-runs)")
         return BenchReport.from_json(json.loads(ws.path(BENCH_JSON).read_text()))
     feeds = _feeds(ws, schedule, cfg, config.seed)
@@ -511,12 +509,12 @@ def run_bench(ws, config: BenchConfig | None = None, backends: Sequence[str] | N
     with ws.manifest.writing():
         write_json(ws.path(BENCH_JSON), data)
         with_md = write_bytes(ws.path(BENCH_MD), render_markdown(data).encode())
-        ws.manifest.set_stage(BENCH_STAGE, {"files": [ws.manifest.file_record(ws.path(BENCH_JSON)),
-                                                      ws.manifest.file_record(with_md)],
-                                            "config": config.to_json(), "device": report.device.get("name"),
-                                            "backends": sorted({r.backend for r in rows}),
-                                            "speedups": {f"{s.backend}/{s.scope}": round(s.measured, 4)
-                                                         for s in report.speedups}}, inputs)
+        ws.manifest.set_stage(BenchRecord(files=(ws.manifest.file_record(ws.path(BENCH_JSON)),
+                                                 ws.manifest.file_record(with_md)),
+                                          config=config.to_json(), device=report.device.get("name"),
+                                          backends=tuple(sorted({r.backend for r in rows})),
+                                          speedups={f"{s.backend}/{s.scope}": round(s.measured, 4)
+                                                    for s in report.speedups}), inputs)
         ws.manifest.save()
     return report
 

@@ -8,7 +8,7 @@ Until the manifest exists, callers pass the graphs and their expected hashes as 
 
 from __future__ import annotations
 
-__all__ = ["EngineRecord", "OnnxSource", "build_engine", "build_engines", "engine_path_for", "find_bucket_graphs"]
+__all__ = ["EngineBuild", "OnnxSource", "build_engine", "build_engines", "engine_path_for", "find_bucket_graphs"]
 
 import logging
 import re
@@ -20,10 +20,11 @@ from typing import Literal, Mapping, MutableMapping, Sequence
 from shiva_export.engines.backends.base import Backend, BuildOptions, current_device, get_backend
 from shiva_export.engines.metadata import metadata_path, onnx_facts, verify_metadata, write_metadata
 from shiva_export.errors import ArtifactError, StaleArtifactError
+from shiva_export.records import ENGINES_DIR
 
 logger = logging.getLogger(__name__)
 
-_BUCKET = re.compile(r"^b(\d+)\.onnx$")
+_BUCKET = re.compile(r"^b(\d+)\.onnx$")   # the names `records.graph_file` gives bucket graphs
 
 
 @dataclass(frozen=True)
@@ -39,8 +40,8 @@ class OnnxSource:
 
 
 @dataclass(frozen=True)
-class EngineRecord:
-    """What `build_engines` did for one bucket."""
+class EngineBuild:
+    """What `build_engines` did for one bucket (the engine stage records it as a `records.EngineEntry`)."""
 
     bucket: str  # "b0"
     backend: str
@@ -82,7 +83,7 @@ def find_bucket_graphs(export_dir: str | Path) -> list[Path]:
 
 def engine_path_for(export_dir: str | Path, backend: Backend, onnx_path: str | Path) -> Path:
     """`export_dir/engines/<backend>/bK<suffix>`."""
-    return Path(export_dir) / "engines" / backend.name / (Path(onnx_path).stem + backend.engine_suffix)
+    return Path(export_dir) / ENGINES_DIR / backend.name / (Path(onnx_path).stem + backend.engine_suffix)
 
 
 def _expected(backend: Backend, facts, options: BuildOptions, schedule_hash, checkpoint_hash, version) -> dict:
@@ -111,7 +112,7 @@ def build_engine(
     checkpoint_hash: str | None = None,
     force: bool = False,
     hash_cache: MutableMapping[Path, str] | None = None,
-) -> EngineRecord:
+) -> EngineBuild:
     """Build (or keep, if fresh) the engine for one graph and write its metadata sidecar."""
     engine_path = Path(engine_path)
     bucket = source.path.stem
@@ -145,7 +146,7 @@ def build_engine(
                 reason = f"stale: {err}"
             else:
                 logger.info("%s: %s engine %s is fresh (metadata matches), skipped", bucket, backend.name, engine_path)
-                return EngineRecord(
+                return EngineBuild(
                     bucket, backend.name, source.path, engine_path, metadata_path(engine_path),
                     "fresh", "metadata matches", 0.0, metadata.to_json(),
                 )  # fmt: skip
@@ -164,7 +165,7 @@ def build_engine(
         checkpoint_hash=checkpoint_hash,
         facts=facts,
     )
-    return EngineRecord(
+    return EngineBuild(
         bucket, backend.name, source.path, engine_path, metadata_path(engine_path),
         "built", reason, seconds, metadata.to_json(),
     )  # fmt: skip
@@ -179,7 +180,7 @@ def build_engines(
     schedule_hash: str | None = None,
     checkpoint_hash: str | None = None,
     force: bool = False,
-) -> list[EngineRecord]:
+) -> list[EngineBuild]:
     """Build `engines/<backend>/bK.*` for every bucket graph; engines whose metadata matches are kept.
 
     Args:

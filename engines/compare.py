@@ -27,7 +27,6 @@ from __future__ import annotations
 
 __all__ = [
     "CHECK_FILE",
-    "CHECK_STAGE",
     "GATES",
     "TRAJECTORY_GATES",
     "BucketResult",
@@ -52,13 +51,12 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from shiva_export.errors import ArtifactError, ConfigError
+from shiva_export.records import (CHECK_DIR, CHECK_FILE, CHECK_INPUTS, CHECK_REFERENCE, CHECK_SCHEMA, ONNX_DIR,
+                                  REPRO_FILE, CheckRecord, EngineRecord, ExportRecord, check_bucket_dir,
+                                  check_outputs_file)
 
 logger = logging.getLogger(__name__)
 
-CHECK_STAGE = "check"
-CHECK_FILE = "check.json"
-CHECK_DIR = "check"
-REPORT_SCHEMA = "shiva.check/1"
 INDEX_PREFIX = "indices_layer"
 
 
@@ -318,15 +316,15 @@ class CheckReport:
         return [f for r in (*self.buckets, *self.trajectories) for f in r.failures]
 
     def to_json(self) -> dict:
-        return {"schema": REPORT_SCHEMA, "model": self.model, "dtype": self.dtype, "config": self.config.to_json(),
+        return {"schema": CHECK_SCHEMA, "model": self.model, "dtype": self.dtype, "config": self.config.to_json(),
                 "guidance": dict(self.guidance), "num_steps": self.num_steps, "buckets": [b.to_json() for b in self.buckets],
                 "trajectories": [t.to_json() for t in self.trajectories], "versions": self.versions,
                 "passed": bool(self), "failures": self.failures}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any], reused: bool = False) -> "CheckReport":
-        if data.get("schema") != REPORT_SCHEMA:
-            raise ArtifactError(f"check report schema {data.get('schema')!r} is not {REPORT_SCHEMA!r}; re-run check")
+        if data.get("schema") != CHECK_SCHEMA:
+            raise ArtifactError(f"check report schema {data.get('schema')!r} is not {CHECK_SCHEMA!r}; re-run check")
         config = {k: v for k, v in data["config"].items() if k != "schema"}
         return cls(model=data["model"], dtype=data["dtype"], config=CheckConfig(**config),
                    num_steps=int(data["num_steps"]), buckets=tuple(BucketResult.from_json(b) for b in data["buckets"]),
@@ -355,7 +353,7 @@ def check_bucket(engines, bucket, records, gate: Gate, save_dir: Path | None = N
     feeds = [r.feed for r in records]
     outputs = _run_all(engines.runner(bucket.index), feeds)
     if save_dir is not None:
-        save_run_results(outputs, engines.name, save_dir / f"outputs-{engines.name}.json")
+        save_run_results(outputs, engines.name, save_dir / check_outputs_file(engines.name))
     per_step = tuple(Metrics.of(r.outputs["sample"], out["sample"]) for r, out in zip(records, outputs))
     metrics = Metrics.worst(per_step)
 
@@ -450,15 +448,16 @@ def run_check(ws, backends: Sequence[Any] = ("onnxruntime",), config: CheckConfi
     from shiva_export.pipeline import require_runnable
 
     require_runnable(engine_sets, "check")   # before minutes of trajectory capture
-    guidance = resolve_guidance(ws.manifest.require("export")["transformer_config"], cfg.batch, config.guidance_scale)
+    export = ws.manifest.require(ExportRecord)
+    guidance = resolve_guidance(export.transformer_config, cfg.batch, config.guidance_scale)
     gate, trajectory_gate = _gate(GATES, cfg.dtype), _gate(TRAJECTORY_GATES, cfg.dtype)
     versions = library_versions()
     # The export's inputs hash covers the schedule, the shapes and the model/checkpoint identity of the reference.
     inputs = sha256_json({"engines": {e.name: e.identity() for e in engine_sets}, "config": config.to_json(),
                           "guidance": guidance.to_json(), "device": device,
-                          "export": ws.manifest.require("export").get("inputs_hash"), "schedule": schedule.schedule_hash,
+                          "export": export.inputs_hash, "schedule": schedule.schedule_hash,
                           "gates": [gate.to_json(), trajectory_gate.to_json()], "versions": versions})
-    if not force and ws.manifest.is_fresh(CHECK_STAGE, inputs):
+    if not force and ws.manifest.is_fresh(CheckRecord, inputs):
         logger.info("check: check.json is up to date for these engines and seed, reused (--force to re-run)")
         return CheckReport.from_json(json.loads(ws.path(CHECK_FILE).read_text()), reused=True)
 
@@ -466,26 +465,29 @@ def run_check(ws, backends: Sequence[Any] = ("onnxruntime",), config: CheckConfi
     bucket_results, trajectory_results = [], []
     with ws.manifest.writing():
         with atomic_directory(ws.path(CHECK_DIR)) as tmp:
+            def staged(relative: str) -> Path:   # tmp stands for check/ until it is swapped in whole
+                return tmp / Path(relative).relative_to(CHECK_DIR)
+
             for bucket in schedule.buckets:
-                save_bucket_data(trajectory, bucket.index, tmp / f"bucket{bucket.index}")
+                save_bucket_data(trajectory, bucket.index, staged(check_bucket_dir(bucket.index)))
             for engines in engine_sets:
                 for bucket in schedule.buckets:
                     records = trajectory.bucket_steps(bucket.index)
-                    bucket_results.append(check_bucket(engines, bucket, records, gate, tmp / f"bucket{bucket.index}"))
+                    bucket_results.append(check_bucket(engines, bucket, records, gate,
+                                                       staged(check_bucket_dir(bucket.index))))
                 if config.full_trajectory:
                     trajectory_results.append(check_full_trajectory(engines, ws, trajectory, trajectory_gate))
-            write_repro(tmp / "repro.sh", ws, schedule, gate, config, engine_sets, guidance)
+            write_repro(staged(REPRO_FILE), ws, schedule, gate, config, engine_sets, guidance)
         report = CheckReport(model=ws.config.model, dtype=cfg.dtype, config=config, num_steps=schedule.num_steps,
                              buckets=tuple(bucket_results), trajectories=tuple(trajectory_results), versions=versions,
                              guidance=guidance.to_json())
         write_json(ws.path(CHECK_FILE), report.to_json())
-        files = [ws.path(CHECK_FILE), ws.path(f"{CHECK_DIR}/repro.sh")]
+        files = [ws.path(CHECK_FILE), ws.path(REPRO_FILE)]
         for bucket in schedule.buckets:
-            files += [ws.path(f"{CHECK_DIR}/bucket{bucket.index}/{n}") for n in ("inputs.json", "reference.json")]
-        ws.manifest.set_stage(CHECK_STAGE, {"files": [ws.manifest.file_record(p) for p in files],
-                                            "backends": names, "device": device, "config": config.to_json(),
-                                            "passed": bool(report),
-                                            "failures": report.failures}, inputs)
+            files += [ws.path(f"{check_bucket_dir(bucket.index)}/{n}") for n in (CHECK_INPUTS, CHECK_REFERENCE)]
+        ws.manifest.set_stage(CheckRecord(files=tuple(map(ws.manifest.file_record, files)), backends=tuple(names),
+                                          device=device, config=config.to_json(), passed=bool(report),
+                                          failures=tuple(report.failures)), inputs)
         ws.manifest.save()
     for failure in report.failures:
         logger.warning("check failed: %s", failure)
@@ -506,11 +508,11 @@ def write_repro(path: Path, ws, schedule, gate: Gate, config: CheckConfig, engin
     from shiva_export.export import input_names
     from shiva_export.engines.trajectory import REFERENCE_RUNNER, step_ranges
 
-    names = input_names(ws.manifest.require("export")["transformer_config"])
+    names = input_names(ws.manifest.require(ExportRecord).transformer_config)
 
     import shiva_export
 
-    graphs = {int(g["bucket"]): g for g in ws.bucket_graphs()}
+    graphs = {g.bucket: g for g in ws.bucket_graphs()}
     tol = _polygraphy_tolerances(gate)
     lines = [
         "#!/usr/bin/env bash",
@@ -532,28 +534,29 @@ def write_repro(path: Path, ws, schedule, gate: Gate, config: CheckConfig, engin
         "exit 2; }",
         "",
     ]
-    built = ((ws.manifest.stage("engine") or {}).get("engines") or {})
-    trt_rtx = _trt_rtx_convert_flags(ws) if "trt-rtx" in built else None
+    built = ws.manifest.record(EngineRecord)
+    trt_rtx = _trt_rtx_convert_flags(built.engines["trt-rtx"]) if built and "trt-rtx" in built.engines else None
     for bucket in schedule.buckets:
         graph = graphs[bucket.index]
-        data = f"{CHECK_DIR}/bucket{bucket.index}"
-        debug = f"onnx/{graph['debug_file']}" if graph.get("debug_file") else f"onnx/{graph['file']}"
-        load = f"--load-inputs {data}/inputs.json --load-outputs {data}/reference.json"
+        data = check_bucket_dir(bucket.index)
+        production = f"{ONNX_DIR}/{graph.file}"
+        debug = f"{ONNX_DIR}/{graph.debug_file}" if graph.debug_file else production
+        load = f"--load-inputs {data}/{CHECK_INPUTS} --load-outputs {data}/{CHECK_REFERENCE}"
         lines += [
             f"# bucket {bucket.index}: steps {step_ranges(bucket.steps)}, k={list(bucket.k)}",
             f'"$POLYGRAPHY" run {debug} --onnxrt {load} {tol}',
             f"# with TensorRT (precision comes from the graph's dtypes):",
-            f'# "$POLYGRAPHY" run onnx/{graph["file"]} --trt --strongly-typed {load} {tol}',
+            f'# "$POLYGRAPHY" run {production} --trt --strongly-typed {load} {tol}',
             f"# trtexec, one run per step (raw inputs in the layout of polygraphy --save-input-blob; compare its "
             f"exported 'sample' with {data}/reference/<step>/sample.bin):",
-            f"# for d in {data}/inputs/*/; do trtexec --onnx=onnx/{graph['file']} --stronglyTyped \\",
+            f"# for d in {data}/inputs/*/; do trtexec --onnx={production} --stronglyTyped \\",
             "#     --loadInputs=" + ",".join(f"'{name}':\"${{d}}{name}.bin\"" for name in names)
             + " --exportOutput=\"${d%/}.trtexec.json\"; done",
             "",
         ]
         if trt_rtx is not None:  # the flags the engine stage built the TensorRT-RTX plans with
             lines[-1:-1] = [f"# the TensorRT-RTX plan, built as the engine stage built it (runs on a supported GPU):",
-                            f"POLYGRAPHY_USE_TENSORRT_RTX=1 \"$POLYGRAPHY\" convert onnx/{graph['file']} "
+                            f"POLYGRAPHY_USE_TENSORRT_RTX=1 \"$POLYGRAPHY\" convert {production} "
                             f"--convert-to trt {trt_rtx} -o \"${{TMPDIR:-/tmp}}/b{bucket.index}.plan\""]
     lines.append(f"# engine sets checked by shiva_export: {', '.join(e.name for e in engine_sets)}")
     path.write_text("\n".join(lines) + "\n")
@@ -561,15 +564,14 @@ def write_repro(path: Path, ws, schedule, gate: Gate, config: CheckConfig, engin
     return path
 
 
-def _trt_rtx_convert_flags(ws) -> str:
-    """`polygraphy convert` flags for the options the engine stage built the TensorRT-RTX plans with (their
-    sidecars), e.g. --decomposable-attentions, without which an fp32 graph's attention does not build."""
+def _trt_rtx_convert_flags(entries) -> str:
+    """`polygraphy convert` flags for the options the engine stage built the TensorRT-RTX plans with (its
+    `EngineEntry`s), e.g. --decomposable-attentions, without which an fp32 graph's attention does not build."""
     from shiva_export.engines.backends.base import BuildOptions
 
     flags = ["--strongly-typed"]
     options = BuildOptions()
-    record = ((ws.manifest.stage("engine") or {}).get("engines") or {}).get("trt-rtx") or []
-    recorded = [r.get("build_options") for r in record if isinstance(r.get("build_options"), dict)]
+    recorded = [e.build_options for e in entries if e.build_options is not None]
     decomposable = recorded[0].get("decomposable_attention", options.decomposable_attention) if recorded else \
         options.decomposable_attention
     if decomposable:

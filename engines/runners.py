@@ -26,12 +26,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from shiva_export.engines.backends.names import (BACKEND_NAMES, ENGINE_SET_CHOICES, ENGINE_SET_NAMES,  # noqa: F401
+                                                 engine_set_name)
 from shiva_export.errors import ArtifactError, ConfigError, StaleArtifactError
+from shiva_export.records import ONNX_DIR, EngineRecord, ExportRecord, GraphRecord, graph_file
 
 logger = logging.getLogger(__name__)
-
-ONNX_DIR = "onnx"
-from shiva_export.engines.backends.names import ENGINE_SET_CHOICES, ENGINE_SET_NAMES, engine_set_name  # noqa: F401
 
 
 class EngineSet(abc.ABC):
@@ -42,7 +42,7 @@ class EngineSet(abc.ABC):
 
     def __init__(self, ws):
         self.ws = ws
-        self.graphs = {int(g["bucket"]): g for g in ws.bucket_graphs()}   # verified against the manifest
+        self.graphs: dict[int, GraphRecord] = {g.bucket: g for g in ws.bucket_graphs()}   # verified: manifest
         self._checked_graphs: dict[Path, dict[str, str]] = {}
 
     @abc.abstractmethod
@@ -73,15 +73,18 @@ class EngineSet(abc.ABC):
         if bucket not in self.graphs:
             raise ConfigError(f"bucket {bucket} is not exported; buckets: {sorted(self.graphs)}")
         graph = self.graphs[bucket]
-        key = "debug_file" if debug else "file"
-        if not graph.get(key):
+        name = graph.debug_file if debug else graph.file
+        if not name:
             raise ArtifactError(f"{self.ws.root}: bucket {bucket} has no {'debug ' if debug else ''}graph in the "
                                 "manifest; re-export")
-        return self.verified_graph(graph[key], str(bucket), list(graph["k"]))
+        return self.verified_graph(name, str(bucket), list(graph.k))
 
     def dense_graph_path(self) -> Path | None:
-        dense = (self.ws.manifest.require("export").get("dense") or {}).get("file")
-        return None if not dense else self.verified_graph(dense, "dense", None)
+        dense = self.ws.manifest.require(ExportRecord).dense
+        return None if dense is None else self.verified_graph(dense.file, "dense", None)
+
+    def has_debug_graph(self, bucket: int) -> bool:
+        return bucket in self.graphs and self.graphs[bucket].debug_file is not None
 
     def verified_graph(self, name: str, bucket: str, k: list[int] | None) -> Path:
         """`onnx/<name>`, verified by `Workspace.verified_graph` (identity and weights)."""
@@ -121,12 +124,12 @@ class OnnxGraphs(EngineSet):
         return self._runner(self.graph_path(bucket), f"{self.name}:b{bucket}")
 
     def index_runner(self, bucket: int):
-        if not self.graphs.get(bucket, {}).get("debug_file"):
+        if not self.has_debug_graph(bucket):
             return None
         return self._runner(self.graph_path(bucket, debug=True), f"{self.name}:b{bucket}.debug")
 
     def index_note(self, bucket: int) -> str | None:
-        if self.graphs.get(bucket, {}).get("debug_file"):
+        if self.has_debug_graph(bucket):
             return None
         return "the export has no debug graph with index outputs (exported without debug_indices)"
 
@@ -135,17 +138,15 @@ class OnnxGraphs(EngineSet):
         return self._runner(path, f"{self.name}:dense") if path else None
 
     def dense_note(self) -> str | None:
-        return None if (self.ws.manifest.require("export").get("dense") or {}).get("file") else \
-            "the export has no dense.onnx"
+        return None if self.ws.manifest.require(ExportRecord).dense else "the export has no dense.onnx"
 
     def identity(self) -> dict[str, str]:
-        for bucket, graph in self.graphs.items():
+        for bucket in self.graphs:
             self.graph_path(bucket)
-            if graph.get("debug_file"):
+            if self.has_debug_graph(bucket):
                 self.graph_path(bucket, debug=True)
         self.dense_graph_path()
-        files = self.ws.manifest.require("export")["files"]
-        return {entry["path"]: entry["sha256"] for entry in files}
+        return {entry.path: entry.sha256 for entry in self.ws.manifest.require(ExportRecord).files}
 
 
 class BuiltEngines(EngineSet):
@@ -171,8 +172,9 @@ class BuiltEngines(EngineSet):
             from shiva_export.engines.backends.ort import SharedWeights
 
             self.runner_kwargs["weights"] = SharedWeights(device=self.runner_kwargs.get("provider", "cpu"))
-        recorded = ((ws.manifest.stage("engine") or {}).get("engines") or {}).get(self.name) or []
-        self._recorded = {int(r["bucket"]): ws.path(r["engine"]) for r in recorded}
+        stage = ws.manifest.record(EngineRecord)
+        recorded = stage.engines.get(self.name, ()) if stage else ()
+        self._recorded = {entry.bucket: ws.path(entry.engine) for entry in recorded}
         self._verified: dict[Path, str] = {}
 
     def _default_path(self, onnx_path: Path) -> Path:
@@ -218,9 +220,9 @@ class BuiltEngines(EngineSet):
         graph = self.graphs[bucket] if bucket in self.graphs else self.graph_path(bucket)
         engine = self._bucket_engine_path(bucket)
         if not engine.is_file():
-            raise ArtifactError(f"{engine}: no {self.name} engine for {graph['file']}; build it with "
+            raise ArtifactError(f"{engine}: no {self.name} engine for {graph.file}; build it with "
                                 f"`python -m shiva_export build --backend {self.name} --out {self.ws.root}`")
-        return self._verify(engine, self.graph_path(bucket), graph["sha256"])
+        return self._verify(engine, self.graph_path(bucket), graph.sha256)
 
     def _optional_engine(self, stem: str, graph: Path, expected_sha: str | None) -> Path | None:
         engine = self._beside(stem)
@@ -231,17 +233,16 @@ class BuiltEngines(EngineSet):
                                         **self.runner_kwargs)
 
     def _debug_engine(self, bucket: int) -> Path | None:
-        graph = self.graphs.get(bucket, {})
-        if not graph.get("debug_file"):
+        if not self.has_debug_graph(bucket):
             return None
-        return self._optional_engine(f"b{bucket}.debug", self.graph_path(bucket, debug=True),
-                                     graph.get("debug_sha256"))
+        return self._optional_engine(Path(graph_file(bucket, debug=True)).stem, self.graph_path(bucket, debug=True),
+                                     self.graphs[bucket].debug_sha256)
 
     def index_runner(self, bucket: int):
         engine = self._debug_engine(bucket)
         if engine is not None:
             return self.backend.make_runner(engine, name=f"{self.name}:b{bucket}.debug", **self.runner_kwargs)
-        if self.name == "ort" and self.graphs.get(bucket, {}).get("debug_file"):
+        if self.name == "ort" and self.has_debug_graph(bucket):
             # An ORT "engine" is the ONNX graph itself: its debug twin in the same provider is the same engine
             # with the index outputs kept.
             from shiva_export.engines.backends.ort import OrtRunner, SessionFromOnnxPath
@@ -260,10 +261,10 @@ class BuiltEngines(EngineSet):
                 f"agreement on {self.name}")
 
     def _dense_engine(self) -> Path | None:
-        dense = self.ws.manifest.require("export").get("dense") or {}
-        if not dense.get("file"):
+        dense = self.ws.manifest.require(ExportRecord).dense
+        if dense is None:
             return None
-        return self._optional_engine(Path(dense["file"]).stem, self.dense_graph_path(), dense.get("sha256"))
+        return self._optional_engine(Path(dense.file).stem, self.dense_graph_path(), dense.sha256)
 
     def dense_runner(self):
         engine = self._dense_engine()
@@ -281,7 +282,7 @@ class BuiltEngines(EngineSet):
             self._bucket_engine(bucket)
             self._debug_engine(bucket)
         self._dense_engine()
-        files = {entry["path"]: entry["sha256"] for entry in self.ws.manifest.require("export")["files"]}
+        files = {entry.path: entry.sha256 for entry in self.ws.manifest.require(ExportRecord).files}
         for engine, sha in self._verified.items():
             files[engine.relative_to(self.ws.root).as_posix()] = sha
         return files
@@ -299,7 +300,7 @@ def get_engine_set(name: str, ws, device: str = "cpu", **kwargs: Any) -> EngineS
         return OnnxGraphs(ws, "cpu", **kwargs)
     if name == "onnxruntime-cuda":
         return OnnxGraphs(ws, "cuda", **kwargs)
-    if name in ("ort", "trt", "trt-rtx"):
+    if name in BACKEND_NAMES:
         return BuiltEngines(ws, name, **kwargs)
     raise ConfigError(f"unknown backend {name!r}; expected one of {', '.join(ENGINE_SET_NAMES)} (or ort-cpu)")
 

@@ -36,6 +36,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 import numpy as np
 
 from shiva_export.errors import ArtifactError, ConfigError
+from shiva_export.records import CHECK_INPUTS, CHECK_REFERENCE, ExportRecord
 
 logger = logging.getLogger(__name__)
 
@@ -138,9 +139,8 @@ def export_config(ws):
     """The ExportConfig the graphs of `ws` were exported with (shapes and dtypes of their inputs)."""
     from shiva_export.export import ExportConfig
 
-    record = ws.manifest.require("export")
     try:
-        return ExportConfig(**record["config"])
+        return ExportConfig(**ws.manifest.require(ExportRecord).config.to_json())
     except (KeyError, TypeError) as err:
         raise ArtifactError(f"{ws.root}: the manifest's export record has no usable config ({err}); re-export") from err
 
@@ -280,15 +280,15 @@ def save_bucket_data(trajectory: Trajectory, bucket: int, folder: Path) -> dict[
         raise ConfigError(f"bucket {bucket} runs no step of the trajectory")
     folder.mkdir(parents=True, exist_ok=True)
     with _quiet_polygraphy():
-        save_json([r.feed for r in records], str(folder / "inputs.json"), description="check inputs")
-    save_run_results([r.outputs for r in records], REFERENCE_RUNNER, folder / "reference.json")
+        save_json([r.feed for r in records], str(folder / CHECK_INPUTS), description="check inputs")
+    save_run_results([r.outputs for r in records], REFERENCE_RUNNER, folder / CHECK_REFERENCE)
     for index, record in enumerate(records):
         for kind, tensors in (("inputs", record.feed), ("reference", record.outputs)):
             target = _blob_dir(folder / kind, index)
             target.mkdir(parents=True, exist_ok=True)
             for name, array in tensors.items():
                 np.ascontiguousarray(array).tofile(target / f"{name}.bin")
-    return {"inputs": folder / "inputs.json", "reference": folder / "reference.json",
+    return {"inputs": folder / CHECK_INPUTS, "reference": folder / CHECK_REFERENCE,
             "blobs": folder / "inputs", "reference_blobs": folder / "reference"}
 
 

@@ -29,6 +29,7 @@ import weakref
 from pathlib import Path, PurePosixPath
 
 from shiva_export.errors import ArtifactError
+from shiva_export.records import MANIFEST_NAME
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +190,7 @@ class Transaction:
     def _write_journal(self) -> None:
         from shiva_export.io import write_json_direct
 
-        manifest = self.root / "manifest.json"
+        manifest = self.root / MANIFEST_NAME
         write_json_direct(self.root / JOURNAL_NAME, {"pid": os.getpid(), "entries": self.entries,
                                                      "manifest_sha256": _sha256_or_none(manifest)})
 
@@ -271,7 +272,7 @@ def recover(root: str | os.PathLike) -> str | None:
         return None  # this process's own stage is still writing
     if pid != os.getpid() and _pid_alive(pid):
         raise ArtifactError(f"{root}: folder in use by PID {pid} (its stage has not finished)")
-    committed = _sha256_or_none(root / "manifest.json") != manifest_sha
+    committed = _sha256_or_none(root / MANIFEST_NAME) != manifest_sha
     if committed:
         for entry in entries:
             if entry.get("backup"):

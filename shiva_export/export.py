@@ -26,13 +26,13 @@ from shiva_export.io import atomic_directory
 from shiva_export import backbones
 from shiva_export.models import VAE_SCALE_FACTOR, num_image_tokens
 from shiva_export.patching import get_pruning_state, static_k, validate_k
+from shiva_export.records import DENSE_FILE, WEIGHTS_FILE, graph_file
 from shiva_export.topk import ROW_SCATTERS
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 OUTPUT_NAME = "sample"
-WEIGHTS_FILE = "weights.bin"
 MIN_EXTERNAL_BYTES = 1024
 WEIGHT_ALIGNMENT = 64
 
@@ -281,8 +281,6 @@ def check_static(path: Path) -> None:
         raise StaticGraphError(f"{path.name} is not fully static / TensorRT-legal:\n{format_report(report)}")
 
 
-DENSE_FILE = "dense.onnx"
-
 
 @contextlib.contextmanager
 def interrupts_between_graphs():
@@ -331,9 +329,9 @@ def export_buckets(transformer, bucket_ks: Sequence[Sequence[int]], cfg: ExportC
                 model = export_bucket(transformer, k, cfg, graph_passes)
                 check_interrupt()
                 writer.externalize(model)
-                record = {"bucket": bucket, "k": list(map(int, k)), "file": f"b{bucket}.onnx"}
+                record = {"bucket": bucket, "k": list(map(int, k)), "file": graph_file(bucket)}
                 if cfg.debug_indices:
-                    record["debug_file"] = f"b{bucket}.debug.onnx"
+                    record["debug_file"] = graph_file(bucket, debug=True)
                     save_graph(model, tmp / record["debug_file"], bucket, record["k"])
                     drop_debug_outputs(model)
                 save_graph(model, tmp / record["file"], bucket, record["k"])

@@ -94,12 +94,14 @@ def generate(artifacts: str | Path, prompt: str, model: str | Path | None = None
     from shiva_export.io import atomic_output, write_json
     from shiva_export.models import load_pipeline, pipeline_root
     from shiva_export.pipeline import Workspace
+    from shiva_export.records import ExportRecord
     from shiva_export.runtime import ShivaEngineTransformer
 
     if not prompt.strip():
         raise ConfigError("--prompt is empty; expected the text to generate an image for")
     ws = Workspace(artifacts, write=False)
-    export = ws.manifest.require("export")["config"]
+    exported = ws.manifest.require(ExportRecord)
+    export = exported.config
     schedule = ws.schedule()
     source = model if model is not None else ws.manifest.data["config"]["model"]
     if model is None and not (Path(source).exists() and _is_pipeline(Path(source))):
@@ -111,19 +113,19 @@ def generate(artifacts: str | Path, prompt: str, model: str | Path | None = None
                           f"--steps or re-freeze with --steps {steps}")
     from shiva_export import backbones
 
-    adapter = backbones.for_config(ws.manifest.require("export")["transformer_config"])
-    cfg_pairs = adapter.cfg_pairs(export["batch"])
-    guidance = adapter.default_guidance(export["batch"]) if guidance_scale is None else float(guidance_scale)
+    adapter = backbones.for_config(exported.transformer_config)
+    cfg_pairs = adapter.cfg_pairs(export.batch)
+    guidance = adapter.default_guidance(export.batch) if guidance_scale is None else float(guidance_scale)
     if adapter.default_batch == 2 and cfg_pairs != (guidance > 1.0):
-        raise ConfigError(f"--guidance-scale {guidance:g}: the engines run batch {export['batch']} "
+        raise ConfigError(f"--guidance-scale {guidance:g}: the engines run batch {export.batch} "
                           f"({'CFG pairs: a scale > 1' if cfg_pairs else 'no CFG: a scale <= 1'} is needed)")
-    images = export["batch"] // (2 if cfg_pairs else 1)
+    images = export.batch // (2 if cfg_pairs else 1)
     device = compute_device(device)
-    dtype = torch_dtype(export["dtype"])
+    dtype = torch_dtype(export.dtype)
     pipe = load_pipeline(pipeline_root(source), dtype=dtype, device=device)
     call = {"prompt": [prompt] * images, "num_inference_steps": steps, "guidance_scale": guidance,
-            "height": export["height"], "width": export["width"], "output_type": "np",
-            **adapter.pipeline_call_options(export["context_tokens"])}
+            "height": export.height, "width": export.width, "output_type": "np",
+            **adapter.pipeline_call_options(export.context_tokens)}
 
     def run(transformer) -> tuple[np.ndarray, float]:
         pipe.transformer = transformer
@@ -149,8 +151,8 @@ def generate(artifacts: str | Path, prompt: str, model: str | Path | None = None
     with atomic_output(png) as tmp:
         Image.fromarray(side_by_side(dense, pruned)).save(tmp, format="PNG")
     record = {"prompt": prompt, "seed": seed, "steps": steps, "guidance_scale": guidance,
-              "height": export["height"], "width": export["width"], "images_per_call": images,
-              "backend": backend, "device": device, "dtype": export["dtype"], "pipeline": str(pipeline_root(source)),
+              "height": export.height, "width": export.width, "images_per_call": images,
+              "backend": backend, "device": device, "dtype": export.dtype, "pipeline": str(pipeline_root(source)),
               "artifacts": str(ws.root), "panels": ["dense (PyTorch)", f"pruned ({backend})",
                                                     f"|pruned - dense| x {DIFF_GAIN:g}"],
               "seconds": {"dense": round(dense_s, 4), "engine": round(engine_s, 4)},

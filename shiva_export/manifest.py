@@ -1,40 +1,35 @@
 """The manifest: the single contract between stages (schema-versioned, hashed, written last, atomically).
 
 Each stage records the hash of its inputs; a later run with the same inputs reuses the stage, and a consumer
-(a deployment target, the runtime) verifies the files it received against the recorded sha256s.
+(a deployment target, the runtime) verifies the files it received against the recorded sha256s. Stages write and
+read their records typed (`records`): `manifest.set_stage(ExportRecord(...), inputs_hash)`,
+`manifest.require(ExportRecord).graphs`; `data` is the JSON on disk.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import Any
 
 from shiva_export import __version__
 from shiva_export.artifact import Transaction, active_transaction, inside
 from shiva_export.errors import ArtifactError, StaleArtifactError
 from shiva_export.io import sha256_file, write_json_direct
-from shiva_export.schema import (Any_, Bool, Float, Hex, Int, ListOf, MapOf, Nullable, Obj, RelPath, Str,
-                                 validate)
+from shiva_export.records import MANIFEST_NAME, STAGE_RECORDS, FileRecord, R, StageRecord, record_type
+from shiva_export.schema import Float, Int, Nullable, Obj, Str, validate
 
 SCHEMA = "shiva.manifest/1"
-MANIFEST_NAME = "manifest.json"
 # Written into every exported graph's metadata_props, so a graph file carries which bucket it is: a record that
 # points bucket 0 at another graph (dense.onnx, another bucket) is refused even when its sha256 was edited to match.
 GRAPH_BUCKET_KEY = "shiva.bucket"   # "0", "1", ... or "dense"
 GRAPH_K_KEY = "shiva.k"             # the k-vector as JSON, "null" for dense
 MAX_MANIFEST_BYTES = 64 << 20
 
-# What a manifest may hold. Stage records may carry more keys than listed (later versions add some); the keys
-# the stages and the runtime read are required, with their types and ranges. `config` is ArtifactConfig exactly.
-_FILES = ListOf(Obj({"path": RelPath(), "sha256": Hex()}))
-_STAGE = {"files": _FILES, "finished": Str()}
-_STAGE_OPTIONAL = {"inputs_hash": Nullable(Hex())}
-_K = ListOf(Int(minimum=0), min_length=1)
-_GRAPH = Obj({"bucket": Int(minimum=0), "k": _K, "file": RelPath(), "sha256": Hex()},
-             {"debug_file": RelPath(), "debug_sha256": Hex()}, extra=True)
-_ENGINE = Obj({"bucket": Int(minimum=0), "engine": RelPath(), "metadata": RelPath()}, extra=True)
+# What a manifest may hold: `config` is ArtifactConfig exactly; each stage's record follows its class's SPEC
+# (`records`: the keys the stages and the runtime read are required, with their types and ranges; records may carry
+# more keys than listed, as later versions add some).
 _POSITIVE = Nullable(Int(minimum=1))
 CONFIG_SPEC = Obj({
     "model": Str(), "router": Nullable(Str()), "steps": Int(minimum=1, maximum=10_000),
@@ -48,26 +43,8 @@ CONFIG_SPEC = Obj({
     {"scheduler": Nullable(Obj({"_class_name": Str(), "shift": Float(minimum=0, exclusive_minimum=True)},
                                extra=True)),
      "vae_scale_factor": Nullable(Int(minimum=1, maximum=64))})
-_STAGES = {
-    "freeze": Obj({**_STAGE, "schedule_hash": Hex(), "buckets": ListOf(_K, min_length=1)},
-                  {**_STAGE_OPTIONAL, "summary": Obj({name: Float(minimum=0) for name in (
-                      "learned_keep_ratio", "realised_keep_ratio", "realised_flop_ratio")}, extra=True)},
-                  extra=True),
-    "export": Obj({**_STAGE, "graphs": ListOf(_GRAPH, min_length=1), "schedule_hash": Hex(),
-                   "config": Obj({"height": Int(minimum=1), "width": Int(minimum=1), "batch": Int(minimum=1),
-                                  "context_tokens": Int(minimum=1), "dtype": Str(choices=("fp32", "fp16", "bf16"))},
-                                 extra=True)},
-                  {**_STAGE_OPTIONAL, "dense": Nullable(Obj({"file": RelPath(), "sha256": Hex()})),
-                   "transformer_config": Obj(extra=True)}, extra=True),
-    "lint": Obj({**_STAGE, "errors": Int(minimum=0), "warnings": Int(minimum=0), "passed": Bool()},
-                _STAGE_OPTIONAL, extra=True),
-    "engine": Obj({**_STAGE, "engines": MapOf(ListOf(_ENGINE), keys=Str(choices=("ort", "trt", "trt-rtx")))},
-                  _STAGE_OPTIONAL, extra=True),
-    "check": Obj({**_STAGE, "passed": Bool()}, _STAGE_OPTIONAL, extra=True),
-    "bench": Obj(_STAGE, _STAGE_OPTIONAL, extra=True),
-    "report": Obj(_STAGE, _STAGE_OPTIONAL, extra=True),
-}
-MANIFEST_SPEC = Obj({"schema": Str(), "tool_version": Str(), "stages": Obj(optional=_STAGES)},
+MANIFEST_SPEC = Obj({"schema": Str(), "tool_version": Str(),
+                     "stages": Obj(optional={name: record.SPEC for name, record in STAGE_RECORDS.items()})},
                     {"config": CONFIG_SPEC})
 
 
@@ -103,38 +80,45 @@ class Manifest:
         validate(data, MANIFEST_SPEC, str(path))
         return cls(root, data)
 
-    def stage(self, name: str) -> dict | None:
-        return self.data["stages"].get(name)
+    def record(self, kind: type[R] | str) -> R | None:
+        """The typed record of a stage (its class, e.g. `ExportRecord`, or its name), or None if it has not run."""
+        kind = record_type(kind)
+        data = self.data["stages"].get(kind.STAGE)
+        return None if data is None else kind.from_json(data)
 
-    def require(self, name: str) -> dict:
-        record = self.stage(name)
+    def require(self, kind: type[R] | str) -> R:
+        """The typed record of a stage that must have run (ArtifactError naming the command to run, if not)."""
+        record = self.record(kind)
         if record is None:
+            name = record_type(kind).STAGE
             raise ArtifactError(f"{self.root}: stage {name!r} has not run; run `python -m shiva_export {name} --out {self.root}`")
         return record
 
-    def is_fresh(self, name: str, inputs_hash: str) -> bool:
+    def is_fresh(self, kind: type[R] | str, inputs_hash: str) -> bool:
         """True if the stage ran with these inputs and every file it lists still has its recorded hash."""
-        record = self.stage(name)
-        if not record or record.get("inputs_hash") != inputs_hash:
+        record = self.record(kind)
+        if record is None or record.inputs_hash != inputs_hash:
             return False
         try:
-            self.verify_files(name)
+            self.verify_files(kind)
         except ArtifactError:
             return False
         return True
 
-    def set_stage(self, name: str, record: dict[str, Any], inputs_hash: str | None = None) -> None:
-        record = dict(record)
-        record["inputs_hash"] = inputs_hash
-        record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        self.data["stages"][name] = record
+    def set_stage(self, record: R, inputs_hash: str | None = None) -> R:
+        """Record a stage (its name is the record's `STAGE`), stamped with its inputs' hash and the time now."""
+        record = dataclasses.replace(record, inputs_hash=inputs_hash,
+                                     finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        self.data["stages"][record.STAGE] = record.to_json()
+        return record
 
     def drop_stages(self, *names: str) -> None:
         for name in names:
             self.data["stages"].pop(name, None)
 
-    def file_record(self, path: Path) -> dict:
-        return {"path": Path(path).relative_to(self.root).as_posix(), "sha256": sha256_file(path)}
+    def file_record(self, path: Path) -> FileRecord:
+        """The record of a file inside the folder, hashed now."""
+        return FileRecord(path=Path(path).relative_to(self.root).as_posix(), sha256=sha256_file(path))
 
     def path_of(self, relative: str, what: str = "file") -> Path:
         """A path the manifest names, refused unless it stays inside the folder (`artifact.inside`)."""
@@ -142,10 +126,10 @@ class Manifest:
 
     def recorded_sha256(self, relative: str) -> str | None:
         """The sha256 some stage recorded for `relative` (a path inside the folder), or None."""
-        for record in self.data["stages"].values():
-            for entry in record.get("files", []):
-                if entry["path"] == relative:
-                    return entry["sha256"]
+        for name in self.data["stages"]:
+            for entry in self.record(name).files:
+                if entry.path == relative:
+                    return entry.sha256
         return None
 
     def verify_file(self, relative: str, sha256: str | None, stage: str) -> Path:
@@ -159,15 +143,15 @@ class Manifest:
                                      f"{self.root}`")
         return path
 
-    def verify_files(self, name: str) -> None:
+    def verify_files(self, kind: type[StageRecord] | str) -> None:
         """Raise StaleArtifactError naming the first file that is missing or changed since the stage recorded it.
 
         Every path is resolved inside the folder first: a name that leads outside is refused unopened."""
-        entries = self.require(name).get("files", [])
-        for entry in entries:
-            self.path_of(entry["path"], f"file of stage {name!r}")
-        for entry in entries:
-            self.verify_file(entry["path"], entry["sha256"], name)
+        record = self.require(kind)
+        for entry in record.files:
+            self.path_of(entry.path, f"file of stage {record.STAGE!r}")
+        for entry in record.files:
+            self.verify_file(entry.path, entry.sha256, record.STAGE)
 
     def writing(self) -> Transaction:
         """`with manifest.writing():` a stage's file replacements and its `save()` as one transaction."""

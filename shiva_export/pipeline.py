@@ -12,15 +12,16 @@ import logging
 import os
 from pathlib import Path
 
-from shiva_export.engines.backends.names import backend_name  # noqa: F401  (the verbs' backend names)
+from shiva_export.engines.backends.names import TENSORRT_BACKENDS, backend_name
 from shiva_export.errors import ArtifactError, ConfigError, StaleArtifactError
-from shiva_export.io import sha256_file, sha256_json
+from shiva_export.io import sha256_json
 from shiva_export.manifest import Manifest
+from shiva_export.records import (LINT_FILE, MANIFEST_NAME, ONNX_DIR, SCHEDULE_FILE, WEIGHTS_FILE, BenchRecord,
+                                  CheckRecord, DenseGraphRecord, EngineEntry, EngineRecord, ExportRecord, FreezeRecord,
+                                  GraphConfig, GraphRecord, LintRecord)
 
 log = logging.getLogger(__name__)
 
-SCHEDULE_FILE = "schedule.json"
-ONNX_DIR = "onnx"
 DEFAULT_MODEL = "tiny-sd35"
 
 
@@ -109,6 +110,11 @@ class ArtifactConfig:
             data["router"] = str(Path(self.router).resolve())
         return data
 
+    @classmethod
+    def from_json(cls, data: dict) -> "ArtifactConfig":
+        """The config a manifest stored (validated against `manifest.CONFIG_SPEC`: exactly these fields)."""
+        return cls(**data)
+
 
 def _pipeline_fields(config: ArtifactConfig, facts) -> dict:
     """scheduler / shift / vae_scale_factor from the pipeline facts, unless the config already holds them (a stored
@@ -139,7 +145,7 @@ class Workspace:
         from shiva_export.artifact import FolderLock, recover, recover_needed, sweep
 
         self.root = Path(root)
-        if config is None and not (self.root / "manifest.json").is_file():
+        if config is None and not (self.root / MANIFEST_NAME).is_file():
             Manifest.load(self.root)  # the one-line "no manifest" error, before any lock file is made
         if write:
             FolderLock.acquire(self.root, exclusive=True, owner=self)  # held until this workspace is collected
@@ -163,7 +169,7 @@ class Workspace:
             stored = self.manifest.data.get("config")
             if not stored:
                 raise ArtifactError(f"{self.root}: the manifest has no config; run `python -m shiva_export export` first")
-            config = ArtifactConfig(**stored)
+            config = ArtifactConfig.from_json(stored)
         self._given = config
         self._pruned = None
         self._config = None
@@ -204,23 +210,23 @@ class Workspace:
     def schedule(self):
         from shiva_export.passes.freeze import Schedule
 
-        self.manifest.verify_files("freeze")
+        self.manifest.verify_files(FreezeRecord)
         return Schedule.load(self.path(SCHEDULE_FILE))
 
-    def bucket_graphs(self) -> list[dict]:
-        """[{bucket, k, file, debug_file, sha256}] of the exported graphs, verified against the manifest.
+    def bucket_graphs(self) -> tuple[GraphRecord, ...]:
+        """The exported graphs' records, verified against the manifest.
 
         Each graph a record names must be the file the export stage listed with that sha256, under onnx/, once."""
-        self.manifest.verify_files("export")
-        record = self.manifest.require("export")
-        listed = {entry["path"]: entry["sha256"] for entry in record["files"]}
+        self.manifest.verify_files(ExportRecord)
+        record = self.manifest.require(ExportRecord)
+        listed = {entry.path: entry.sha256 for entry in record.files}
         named = []
-        for graph in record["graphs"]:
-            named += [(graph["file"], graph["sha256"])]
-            if graph.get("debug_file"):
-                named += [(graph["debug_file"], graph.get("debug_sha256"))]
-        if record.get("dense"):
-            named += [(record["dense"]["file"], record["dense"]["sha256"])]
+        for graph in record.graphs:
+            named += [(graph.file, graph.sha256)]
+            if graph.debug_file:
+                named += [(graph.debug_file, graph.debug_sha256)]
+        if record.dense:
+            named += [(record.dense.file, record.dense.sha256)]
         seen = set()
         for name, sha in named:
             relative = f"{ONNX_DIR}/{name}"
@@ -231,10 +237,10 @@ class Workspace:
                                          f"the manifest was edited. Re-run `python -m shiva_export export --out "
                                          f"{self.root}`")
             seen.add(name)
-        buckets = sorted(int(g["bucket"]) for g in record["graphs"])
+        buckets = sorted(g.bucket for g in record.graphs)
         if buckets != list(range(len(buckets))):
             raise StaleArtifactError(f"{self.root}: export record has buckets {buckets}; expected 0..{len(buckets) - 1}")
-        return record["graphs"]
+        return record.graphs
 
     def verified_graph(self, name: str, bucket: str, k: list[int] | None) -> tuple[Path, dict[str, str]]:
         """(`onnx/<name>`, {external weights file: recorded sha256}), refused unless the graph says it is this
@@ -254,7 +260,7 @@ class Workspace:
             raise StaleArtifactError(f"{path}: the manifest names this graph for bucket {bucket} (k={k}), but the "
                                      f"graph is bucket {found[0]} (k={found[1]}); the manifest was edited. Re-run "
                                      f"`python -m shiva_export export --out {self.root}`")
-        listed = {e["path"] for e in self.manifest.require("export")["files"]}
+        listed = {e.path for e in self.manifest.require(ExportRecord).files}
         weights = {}
         for tensor in proto.graph.initializer:
             if tensor.data_location != tensor.EXTERNAL:
@@ -291,22 +297,23 @@ def run_freeze(ws: Workspace, force: bool = False) -> bool:
     inputs = sha256_json({"freeze": freeze_cfg.to_json(), "size": [cfg.height, cfg.width, cfg.batch, cfg.context_tokens,
                                                                    cfg.vae_scale_factor],
                           **model_identity(ws)})
-    if not force and ws.manifest.is_fresh("freeze", inputs):
+    if not force and ws.manifest.is_fresh(FreezeRecord, inputs):
         log.info("freeze: schedule.json is up to date, reused")
         return False
     schedule = freeze(ws.pruned.policy.ratios, ws.pruned.config, cfg.height, cfg.width, cfg.batch,
                       cfg.context_tokens, freeze_cfg, **model_identity(ws), vae_scale_factor=cfg.vae_scale_factor)
-    previous = ws.manifest.stage("freeze") or {}
-    if previous.get("schedule_hash") == schedule.schedule_hash and ws.manifest.is_fresh("freeze", inputs):
+    previous = ws.manifest.record(FreezeRecord)
+    previous_hash = previous.schedule_hash if previous else None
+    if previous_hash == schedule.schedule_hash and ws.manifest.is_fresh(FreezeRecord, inputs):
         log.info("freeze: the same schedule again; schedule.json and the later stages are kept")
         return True
     with ws.manifest.writing():
         path = schedule.save(ws.path(SCHEDULE_FILE))
-        ws.manifest.set_stage("freeze", {"files": [ws.manifest.file_record(path)],
-                                         "schedule_hash": schedule.schedule_hash,
-                                         "buckets": [list(b.k) for b in schedule.buckets],
-                                         "summary": schedule.summary.to_json()}, inputs)
-        if previous.get("schedule_hash") != schedule.schedule_hash:  # the same schedule keeps its graphs
+        ws.manifest.set_stage(FreezeRecord(files=(ws.manifest.file_record(path),),
+                                           schedule_hash=schedule.schedule_hash,
+                                           buckets=tuple(tuple(b.k) for b in schedule.buckets),
+                                           summary=schedule.summary.to_json()), inputs)
+        if previous_hash != schedule.schedule_hash:  # the same schedule keeps its graphs
             ws.manifest.drop_stages("export", "lint", "engine", "check", "bench", "report")
         ws.manifest.save()
     return True
@@ -327,7 +334,7 @@ def run_export(ws: Workspace, force: bool = False, progress=None) -> bool:
     transformer_config = recorded_transformer_config(ws.pruned.config)
     inputs = sha256_json({"schedule": schedule.schedule_hash, "export": dataclasses.asdict(export_cfg),
                           "transformer_config": transformer_config, **model_identity(ws)})
-    if not force and ws.manifest.is_fresh("export", inputs):
+    if not force and ws.manifest.is_fresh(ExportRecord, inputs):
         log.info("export: ONNX graphs are up to date, reused")
         return False
     pruned = ws.pruned
@@ -346,24 +353,28 @@ def run_export(ws: Workspace, force: bool = False, progress=None) -> bool:
     return True
 
 
-def _record_export(ws: Workspace, records: list[dict], export_cfg, transformer_config: dict, schedule,
+def _record_export(ws: Workspace, written: list[dict], export_cfg, transformer_config: dict, schedule,
                    inputs: str) -> None:
+    """The export record of the graphs `export_buckets` wrote: each file hashed once, listed in `files`."""
     files, graphs, dense = [], [], None
-    for record in records:
-        if record["bucket"] == "dense":
-            dense = {"file": record["file"], "sha256": sha256_file(ws.path(f"{ONNX_DIR}/{record['file']}"))}
-            files.append(ws.manifest.file_record(ws.path(f"{ONNX_DIR}/{record['file']}")))
+
+    def listed(name: str) -> str:
+        files.append(ws.manifest.file_record(ws.path(f"{ONNX_DIR}/{name}")))
+        return files[-1].sha256
+
+    for graph in written:
+        if graph["bucket"] == "dense":
+            dense = DenseGraphRecord(file=graph["file"], sha256=listed(graph["file"]))
             continue
-        graph = {**record, "sha256": sha256_file(ws.path(f"{ONNX_DIR}/{record['file']}"))}
-        if record.get("debug_file"):
-            graph["debug_sha256"] = sha256_file(ws.path(f"{ONNX_DIR}/{record['debug_file']}"))
-            files.append(ws.manifest.file_record(ws.path(f"{ONNX_DIR}/{record['debug_file']}")))
-        files.append(ws.manifest.file_record(ws.path(f"{ONNX_DIR}/{record['file']}")))
-        graphs.append(graph)
-    files.append(ws.manifest.file_record(ws.path(f"{ONNX_DIR}/weights.bin")))
-    ws.manifest.set_stage("export", {"files": files, "graphs": graphs, "dense": dense, "config": dataclasses.asdict(export_cfg),
-                                     "transformer_config": transformer_config,
-                                     "schedule_hash": schedule.schedule_hash}, inputs)
+        debug_sha256 = listed(graph["debug_file"]) if graph.get("debug_file") else None
+        graphs.append(GraphRecord(bucket=graph["bucket"], k=tuple(graph["k"]), file=graph["file"],
+                                  sha256=listed(graph["file"]), debug_file=graph.get("debug_file"),
+                                  debug_sha256=debug_sha256))
+    listed(WEIGHTS_FILE)
+    ws.manifest.set_stage(ExportRecord(files=tuple(files), graphs=tuple(graphs), dense=dense,
+                                       config=GraphConfig.from_json(dataclasses.asdict(export_cfg)),
+                                       transformer_config=transformer_config,
+                                       schedule_hash=schedule.schedule_hash), inputs)
     ws.manifest.drop_stages("lint", "engine", "check", "bench", "report")
     ws.manifest.save()
 
@@ -417,22 +428,20 @@ def run_lint(ws: Workspace, force: bool = False) -> dict:
     from shiva_export.io import write_json
     from shiva_export.passes.lint import lint_model
 
-    record = ws.manifest.require("export")
-    files = [g["file"] for g in record["graphs"]] + [g["debug_file"] for g in record["graphs"] if g.get("debug_file")]
-    if record.get("dense"):
-        files.append(record["dense"]["file"])
-    inputs = sha256_json({name: ws.manifest.stage("export")["inputs_hash"] for name in files})
-    if not force and ws.manifest.is_fresh("lint", inputs):
+    record = ws.manifest.require(ExportRecord)
+    files = record.graph_files()
+    inputs = sha256_json({name: record.inputs_hash for name in files})
+    if not force and ws.manifest.is_fresh(LintRecord, inputs):
         log.info("lint: reports are up to date, reused")
-        return ws.manifest.stage("lint")["reports"]
+        return dict(ws.manifest.require(LintRecord).reports or {})
     ws.bucket_graphs()
     reports = {name: lint_model(str(ws.path(f"{ONNX_DIR}/{name}"))).to_json() for name in files}
     errors = sum(r["errors"] for r in reports.values())
     warnings = sum(r["warnings"] for r in reports.values())
     with ws.manifest.writing():
-        path = write_json(ws.path("lint.json"), reports)
-        ws.manifest.set_stage("lint", {"files": [ws.manifest.file_record(path)], "reports": reports,
-                                       "errors": errors, "warnings": warnings, "passed": errors == 0}, inputs)
+        path = write_json(ws.path(LINT_FILE), reports)
+        ws.manifest.set_stage(LintRecord(files=(ws.manifest.file_record(path),), reports=reports, errors=errors,
+                                         warnings=warnings, passed=errors == 0), inputs)
         ws.manifest.save()
     return reports
 
@@ -449,7 +458,7 @@ def resolve_backends(requested: list[str] | None) -> list[str]:
             get_backend(name).require_available()
         return names
     names = ["ort"]
-    for name in ("trt", "trt-rtx"):
+    for name in TENSORRT_BACKENDS:
         available, reason = get_backend(name).is_available()
         if available:
             names.append(name)
@@ -458,7 +467,7 @@ def resolve_backends(requested: list[str] | None) -> list[str]:
     return names
 
 
-def run_engines(ws: Workspace, backend: str, options=None, force: bool = False) -> list[dict]:
+def run_engines(ws: Workspace, backend: str, options=None, force: bool = False) -> tuple[EngineEntry, ...]:
     """engines/<backend>/bK.<ext> + metadata sidecars for every bucket graph; fresh engines are kept."""
     from shiva_export.engines.backends.base import BuildOptions, get_backend
     from shiva_export.engines.build import OnnxSource, build_engine, engine_path_for
@@ -470,45 +479,46 @@ def run_engines(ws: Workspace, backend: str, options=None, force: bool = False) 
     schedule = ws.schedule()  # schedule.json verified and validated before anything is built from it
     graphs = ws.bucket_graphs()
     check_export_matches_schedule(ws, graphs, schedule)
-    schedule_hash = ws.manifest.require("freeze")["schedule_hash"]
+    schedule_hash = ws.manifest.require(FreezeRecord).schedule_hash
     checkpoint_hash = ws.manifest.data["config"].get("router") and ws.pruned.checkpoint_hash
     options = options or BuildOptions()
-    records, files = [], []
+    entries, files = [], []
     with ws.manifest.writing():
         for graph in graphs:
-            path, weights = ws.verified_graph(graph["file"], str(graph["bucket"]), list(graph["k"]))
-            source = OnnxSource(path, onnx_sha256=graph["sha256"], weights_sha256=weights)
+            path, weights = ws.verified_graph(graph.file, str(graph.bucket), list(graph.k))
+            source = OnnxSource(path, onnx_sha256=graph.sha256, weights_sha256=weights)
             engine_path = engine_path_for(ws.path(ONNX_DIR), impl, source.path)
-            record = build_engine(impl, source, engine_path, options, schedule_hash=schedule_hash,
-                                  checkpoint_hash=checkpoint_hash, force=force)
-            records.append({**record.to_json(), "build_options": options.to_json(),
-                            "engine": engine_path.relative_to(ws.root).as_posix(),
-                            "metadata": metadata_path(engine_path).relative_to(ws.root).as_posix(),
-                            "onnx": graph["file"], "bucket": graph["bucket"]})
+            built = build_engine(impl, source, engine_path, options, schedule_hash=schedule_hash,
+                                 checkpoint_hash=checkpoint_hash, force=force)
+            entries.append(EngineEntry(bucket=graph.bucket, backend=built.backend, onnx=graph.file,
+                                       engine=engine_path.relative_to(ws.root).as_posix(),
+                                       metadata=metadata_path(engine_path).relative_to(ws.root).as_posix(),
+                                       status=built.status, reason=built.reason, seconds=round(built.seconds, 3),
+                                       build_options=options.to_json()))
             files += [ws.manifest.file_record(engine_path), ws.manifest.file_record(metadata_path(engine_path))]
-        stage = ws.manifest.stage("engine") or {"engines": {}, "files": []}
-        stage["engines"][backend] = records
+        stage = ws.manifest.record(EngineRecord) or EngineRecord()
         prefix = engine_path_for(ws.path(ONNX_DIR), impl, "x").parent.relative_to(ws.root).as_posix() + "/"
-        keep = [f for f in stage.get("files", []) if not f["path"].startswith(prefix)]
-        stage["files"] = keep + files
-        ws.manifest.set_stage("engine", stage, inputs_hash=None)
+        keep = tuple(f for f in stage.files if not f.path.startswith(prefix))
+        ws.manifest.set_stage(dataclasses.replace(stage, engines={**stage.engines, backend: tuple(entries)},
+                                                  files=keep + tuple(files)), inputs_hash=None)
         ws.manifest.save()
-    return records
+    return tuple(entries)
 
 
-def check_export_matches_schedule(ws: Workspace, graphs: list[dict], schedule) -> None:
-    """Refuse graphs exported from another schedule than schedule.json: hash, bucket k-vectors and shapes."""
-    root, record = ws.root, ws.manifest.require("export")
-    if record.get("schedule_hash") != schedule.schedule_hash:
-        raise StaleArtifactError(f"{root}: the ONNX graphs were exported from schedule {record.get('schedule_hash')}, "
+def check_export_matches_schedule(ws: Workspace, graphs, schedule) -> None:
+    """Refuse graphs (`GraphRecord`s) exported from another schedule than schedule.json: hash, bucket k-vectors and
+    shapes."""
+    root, record = ws.root, ws.manifest.require(ExportRecord)
+    if record.schedule_hash != schedule.schedule_hash:
+        raise StaleArtifactError(f"{root}: the ONNX graphs were exported from schedule {record.schedule_hash}, "
                                  f"but schedule.json is {schedule.schedule_hash}; re-run "
                                  f"`python -m shiva_export export --out {root}`")
-    exported = sorted((int(g["bucket"]), tuple(g["k"])) for g in graphs)
+    exported = sorted((g.bucket, tuple(g.k)) for g in graphs)
     frozen = [(b.index, tuple(b.k)) for b in schedule.buckets]
     if exported != frozen:
         raise StaleArtifactError(f"{root}: exported buckets {exported} differ from the schedule's {frozen}; re-run "
                                  f"`python -m shiva_export export --out {root}`")
-    shape = {key: record["config"][key] for key in ("height", "width", "batch", "context_tokens")}
+    shape = {key: getattr(record.config, key) for key in ("height", "width", "batch", "context_tokens")}
     frozen_shape = {key: getattr(schedule, key) for key in shape}
     if shape != frozen_shape:
         raise StaleArtifactError(f"{root}: graphs exported for {shape} but the schedule was frozen for "
@@ -521,7 +531,7 @@ class BuildResult:
 
     ran: list[str] = dataclasses.field(default_factory=list)
     reused: list[str] = dataclasses.field(default_factory=list)
-    engines: dict[str, list[dict]] = dataclasses.field(default_factory=dict)
+    engines: dict[str, tuple[EngineEntry, ...]] = dataclasses.field(default_factory=dict)
     lint_passed: bool = True
     check: object = None
     bench: object = None
@@ -569,9 +579,9 @@ def build(ws: Workspace, backends: list[str], runs: int = 5, force: bool = False
     runnable = []
     for backend in backends:
         started = time.perf_counter()
-        records = run_engines(ws, backend, force=force)
-        result.engines[backend] = records
-        note(f"engine:{backend}", any(r["status"] == "built" for r in records), started)
+        entries = run_engines(ws, backend, force=force)
+        result.engines[backend] = entries
+        note(f"engine:{backend}", any(e.status == "built" for e in entries), started)
         if runnable_here(backend):
             runnable.append(backend)
         else:
@@ -580,22 +590,27 @@ def build(ws: Workspace, backends: list[str], runs: int = 5, force: bool = False
     from shiva_export.reference import capture_trajectory
 
     started = time.perf_counter()
-    previous = (ws.manifest.stage("check") or {}).get("finished")
+    previous = _finished(ws, CheckRecord)
     result.check = run_check(ws, backends=runnable, force=force, device=device, reference=capture_trajectory)
-    note("check", (ws.manifest.stage("check") or {}).get("finished") != previous, started)
+    note("check", _finished(ws, CheckRecord) != previous, started)
     from shiva_export.engines.bench import run_bench
     from shiva_export.torch_bench import torch_target
 
     started = time.perf_counter()
-    previous = (ws.manifest.stage("bench") or {}).get("finished")
+    previous = _finished(ws, BenchRecord)
     result.bench = run_bench(ws, runs=runs, force=force, device=device, torch_target=torch_target)
-    note("bench", (ws.manifest.stage("bench") or {}).get("finished") != previous, started)
+    note("bench", _finished(ws, BenchRecord) != previous, started)
     from shiva_export.report import write_report
 
     started = time.perf_counter()
     write_report(ws.manifest)
     note("report", True, started)
     return result
+
+
+def _finished(ws: Workspace, kind) -> str | None:
+    record = ws.manifest.record(kind)
+    return record.finished if record else None
 
 
 def require_runnable(engine_sets, verb: str) -> None:
@@ -605,7 +620,7 @@ def require_runnable(engine_sets, verb: str) -> None:
 
     for engines in engine_sets:
         backend = getattr(getattr(engines, "backend", None), "name", None)
-        reason = runnable_reason(backend) if backend in ("trt", "trt-rtx") else None
+        reason = runnable_reason(backend) if backend in TENSORRT_BACKENDS else None
         if reason is not None:
             raise BackendUnavailableError(f"{verb} --backend {backend}: its engines cannot run here ({reason})")
 

@@ -48,17 +48,19 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from shiva_export import __version__
+from shiva_export.engines.backends.names import BACKEND_LABELS as ENGINE_BACKENDS
 from shiva_export.errors import ArtifactError, BackendUnavailableError, StaleArtifactError
 from shiva_export.io import sha256_file, sha256_json
 from shiva_export.manifest import Manifest
+from shiva_export.records import (BENCH_JSON, BENCH_MD, BENCH_SCHEMA, CHECK_FILE, CHECK_REFERENCE, CHECK_SCHEMA,
+                                  ENGINES_DIR, LINT_FILE, MANIFEST_NAME, ONNX_DIR, REPORT_DIR, REPORT_JSON, REPORT_MD,
+                                  REPORT_SCHEMA, REPRO_FILE, SCHEDULE_FILE, SIDECAR_SUFFIX, STAGES, BenchRecord,
+                                  CheckRecord, EngineRecord, ExportRecord, FreezeRecord, LintRecord, ReportRecord,
+                                  check_bucket_dir, check_outputs_file)
 
 logger = logging.getLogger(__name__)
 
-REPORT_STAGE = "report"
-REPORT_DIR = "report"
-REPORT_JSON = "report.json"
-REPORT_MD = "report.md"
-REPORT_SCHEMA = "shiva.report/1"
+REPORT_STAGE = ReportRecord.STAGE
 KEEP_RATIO_PNG = "keep_ratio.png"
 ALIGN_WORDS = {"k": "", "sequence": " counting the context tokens",
                "either": " (k or k + context tokens, whichever comes first)"}
@@ -67,19 +69,6 @@ ERRORS_PNG = "errors.png"
 KEEP_SCALE = (0.2, 1.0)          # colour range of the paper's Fig. 4b keep-ratio heatmap
 BINS_PER_DECADE = 4              # |engine - reference| histogram, log10 bins
 NOT_RUN = "not run"
-
-SCHEDULE_FILE = "schedule.json"  # pipeline.SCHEDULE_FILE; not imported: pipeline is a later module (P1)
-LINT_FILE = "lint.json"
-CHECK_FILE = "check.json"        # engines.compare.CHECK_FILE
-CHECK_DIR = "check"
-BENCH_FILE = "bench.json"        # engines.bench.BENCH_JSON
-BENCH_MD = "bench.md"
-REPRO_FILE = "check/repro.sh"
-SIDECAR_SUFFIX = ".meta.json"    # engines.backends.base.SIDECAR_SUFFIX
-CHECK_SCHEMA = "shiva.check/1"   # engines.compare.REPORT_SCHEMA
-BENCH_SCHEMA = "shiva.bench/1"   # engines.bench.SCHEMA
-
-ENGINE_BACKENDS = {"ort": "ONNX Runtime", "trt": "TensorRT", "trt-rtx": "TensorRT-RTX"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +94,7 @@ class _Reader:
 
     def listed(self, stage: str, relative: str) -> Path:
         record = self.manifest.require(stage)
-        entry = next((f for f in record.get("files", []) if f["path"] == relative), None)
+        entry = next((f for f in record.files if f.path == relative), None)
         if entry is None:
             raise ArtifactError(f"{self.manifest.root}: stage {stage!r} does not list {relative} in the manifest; "
                                 f"re-run `python -m shiva_export {stage} --out {self.manifest.root}`")
@@ -114,7 +103,7 @@ class _Reader:
             raise ArtifactError(f"{path}: listed by stage {stage!r} in the manifest but missing; re-run "
                                 f"`python -m shiva_export {stage} --out {self.manifest.root}`")
         digest = sha256_file(path)
-        if digest != entry["sha256"]:
+        if digest != entry.sha256:
             raise StaleArtifactError(f"{path}: sha256 differs from the manifest (stage {stage!r}); it changed after "
                                      f"the stage wrote it. Re-run `python -m shiva_export {stage} --out "
                                      f"{self.manifest.root}`")
@@ -138,7 +127,8 @@ class _Reader:
 
 
 def _stage_inputs(manifest: Manifest, stages: Sequence[str]) -> dict[str, str | None]:
-    return {name: manifest.stage(name).get("inputs_hash") for name in stages if manifest.stage(name)}
+    records = [manifest.record(name) for name in stages]
+    return {record.STAGE: record.inputs_hash for record in records if record}
 
 
 # --------------------------------------------------------------------------------------------------- formatting
@@ -179,12 +169,12 @@ def _num(value: float | None, spec: str = ".3g") -> str:
 
 # --------------------------------------------------------------------------------------------------- summary
 def _schedule(reader: _Reader) -> dict:
-    reader.manifest.require("freeze")
+    reader.manifest.require(FreezeRecord)
     return reader.json("freeze", SCHEDULE_FILE)
 
 
 def _check(reader: _Reader) -> dict | None:
-    if not reader.manifest.stage("check"):
+    if not reader.manifest.record(CheckRecord):
         return None
     data = reader.json("check", CHECK_FILE)
     if data.get("schema") != CHECK_SCHEMA:
@@ -194,11 +184,11 @@ def _check(reader: _Reader) -> dict | None:
 
 
 def _bench(reader: _Reader) -> dict | None:
-    if not reader.manifest.stage("bench"):
+    if not reader.manifest.record(BenchRecord):
         return None
-    data = reader.json("bench", BENCH_FILE)
+    data = reader.json("bench", BENCH_JSON)
     if data.get("schema") != BENCH_SCHEMA:
-        raise ArtifactError(f"{reader.manifest.root / BENCH_FILE}: schema {data.get('schema')!r} is not "
+        raise ArtifactError(f"{reader.manifest.root / BENCH_JSON}: schema {data.get('schema')!r} is not "
                             f"{BENCH_SCHEMA!r}; re-run `python -m shiva_export bench`")
     return data
 
@@ -228,7 +218,7 @@ def _parity(check: dict | None, built: Sequence[str]) -> dict[str, dict]:
 
 def _summary(manifest: Manifest, schedule: dict, check: dict | None, bench: dict | None) -> dict:
     config = manifest.data.get("config", {})
-    export = manifest.stage("export") or {}
+    export = manifest.record(ExportRecord)
     summary = schedule["summary"]
     dense_layers = schedule["freeze_config"]["dense_layers"]
     pruned = [l for l in range(schedule["num_layers"]) if l not in dense_layers]
@@ -238,24 +228,25 @@ def _summary(manifest: Manifest, schedule: dict, check: dict | None, bench: dict
                 "keep": float(np.mean([b["k"][l] for l in pruned]) / n) if pruned else 1.0,
                 "flops_per_step": b["flops_per_step"], "flop_ratio": b["flops_per_step"] / dense_step,
                 "flop_bound_speedup": dense_step / b["flops_per_step"]} for b in schedule["buckets"]]
-    engines = (manifest.stage("engine") or {}).get("engines", {})
+    engine = manifest.record(EngineRecord)
+    engines = engine.engines if engine else {}
     speedups = [{key: s[key] for key in ("backend", "scope", "dense_p50_ms", "pruned_p50_ms", "measured",
                                           "flop_bound", "efficiency") if key in s}
                 for s in (bench or {}).get("speedups", [])]
-    files = {"root": str(manifest.root.resolve()), "manifest": "manifest.json", "schedule": SCHEDULE_FILE,
-             "onnx": [f["path"] for f in export.get("files", [])],
-             "engines": {b: [r["engine"] for r in records] for b, records in engines.items()}}
-    if manifest.stage("lint"):
+    files = {"root": str(manifest.root.resolve()), "manifest": MANIFEST_NAME, "schedule": SCHEDULE_FILE,
+             "onnx": [f.path for f in export.files] if export else [],
+             "engines": {b: [e.engine for e in entries] for b, entries in engines.items()}}
+    if manifest.record(LintRecord):
         files["lint"] = LINT_FILE
     if check is not None:
         files["check"] = [CHECK_FILE, REPRO_FILE]
     if bench is not None:
-        files["bench"] = [BENCH_FILE, BENCH_MD]
-    report = manifest.stage(REPORT_STAGE)
-    files["report"] = [f["path"] for f in report.get("files", [])] if report else []
+        files["bench"] = [BENCH_JSON, BENCH_MD]
+    report = manifest.record(ReportRecord)
+    files["report"] = [f.path for f in report.files] if report else []
     return {
         "model": config.get("model"), "router": config.get("router"),
-        "dtype": export.get("config", {}).get("dtype", config.get("dtype")),
+        "dtype": export.config.dtype if export else config.get("dtype"),
         "height": schedule["height"], "width": schedule["width"], "num_tokens": n,
         "context_tokens": schedule["context_tokens"], "batch": schedule["batch"],
         "cfg_batch": schedule["batch"] % 2 == 0, "steps": len(schedule["timesteps"]),
@@ -313,8 +304,8 @@ def render_summary(manifest: Manifest) -> str:
     else:
         lines.append(f"  speedup     {NOT_RUN} (python -m shiva_export bench --out {s['files']['root']})")
     files = s["files"]
-    where = ["manifest.json", f"onnx/ ({len(s['buckets'])} bucket graph(s))"]
-    where += [f"engines/{b}/" for b in files["engines"]]
+    where = [MANIFEST_NAME, f"{ONNX_DIR}/ ({len(s['buckets'])} bucket graph(s))"]
+    where += [f"{ENGINES_DIR}/{b}/" for b in files["engines"]]
     where += [f for f in (files.get("check", []) + files.get("bench", [])) if f.endswith((".json", ".md"))]
     where += [f for f in files["report"] if f.endswith(REPORT_MD)]
     lines.append(f"  files       {files['root']}: " + ", ".join(where))
@@ -344,7 +335,7 @@ def _schedule_section(schedule: dict) -> dict:
 
 
 def _lint_section(reader: _Reader) -> dict:
-    if not reader.manifest.stage("lint"):
+    if not reader.manifest.record(LintRecord):
         return {"status": NOT_RUN, "reason": "the lint stage has not run on this folder"}
     reports = reader.json("lint", LINT_FILE)
     files = {}
@@ -359,23 +350,23 @@ def _lint_section(reader: _Reader) -> dict:
 
 
 def _engines_section(reader: _Reader) -> dict:
-    stage = reader.manifest.stage("engine")
+    stage = reader.manifest.record(EngineRecord)
     if not stage:
         return {"status": NOT_RUN, "reason": "no engine was built (the engine stage has not run)", "backends": {}}
     backends = {}
-    listed = {f["path"] for f in stage.get("files", [])}
-    for backend, records in stage.get("engines", {}).items():
+    listed = {f.path for f in stage.files}
+    for backend, records in stage.engines.items():
         engines = []
         for record in records:
-            entry = {key: record.get(key) for key in ("bucket", "engine", "onnx", "status", "reason", "seconds")}
-            sidecar = record["engine"] + SIDECAR_SUFFIX
+            entry = {key: getattr(record, key) for key in ("bucket", "engine", "onnx", "status", "reason", "seconds")}
+            sidecar = record.engine + SIDECAR_SUFFIX
             if sidecar in listed:
                 meta = reader.json("engine", sidecar)
                 entry.update({key: meta.get(key) for key in ("engine_sha256", "onnx_sha256", "backend_version",
                                                               "precision", "gpu_name", "compute_capability",
                                                               "build_options", "created", "schedule_hash",
                                                               "versions")})
-            path = reader.manifest.root / record["engine"]
+            path = reader.manifest.root / record.engine
             entry["size_bytes"] = path.stat().st_size if path.is_file() else None
             engines.append(entry)
         versions = sorted({e["backend_version"] for e in engines if e.get("backend_version")})
@@ -420,8 +411,8 @@ def _error_distributions(reader: _Reader, check: dict) -> tuple[list[dict], list
     references: dict[int, list] = {}
     for result in check["buckets"]:
         bucket, backend = result["bucket"], result["backend"]
-        outputs_rel = f"{CHECK_DIR}/bucket{bucket}/outputs-{backend}.json"
-        reference_rel = f"{CHECK_DIR}/bucket{bucket}/reference.json"
+        outputs_rel = f"{check_bucket_dir(bucket)}/{check_outputs_file(backend)}"
+        reference_rel = f"{check_bucket_dir(bucket)}/{CHECK_REFERENCE}"
         outputs_path = reader.unlisted(outputs_rel)
         if outputs_path is None:
             missing.append(outputs_rel)
@@ -472,9 +463,9 @@ def _repro_section(reader: _Reader, check: dict | None) -> dict:
         commands.append(f"python -m shiva_export check --out {root} {backends} --seed {c['seed']}"
                         + ("" if c.get("guidance_scale") is None else f" --guidance-scale {c['guidance_scale']:g}")
                         + ("" if c["full_trajectory"] else " --no-trajectory"))
-    bench = reader.manifest.stage("bench")
+    bench = reader.manifest.record(BenchRecord)
     if bench:
-        c = bench.get("config", {})
+        c = bench.config or {}
         commands.append(f"python -m shiva_export bench --out {root} " + " ".join(
             f"--{key.replace('_', '-')} {c[key]}" for key in ("warmup", "runs", "loop_runs", "seed") if key in c))
     section = {"shiva_export": commands, "status": NOT_RUN, "script": None, "file": None,
@@ -527,7 +518,8 @@ def _not_run(manifest: Manifest, sections: dict, probe: bool) -> list[dict]:
     if sections["engines"]["status"] == NOT_RUN:
         items.append({"what": "engine", "reason": sections["engines"]["reason"],
                       "how": f"python -m shiva_export build --out {root}"})
-    recorded = (manifest.stage("engine") or {}).get("skipped", {})   # {backend: reason}, if the stage records it
+    engine = manifest.record(EngineRecord)
+    recorded = (engine.skipped if engine else None) or {}   # {backend: reason}, if the stage records it
     for backend, label in ENGINE_BACKENDS.items():
         if backend in built:
             continue
@@ -593,7 +585,7 @@ def collect_report(manifest: Manifest, probe: bool = True) -> dict:
                 "check": _check_section(reader, check), "bench": _bench_section(bench),
                 "repro": _repro_section(reader, check)}
     sections["not_run"] = _not_run(manifest, sections, probe)
-    used = [name for name in ("freeze", "export", "lint", "engine", "check", "bench") if manifest.stage(name)]
+    used = [name for name in STAGES if name != REPORT_STAGE and manifest.record(name)]
     return {"schema": REPORT_SCHEMA, "tool_version": __version__,
             "generated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **sections,
             "inputs": {"stages": _stage_inputs(manifest, used), "files": dict(sorted(reader.inputs.items()))}}
@@ -628,9 +620,9 @@ def _md_summary(data: dict) -> list[str]:
     else:
         speed = f"{NOT_RUN} (bench)"
     files = s["files"]
-    where = [f"`{files['root']}/`", "`manifest.json`", f"`{files['schedule']}`",
-             f"`onnx/` ({len(files['onnx'])} files)"]
-    where += [f"`engines/{b}/` ({len(e)})" for b, e in files["engines"].items()]
+    where = [f"`{files['root']}/`", f"`{files['manifest']}`", f"`{files['schedule']}`",
+             f"`{ONNX_DIR}/` ({len(files['onnx'])} files)"]
+    where += [f"`{ENGINES_DIR}/{b}/` ({len(e)})" for b, e in files["engines"].items()]
     where += [f"`{f}`" for f in files.get("check", []) + files.get("bench", [])]
     where += [f"`{REPORT_DIR}/{REPORT_MD}`, `{REPORT_DIR}/{REPORT_JSON}`"]
     rows = [
@@ -974,8 +966,8 @@ def write_report(manifest: Manifest, probe: bool = True) -> Report:
             (tmp / REPORT_MD).write_text(render_markdown(data))
         files = tuple(folder / name for name in names)
         inputs_hash = sha256_json(data["inputs"])
-        manifest.set_stage(REPORT_STAGE, {"files": [manifest.file_record(p) for p in files],
-                                          "inputs": data["inputs"], "schema": REPORT_SCHEMA}, inputs_hash)
+        manifest.set_stage(ReportRecord(files=tuple(map(manifest.file_record, files)), inputs=data["inputs"],
+                                        schema=REPORT_SCHEMA), inputs_hash)
         manifest.save()
     logger.debug("report: %s", folder / REPORT_MD)
     return Report(folder=folder, files=files, data=data)

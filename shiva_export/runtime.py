@@ -45,18 +45,17 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from shiva_export.errors import (ArtifactError, BackendUnavailableError, ConfigError, InputError, NonFiniteError,
                                  StaleArtifactError)
 from shiva_export import backbones
-from shiva_export.engines.backends.names import ENGINE_SET_ALIASES
+from shiva_export.engines.backends.names import ENGINE_SET_ALIASES, TENSORRT_BACKENDS
 from shiva_export.export import OUTPUT_NAME, ExportConfig, torch_dtype
 from shiva_export.pipeline import Workspace, check_export_matches_schedule, recorded_transformer_config
 from shiva_export.passes.freeze import scheduler_text
+from shiva_export.records import ExportRecord
 
 logger = logging.getLogger(__name__)
 
 # The names users know -> engine set names of `engines.runners` (which also accepts its own names directly).
 BACKEND_ALIASES = ENGINE_SET_ALIASES
 _ORT_PROVIDERS = {"cpu": "cpu", "cpuexecutionprovider": "cpu", "cuda": "cuda", "cudaexecutionprovider": "cuda"}
-# TensorRT runners take CUDA tensors; ONNX Runtime takes host arrays and copies them to its device itself.
-_CUDA_FED = ("trt", "trt-rtx")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -306,7 +305,8 @@ class ShivaEngineTransformer(_BucketedTransformer):
     def __init__(self, root: Path, schedule, inputs: StaticInputs, transformer_config: dict, engine_set):
         super().__init__(root, schedule, inputs, transformer_config)
         self.engine_set = engine_set
-        self._feed_device = torch.device("cuda" if engine_set.name in _CUDA_FED else "cpu")
+        # TensorRT runners take CUDA tensors; ONNX Runtime takes host arrays and copies them to its device itself.
+        self._feed_device = torch.device("cuda" if engine_set.name in TENSORRT_BACKENDS else "cpu")
         self._runners: dict[int, Any] = {}
 
     @classmethod
@@ -337,18 +337,18 @@ class ShivaEngineTransformer(_BucketedTransformer):
         schedule = ws.schedule()  # verifies schedule.json against the manifest
         engine_set = get_engine_set(name, ws, **kwargs)  # verifies the exported files against the manifest
         engine_set.identity()  # built engines: each checked against its metadata sidecar now, not at the first step
-        record = ws.manifest.require("export")
+        record = ws.manifest.require(ExportRecord)
         check_export_matches_schedule(ws, list(engine_set.graphs.values()), schedule)
-        if "transformer_config" not in record:
+        if record.transformer_config is None:
             raise ArtifactError(f"{ws.root}: the export record has no transformer_config (written by an older "
                                 f"shiva_export); re-run `python -m shiva_export export --out {ws.root}`")
-        if name in _CUDA_FED and runnable_reason(name) is not None:  # verified, then refused here, not at step 1
+        if name in TENSORRT_BACKENDS and runnable_reason(name) is not None:  # verified, then refused here, not at step 1
             raise BackendUnavailableError(f"{ws.root}: the {name} engines are intact but cannot run on this "
                                           f"machine ({runnable_reason(name)})")
-        inputs = StaticInputs.from_export(ExportConfig(**record["config"]), record["transformer_config"])
+        inputs = StaticInputs.from_export(ExportConfig(**record.config.to_json()), record.transformer_config)
         logger.info("%s: %d bucket engine(s), %s on %s; %s", ws.root, len(engine_set.graphs), engine_set.name,
                     engine_set.device, inputs.describe())
-        transformer = cls(ws.root, schedule, inputs, record["transformer_config"], engine_set)
+        transformer = cls(ws.root, schedule, inputs, record.transformer_config, engine_set)
         transformer.check_finite = check_finite
         return transformer
 

@@ -24,6 +24,7 @@ from shiva_export.passes._shapes import infer_shapes_model
 from shiva_export.passes.lint import lint_model
 from shiva_export.passes.topk import TENSORRT_MAX_TOPK
 from shiva_export.pruned import load_pruned_model
+from shiva_export.records import ExportRecord
 from tests.emulation import emulate_bf16
 from tests.passes.graphs import model as onnx_model
 from tests.passes.graphs import tensor
@@ -58,7 +59,7 @@ def test_every_bucket_is_checker_clean_static_and_equals_pytorch(artifact, reque
     assert len(graphs) == 2
     weight_files = set()
     for graph in graphs:
-        for name in (graph["file"], graph["debug_file"]):
+        for name in (graph.file, graph.debug_file):
             path = folder / "onnx" / name
             onnx.checker.check_model(str(path), full_check=True)
             report = lint_model(str(path))
@@ -67,15 +68,15 @@ def test_every_bucket_is_checker_clean_static_and_equals_pytorch(artifact, reque
             assert not FORBIDDEN & {n.op_type for n in nodes}
             model = onnx.load(str(path), load_external_data=False)
             weight_files |= {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
-        feed = example_feed(ws.pruned.config, ExportConfig(**{k: v for k, v in ws.manifest.require("export")["config"]
-                                                               .items() if k in ("height", "width", "batch",
-                                                                                 "context_tokens", "dtype")}), seed=5)
-        got = run_ort(folder / "onnx" / graph["debug_file"], feed)
-        want, indices = reference(folder, graph["k"], feed)
+        shape = ws.manifest.require(ExportRecord).config
+        feed = example_feed(ws.pruned.config, ExportConfig(shape.height, shape.width, shape.batch, shape.context_tokens,
+                                                           shape.dtype), seed=5)
+        got = run_ort(folder / "onnx" / graph.debug_file, feed)
+        want, indices = reference(folder, graph.k, feed)
         assert np.abs(got["sample"] - want).max() <= 1e-4
         for name, idx in indices.items():
             assert np.array_equal(got[name], idx), name
-        production = run_ort(folder / "onnx" / graph["file"], feed)
+        production = run_ort(folder / "onnx" / graph.file, feed)
         assert list(production) == ["sample"]
         assert np.array_equal(production["sample"], got["sample"])
     assert weight_files == {"weights.bin"}
@@ -240,7 +241,7 @@ def test_tensorrt_rtx_parses_and_builds_every_bucket_graph_on_cpu(tiny_artifact,
     assert available, reason  # tensorrt-rtx-cu13 is a test dependency: it must import here
     ws = pipeline.Workspace(tiny_artifact)
     for graph in ws.bucket_graphs():
-        plan = backend.build(tiny_artifact / "onnx" / graph["file"], tmp_path / f"b{graph['bucket']}.plan",
+        plan = backend.build(tiny_artifact / "onnx" / graph.file, tmp_path / f"b{graph.bucket}.plan",
                              BuildOptions())
         assert plan.stat().st_size > 0
 

@@ -569,12 +569,13 @@ def test_kill_after_the_commit_keeps_the_new_stage(folder):
         "from shiva_export.pipeline import Workspace\n"
         "from shiva_export.io import write_json\n"
         "from shiva_export.artifact import Transaction\n"
+        "from shiva_export.records import LintRecord\n"
         "Transaction.commit = lambda self: os.kill(os.getpid(), signal.SIGKILL)\n"
         "ws = Workspace(sys.argv[1])\n"
         "with ws.manifest.writing():\n"
         "    path = write_json(ws.path('lint.json'), {'new': True})\n"
-        "    ws.manifest.set_stage('lint', {'files': [ws.manifest.file_record(path)], 'errors': 0,\n"
-        "                                   'warnings': 0, 'passed': True}, None)\n"
+        "    ws.manifest.set_stage(LintRecord(files=(ws.manifest.file_record(path),), errors=0, warnings=0,\n"
+        "                                     passed=True), None)\n"
         "    ws.manifest.save()\n")
     run_until_killed(script, folder)
     assert main(["inspect", "--out", str(folder)]) == 0

@@ -18,6 +18,7 @@ from shiva_export.export import DenseModel, ExportConfig, StaticBucket, example_
 from shiva_export.flops import block_flops_breakdown, model_flops
 from shiva_export.patching import static_k
 from shiva_export.pruned import load_pruned_model
+from shiva_export.records import ExportRecord
 from tests.conftest import make_artifact
 
 N = 256   # tiny-flux at its default 256 x 256 px: (256 / 16)^2 packed tokens
@@ -170,10 +171,10 @@ def test_export_is_static_and_ort_matches_pytorch_with_identical_indices(flux_ar
     from shiva_export.pipeline import Workspace
 
     ws = Workspace(flux_artifact, write=False)
-    record = ws.manifest.require("export")
+    record = ws.manifest.require(ExportRecord)
     schedule = ws.schedule()
     assert len(schedule.buckets) == 2
-    cfg = ExportConfig(**record["config"])
+    cfg = ExportConfig(**record.config.to_json())
     pruned = ws.pruned
     constants = cfg.constants(pruned.config)
     for bucket in schedule.buckets:

@@ -20,6 +20,7 @@ from shiva_export.export import DenseModel, ExportConfig, StaticBucket, example_
 from shiva_export.flops import model_flops
 from shiva_export.patching import static_k
 from shiva_export.pruned import load_pruned_model
+from shiva_export.records import ExportRecord
 from tests.conftest import make_artifact
 
 N = 64    # tiny-pixart at its default 128 x 128 px: (128 / 8 / 2)^2 tokens
@@ -221,7 +222,7 @@ def test_export_is_static_and_ort_matches_pytorch_with_identical_indices_under_p
     schedule = ws.schedule()
     assert len(schedule.buckets) == 2 and schedule.freeze_config.scheduler["_class_name"] == \
         "DPMSolverMultistepScheduler"
-    cfg = ExportConfig(**ws.manifest.require("export")["config"])
+    cfg = ExportConfig(**ws.manifest.require(ExportRecord).config.to_json())
     pruned = ws.pruned
     for bucket in schedule.buckets:
         path = pixart_artifact / "onnx" / f"b{bucket.index}.debug.onnx"

@@ -18,6 +18,8 @@ from shiva_export.cli import EXIT_BAD_INPUT, EXIT_OK, main
 from shiva_export.errors import ArtifactError, StaleArtifactError
 from shiva_export.io import write_json
 from shiva_export.manifest import Manifest
+from shiva_export.records import (BenchRecord, CheckRecord, EngineEntry, EngineRecord, ExportRecord, FreezeRecord,
+                                  GraphConfig, GraphRecord, LintRecord, ReportRecord)
 from shiva_export.report import (ERRORS_PNG, KEEP_RATIO_PNG, LATENCY_PNG, REPORT_DIR, REPORT_JSON, REPORT_MD,
                                  REPORT_SCHEMA, format_k, render_summary, write_report)
 
@@ -38,8 +40,8 @@ def _ratios(timesteps):
     return ratios
 
 
-def _record(manifest: Manifest, paths) -> list[dict]:
-    return [manifest.file_record(p) for p in paths]
+def _record(manifest: Manifest, paths) -> tuple:
+    return tuple(manifest.file_record(p) for p in paths)
 
 
 def _write_check(root: Path, manifest: Manifest, schedule) -> None:
@@ -74,8 +76,8 @@ def _write_check(root: Path, manifest: Manifest, schedule) -> None:
     (root / "check/repro.sh").write_text("#!/usr/bin/env bash\nset -euo pipefail\ncd \"$(dirname \"$0\")/..\"\n"
                                          "# bucket 0\npolygraphy run onnx/b0.debug.onnx --onnxrt --load-inputs "
                                          "check/bucket0/inputs.json --load-outputs check/bucket0/reference.json\n")
-    manifest.set_stage("check", {"files": _record(manifest, files), "backends": ["onnxruntime"],
-                                 "config": config.to_json(), "passed": True, "failures": []}, "3" * 64)
+    manifest.set_stage(CheckRecord(files=_record(manifest, files), backends=("onnxruntime",), config=config.to_json(),
+                                   passed=True, failures=()), "3" * 64)
 
 
 def _write_bench(root: Path, manifest: Manifest, schedule) -> None:
@@ -107,8 +109,8 @@ def _write_bench(root: Path, manifest: Manifest, schedule) -> None:
                          skipped=({"backend": "onnxruntime-cuda", "reason": "no CUDA GPU here"},))
     write_json(root / "bench.json", report.to_json())
     (root / "bench.md").write_text("bench\n")
-    manifest.set_stage("bench", {"files": _record(manifest, [root / "bench.json", root / "bench.md"]),
-                                 "config": BenchConfig(runs=5).to_json(), "device": "Test CPU"}, "4" * 64)
+    manifest.set_stage(BenchRecord(files=_record(manifest, [root / "bench.json", root / "bench.md"]),
+                                   config=BenchConfig(runs=5).to_json(), device="Test CPU"), "4" * 64)
 
 
 @pytest.fixture(scope="module")
@@ -127,21 +129,21 @@ def artifact_master(tmp_path_factory) -> Path:
                                "context_tokens": CONTEXT, "dtype": "fp32", "opset": 23, "target_keep": 0.6,
                                "align_to": "k", "row_scatter": "where"}
     schedule.save(root / "schedule.json")
-    manifest.set_stage("freeze", {"files": _record(manifest, [root / "schedule.json"]),
-                                  "schedule_hash": schedule.schedule_hash,
-                                  "buckets": [list(b.k) for b in schedule.buckets],
-                                  "summary": schedule.summary.to_json()}, "0" * 64)
-    graphs = [{"bucket": b.index, "k": list(b.k), "file": f"b{b.index}.onnx", "debug_file": f"b{b.index}.debug.onnx",
-               "sha256": "0" * 64} for b in schedule.buckets]
-    manifest.set_stage("export", {"files": [], "graphs": graphs, "schedule_hash": schedule.schedule_hash,
-                                  "config": {"dtype": "fp32", "height": HEIGHT, "width": WIDTH, "batch": BATCH,
-                                             "context_tokens": CONTEXT}}, "1" * 64)
+    manifest.set_stage(FreezeRecord(files=_record(manifest, [root / "schedule.json"]),
+                                    schedule_hash=schedule.schedule_hash,
+                                    buckets=tuple(tuple(b.k) for b in schedule.buckets),
+                                    summary=schedule.summary.to_json()), "0" * 64)
+    graphs = tuple(GraphRecord(bucket=b.index, k=tuple(b.k), file=f"b{b.index}.onnx",
+                               debug_file=f"b{b.index}.debug.onnx", sha256="0" * 64) for b in schedule.buckets)
+    manifest.set_stage(ExportRecord(graphs=graphs, schedule_hash=schedule.schedule_hash,
+                                    config=GraphConfig(dtype="fp32", height=HEIGHT, width=WIDTH, batch=BATCH,
+                                                       context_tokens=CONTEXT)), "1" * 64)
 
     warning = Finding(Rule.SCATTER_DUPLICATE_INDICES, Severity.WARNING, "node_scatter_1", "indices not provably unique")
     lint = {f"b{b.index}.onnx": LintReport(f"b{b.index}.onnx", (warning,)).to_json() for b in schedule.buckets}
     write_json(root / "lint.json", lint)
-    manifest.set_stage("lint", {"files": _record(manifest, [root / "lint.json"]), "errors": 0, "warnings": 2,
-                                "passed": True}, "2" * 64)
+    manifest.set_stage(LintRecord(files=_record(manifest, [root / "lint.json"]), errors=0, warnings=2, passed=True),
+                       "2" * 64)
 
     engine_files, records = [], []
     for bucket in schedule.buckets:
@@ -154,10 +156,10 @@ def artifact_master(tmp_path_factory) -> Path:
                           "compute_capability": "cpu", "build_options": {"decomposable_attention": True},
                           "created": "2026-01-01T00:00:00+00:00", "onnx_sha256": "0" * 64})
         engine_files += [plan, meta]
-        records.append({"backend": "trt-rtx", "bucket": bucket.index, "engine": f"engines/trt-rtx/b{bucket.index}.plan",
-                        "metadata": f"engines/trt-rtx/b{bucket.index}.plan.meta.json",
-                        "onnx": f"b{bucket.index}.onnx", "status": "built", "reason": "no engine yet", "seconds": 9.0})
-    manifest.set_stage("engine", {"engines": {"trt-rtx": records}, "files": _record(manifest, engine_files)}, None)
+        records.append(EngineEntry(backend="trt-rtx", bucket=bucket.index, engine=f"engines/trt-rtx/b{bucket.index}.plan",
+                                   metadata=f"engines/trt-rtx/b{bucket.index}.plan.meta.json",
+                                   onnx=f"b{bucket.index}.onnx", status="built", reason="no engine yet", seconds=9.0))
+    manifest.set_stage(EngineRecord(engines={"trt-rtx": tuple(records)}, files=_record(manifest, engine_files)), None)
 
     _write_check(root, manifest, schedule)
     _write_bench(root, manifest, schedule)
@@ -235,10 +237,10 @@ def test_plots_are_png_images_of_nonzero_size(written):
 
 def test_report_stage_is_recorded_with_its_files_and_inputs(written):
     manifest = Manifest.load(written[0])
-    record = manifest.require("report")
-    assert {f["path"] for f in record["files"]} == {f"{REPORT_DIR}/{n}" for n in
-                                                    (REPORT_JSON, REPORT_MD, KEEP_RATIO_PNG, LATENCY_PNG, ERRORS_PNG)}
-    assert record["inputs"]["stages"]["check"] == "3" * 64 and record["inputs_hash"]
+    record = manifest.require(ReportRecord)
+    assert {f.path for f in record.files} == {f"{REPORT_DIR}/{n}" for n in
+                                              (REPORT_JSON, REPORT_MD, KEEP_RATIO_PNG, LATENCY_PNG, ERRORS_PNG)}
+    assert record.inputs["stages"]["check"] == "3" * 64 and record.inputs_hash
     manifest.verify_files("report")
 
 

@@ -32,19 +32,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Mapping
 
+from shiva_export.engines.backends.names import BACKEND_NAMES
 from shiva_export.errors import BackendUnavailableError, ConfigError, InputError
+from shiva_export.records import SIDECAR_SUFFIX
 
 logger = logging.getLogger(__name__)
 
 # Name -> module holding that backend's `BACKEND` instance. Imported on first use only.
-_BACKEND_MODULES = {
-    "ort": "shiva_export.engines.backends.ort",
-    "trt": "shiva_export.engines.backends.trt",
-    "trt-rtx": "shiva_export.engines.backends.trt_rtx",
-}
-BACKEND_NAMES: tuple[str, ...] = tuple(_BACKEND_MODULES)
-
-SIDECAR_SUFFIX = ".meta.json"
+_BACKEND_MODULES = {name: f"shiva_export.engines.backends.{name.replace('-', '_')}" for name in BACKEND_NAMES}
 
 _CAPABILITY = re.compile(r"^\d+\.\d+$")
 

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 from shiva_export.errors import ConfigError
 
+BACKEND_NAMES = ("ort", "trt", "trt-rtx")   # the engine stage's backends; also their folders under onnx/engines/
+BACKEND_LABELS = {"ort": "ONNX Runtime", "trt": "TensorRT", "trt-rtx": "TensorRT-RTX"}
+TENSORRT_BACKENDS = ("trt", "trt-rtx")      # engines that run only on a CUDA GPU
 BACKENDS = {"onnxruntime": "ort", "ort": "ort", "tensorrt": "trt", "trt": "trt",
             "tensorrt-rtx": "trt-rtx", "trt-rtx": "trt-rtx"}
 ENGINE_SET_NAMES = ("onnxruntime", "onnxruntime-cuda", "ort", "trt", "trt-rtx")

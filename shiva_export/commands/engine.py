@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from shiva_export.commands._args import add_out_arg
+from shiva_export.engines.backends.names import BACKENDS
 
 
 def add_parser(subparsers) -> None:
@@ -13,8 +14,7 @@ def add_parser(subparsers) -> None:
         description="Build an engine per bucket graph with a metadata sidecar (ONNX and weights sha256, schedule and "
                     "checkpoint hash, precision, backend version, GPU, build options). Engines whose metadata still "
                     "matches are kept; stale ones are rebuilt and the reason is printed.")
-    parser.add_argument("--backend", required=True, choices=["onnxruntime", "tensorrt", "tensorrt-rtx", "ort", "trt",
-                                                             "trt-rtx"],
+    parser.add_argument("--backend", required=True, choices=tuple(BACKENDS),
                         help="engine backend: onnxruntime, tensorrt or tensorrt-rtx (ort, trt, trt-rtx: the same)")
     add_out_arg(parser)
     group = parser.add_argument_group("build options", "TensorRT / TensorRT-RTX builder settings")
@@ -38,8 +38,8 @@ def run(args: argparse.Namespace) -> int:
                            compute_capabilities=tuple(args.compute_capability) if args.compute_capability else None,
                            decomposable_attention=not args.no_decomposable_attention)
     ws = pipeline.Workspace(args.out)
-    for record in pipeline.run_engines(ws, args.backend, options=options, force=args.force):
-        print(f"bucket {record['bucket']}: {record['status']:>5} {ws.root / record['engine']} ({record['reason']})")
+    for entry in pipeline.run_engines(ws, args.backend, options=options, force=args.force):
+        print(f"bucket {entry.bucket}: {entry.status:>5} {ws.path(entry.engine)} ({entry.reason})")
     reason = pipeline.runnable_reason(pipeline.backend_name(args.backend))
     if reason:
         print(f"note: these engines cannot run here ({reason}); they were built and their metadata written")

@@ -28,5 +28,5 @@ def run(args: argparse.Namespace) -> int:
     with tqdm(total=len(schedule.buckets) + 1, desc="export", unit="graph", disable=None) as bar:
         pipeline.run_export(ws, force=args.force, progress=bar)
     for graph in ws.bucket_graphs():
-        print(f"bucket {graph['bucket']}: k={graph['k']} -> {ws.root / 'onnx' / graph['file']}")
+        print(f"bucket {graph.bucket}: k={list(graph.k)} -> {ws.path(f'{pipeline.ONNX_DIR}/{graph.file}')}")
     return 0

@@ -6,6 +6,7 @@ import argparse
 import math
 
 from shiva_export.commands._args import add_device_arg
+from shiva_export.engines.backends.names import BACKENDS
 
 
 def add_parser(subparsers) -> None:
@@ -25,7 +26,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--guidance-scale", type=float, default=None,
                         help="CFG scale (default: 7.0 for engines exported for CFG pairs, else 1.0)")
     parser.add_argument("--backend", default="onnxruntime",
-                        choices=("onnxruntime", "ort", "tensorrt", "trt", "tensorrt-rtx", "trt-rtx"),
+                        choices=tuple(BACKENDS),
                         help="engines to run")
     parser.add_argument("--image-out", default=None, help="folder for the PNG and JSON (default: OUT/generate)")
     add_device_arg(parser)

@@ -13,8 +13,8 @@ import argparse
 import json
 
 from shiva_export.commands._args import add_out_arg
-
-STAGE_ORDER = ("freeze", "export", "lint", "engine", "check", "bench", "report")
+from shiva_export.records import (STAGES, CheckRecord, EngineEntry, EngineRecord, ExportRecord, FreezeRecord,
+                                  LintRecord, StageRecord)
 
 
 def add_parser(subparsers) -> None:
@@ -41,14 +41,14 @@ def run(args: argparse.Namespace) -> int:
     print(f"{manifest.root}  ({manifest.data['schema']}, shiva_export {manifest.data['tool_version']})")
     print("config: " + ", ".join(f"{k}={v}" for k, v in sorted(cfg.items()) if v is not None))
     intact = True
-    for name, record in sorted(manifest.data["stages"].items(), key=lambda item: STAGE_ORDER.index(item[0])):
+    for record in filter(None, map(manifest.record, STAGES)):
         try:
-            manifest.verify_files(name)
+            manifest.verify_files(record.STAGE)
             status = "ok"
         except ShivaError as err:
             status, intact = f"STALE: {err}", False
-        print(f"\n[{name}] finished {record.get('finished', '?')}, files {len(record.get('files', []))}: {status}")
-        for line in describe(name, record, manifest):
+        print(f"\n[{record.STAGE}] finished {record.finished or '?'}, files {len(record.files)}: {status}")
+        for line in describe(record, manifest):
             print("  " + line)
     verdicts = runtime_verdicts(ws)
     print()
@@ -67,9 +67,10 @@ def runtime_verdicts(ws) -> dict:
     from shiva_export.errors import BackendUnavailableError, ShivaError
     from shiva_export.runtime import ShivaEngineTransformer
 
-    if not ws.manifest.stage("export"):
+    if not ws.manifest.record(ExportRecord):
         return {}
-    backends = ["onnxruntime", *((ws.manifest.stage("engine") or {}).get("engines") or {})]
+    engines = ws.manifest.record(EngineRecord)
+    backends = ["onnxruntime", *(engines.engines if engines else ())]
     verdicts: dict = {}
     for backend in backends:
         if backend != "onnxruntime":
@@ -87,31 +88,31 @@ def runtime_verdicts(ws) -> dict:
     return verdicts
 
 
-def describe(name: str, record: dict, manifest=None) -> list[str]:
-    if name == "freeze":
-        summary = record.get("summary", {})
-        lines = [f"bucket {i}: k={k}" for i, k in enumerate(record.get("buckets", []))]
+def describe(record: StageRecord, manifest=None) -> list[str]:
+    if isinstance(record, FreezeRecord):
+        summary = record.summary
+        lines = [f"bucket {i}: k={list(k)}" for i, k in enumerate(record.buckets)]
         if summary:
             lines.append(f"keep ratio learned {summary['learned_keep_ratio']:.3f}, realised "
                          f"{summary['realised_keep_ratio']:.3f}; FLOPs realised {summary['realised_flop_ratio']:.3f} "
                          "of dense")
         return lines
-    if name == "export":
-        return [f"{g['file']} (bucket {g['bucket']}) sha256 {g['sha256'][:12]}" for g in record.get("graphs", [])]
-    if name == "engine":
+    if isinstance(record, ExportRecord):
+        return [f"{g.file} (bucket {g.bucket}) sha256 {g.sha256[:12]}" for g in record.graphs]
+    if isinstance(record, EngineRecord):
         lines = []
-        for backend, items in record.get("engines", {}).items():
-            lines.append(f"{backend}: {len(items)} engine(s)")
-            lines += [f"  bucket {e.get('bucket', '?')}: {e.get('engine', '?')} ({engine_freshness(manifest, e)})"
-                      for e in items]
+        for backend, entries in record.engines.items():
+            lines.append(f"{backend}: {len(entries)} engine(s)")
+            lines += [f"  bucket {e.bucket}: {e.engine} ({engine_freshness(manifest, e)})" for e in entries]
         return lines
-    if name in ("check", "bench", "lint"):
-        return [f"{key}: {value}" for key, value in record.items()
-                if key in ("passed", "summary", "errors", "warnings", "speedup")]
+    if isinstance(record, LintRecord):
+        return [f"errors: {record.errors}", f"passed: {record.passed}", f"warnings: {record.warnings}"]
+    if isinstance(record, CheckRecord):
+        return [f"passed: {record.passed}"]
     return []
 
 
-def engine_freshness(manifest, record: dict) -> str:
+def engine_freshness(manifest, record: EngineEntry) -> str:
     """"fresh" if an engine and its sidecar are the files the manifest recorded and the sidecar names the graph the
     export now lists; else what is wrong."""
     from shiva_export.engines.metadata import read_metadata
@@ -120,13 +121,14 @@ def engine_freshness(manifest, record: dict) -> str:
     if manifest is None:
         return "not verified"
     try:
-        for relative in (record["engine"], record["metadata"]):
+        for relative in (record.engine, record.metadata):
             manifest.verify_file(relative, manifest.recorded_sha256(relative), "engine")
-        built_from = read_metadata(manifest.path_of(record["engine"])).onnx_sha256
+        built_from = read_metadata(manifest.path_of(record.engine)).onnx_sha256
     except (ShivaError, KeyError) as err:
         return f"STALE: {err}"
-    graphs = {g["file"]: g["sha256"] for g in (manifest.stage("export") or {}).get("graphs", [])}
-    if graphs.get(record.get("onnx")) != built_from:
-        return f"STALE: built from another {record.get('onnx')} than the export lists; rebuild it with " \
-               f"`python -m shiva_export engine --backend {record.get('backend', '<backend>')} --out {manifest.root}`"
+    export = manifest.record(ExportRecord)
+    graphs = {g.file: g.sha256 for g in (export.graphs if export else ())}
+    if graphs.get(record.onnx) != built_from:
+        return f"STALE: built from another {record.onnx} than the export lists; rebuild it with " \
+               f"`python -m shiva_export engine --backend {record.backend or '<backend>'} --out {manifest.root}`"
     return "fresh"

@@ -16,6 +16,7 @@ import pytest
 from shiva_export.cli import VERBS
 from shiva_export.manifest import Manifest
 from shiva_export.models import shipped_router
+from shiva_export.records import CheckRecord, ExportRecord
 
 pytestmark = pytest.mark.slow
 
@@ -43,16 +44,16 @@ def test_default_build_on_a_clean_folder_writes_every_artifact_and_exits_0(built
     assert result.returncode == 0, result.stderr[-3000:]
     manifest = Manifest.load(out)
     for stage in ("freeze", "export", "lint", "engine", "check", "bench", "report"):
-        assert manifest.stage(stage) is not None, stage
+        assert manifest.record(stage) is not None, stage
         manifest.verify_files(stage)
-    graphs = manifest.require("export")["graphs"]
-    assert graphs and all((out / "onnx" / g["file"]).is_file() for g in graphs)
+    graphs = manifest.require(ExportRecord).graphs
+    assert graphs and all((out / "onnx" / g.file).is_file() for g in graphs)
     assert (out / "onnx" / "weights.bin").is_file()
     assert json.loads((out / "check.json").read_text())
     for name in ("report.md", "report.json", "keep_ratio.png"):
         assert (out / "report" / name).stat().st_size > 0
     assert "parity" in result.stdout and "bucket" in result.stdout
-    assert manifest.require("check")["passed"] is True
+    assert manifest.require(CheckRecord).passed is True
 
 
 def test_default_build_uses_the_router_trained_and_shipped_for_the_preset(built):

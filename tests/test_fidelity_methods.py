@@ -47,7 +47,8 @@ def pruned():
 
 @pytest.fixture(scope="module")
 def schedule(pruned):
-    return methods.freeze_schedule(pruned, STEPS, LATENT, CONTEXT, align=1)
+    return methods.freeze_schedule(pruned, FlowMatchEulerDiscreteScheduler(shift=3.0), STEPS, LATENT, CONTEXT,
+                                   align=1)
 
 
 @pytest.fixture(scope="module")
@@ -59,11 +60,11 @@ def inputs(plain):
             torch.randn(2, cfg.pooled_projection_dim, generator=generator))
 
 
-def sample(denoiser, inputs, on_step=None, guidance: float = 4.0) -> torch.Tensor:
-    """The study's sampler: reset, then FlowMatchEuler (shift 3) with CFG at batch 2, one call per step."""
+def sample(denoiser, inputs, on_step=None, guidance: float = 4.0, shift: float = 3.0) -> torch.Tensor:
+    """The study's sampler: reset, then FlowMatchEuler with CFG at batch 2, one call per step."""
     latents, context, pooled = inputs
     denoiser.reset()
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
     scheduler.set_timesteps(denoiser.steps)
     x = latents.clone()
     for t in scheduler.timesteps:
@@ -263,8 +264,8 @@ def test_bad_parameters_are_one_line_config_errors(plain, pruned, schedule, inpu
     dense.reset()
     with pytest.raises(ConfigError, match="after 0 of 2 steps"):
         dense.flops_per_image()
-    with pytest.raises(ConfigError, match="timestep 1, but the schedule's step 0"):   # another sampler than freeze's
-        methods.shiva_adaptive(pruned, schedule)(*batch, torch.full((2,), 1.0))
+    with pytest.raises(ConfigError, match="step 1: timestep .*, but the schedule's step 1 is at"):
+        sample(methods.shiva_adaptive(pruned, schedule), inputs, shift=1.0)   # another sampler than the freeze's
     with methods.tome(plain, 0.5, STEPS):
         with pytest.raises(ConfigError, match="close"):
             methods.first_block_cache(plain, 0.1, STEPS)

@@ -287,15 +287,22 @@ def dense(model, steps: int, cfg: bool = True) -> Denoiser:
 
 # --- Shiva and same-k baselines ------------------------------------------------------------------------------------
 
-def freeze_schedule(pruned: PrunedModel, steps: int, latent_size: int | Sequence[int], context_tokens: int, *,
-                    shift: float = 3.0, scheduler: dict | None = None, align: int = 16, max_buckets: int = 4,
-                    batch: int = 2) -> Schedule:
-    """The project's freeze pass on the pruned model's policy, for a latent of latent_size (pixels of the latent,
-    int or (h, w)) and the FlowMatchEuler sampler at ``shift`` (or a full ``scheduler`` config): what
-    ``shiva_adaptive`` runs. align / max_buckets as the build's --align / --buckets (tiny-sd35's defaults)."""
+def freeze_schedule(pruned: PrunedModel, scheduler, steps: int, latent_size: int | Sequence[int],
+                    context_tokens: int, *, align: int = 16, max_buckets: int = 4, batch: int = 2) -> Schedule:
+    """The project's freeze pass on the pruned model's policy: what ``shiva_adaptive`` runs.
+
+    scheduler: the sampler's diffusers scheduler (or its config dict; FlowMatchEuler at its own shift), so the policy
+    is evaluated at exactly the timesteps the sampler visits. latent_size: the latent's pixels, int or (h, w).
+    align / max_buckets: as the build's --align / --buckets (tiny-sd35's defaults); align=1 and max_buckets=steps
+    run the policy's counts floor(N r) unrounded and unbucketed."""
+    from shiva_export.models import scheduler_config
+
+    config = dict(scheduler) if isinstance(scheduler, dict) else {**scheduler.config,
+                                                                  "_class_name": type(scheduler).__name__}
+    config = scheduler_config(config, "the sampler's scheduler")
     height, width = (latent_size, latent_size) if isinstance(latent_size, int) else latent_size
-    cfg = FreezeConfig(num_steps=steps, shift=shift, scheduler=scheduler, align=align, max_buckets=max_buckets,
-                       dense_layers=pruned.policy.dense_layers)
+    cfg = FreezeConfig(num_steps=steps, shift=config["shift"], scheduler=config, align=align,
+                       max_buckets=max_buckets, dense_layers=pruned.policy.dense_layers)
     return freeze(pruned.policy.ratios, pruned.config, height, width, batch, context_tokens, cfg,
                   checkpoint_hash=pruned.checkpoint_hash, vae_scale_factor=1)
 
@@ -572,6 +579,9 @@ class _ToMe(Denoiser):
 
     def _planner(self, layer):
         def hook(module, args):  # norm1(hidden_states, ...): the block's input, tomesd's metric
+            if self.grid is None:   # a call of the transformer outside this denoiser: no merging
+                self.plans[layer] = _do_nothing, _do_nothing
+                return
             x = args[0]
             h, w = self.grid
             merge, unmerge = bipartite_soft_matching_random2d(
@@ -642,7 +652,7 @@ def tome_ratio_for_flops(config, target: float, grid: tuple[int, int], context_t
     n = h * w
     most = n - (h // sy) * (w // sx)
     fractions = [tome_flops_fraction(config, r / n, grid, context_tokens, sx, sy) for r in range(most + 1)]
-    if not min(fractions) - 0.02 <= target <= 1:
+    if not min(fractions) <= target <= 1:
         raise ConfigError(f"target FLOP fraction {target:g}: ToMe reaches {min(fractions):.3f}..1 of dense here")
     best = min(range(most + 1), key=lambda r: abs(fractions[r] - target))
     return best / n

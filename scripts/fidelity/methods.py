@@ -109,7 +109,7 @@ def _keep(keep: Any) -> float:
 def _threshold(threshold: Any) -> float:
     threshold = _number(threshold, "cache threshold")
     if threshold < 0:
-        raise ConfigError(f"cache threshold {threshold:g} must be >= 0 (0 never skips)")
+        raise ConfigError(f"cache threshold {threshold:g} must be >= 0")
     return threshold
 
 

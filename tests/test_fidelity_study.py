@@ -48,7 +48,7 @@ def test_keep_one_cache_zero_and_merge_zero_equal_dense(smoke):
 def test_every_method_has_a_complete_row(smoke):
     rows = next(iter(smoke["result"]["models"].values()))
     families = {row["family"] for row in rows}
-    assert families == {"dense", "fewer steps", "shiva adaptive", "shiva uniform", "random selection",
+    assert families == {"dense", "dense, adapted weights", "fewer steps", "shiva adaptive", "shiva uniform", "random selection",
                         "grid selection", "ToMe", "shiva + First-Block-Cache", "First-Block-Cache", "TaylorSeer"}
     reference = rows[0]
     assert reference["label"] == "dense 28 steps" and reference["flop_speedup"] == 1.0
@@ -57,6 +57,9 @@ def test_every_method_has_a_complete_row(smoke):
                     "frechet_vs_dense", "flops_per_image", "seconds_per_image"):
             assert isinstance(row[key], (int, float)) and math.isfinite(row[key]), (row["label"], key)
         assert 0 <= row["accuracy"] <= 1 and -1 <= row["ssim_vs_dense"] <= 1
+        if row["family"].startswith("shiva") or row["family"].endswith("selection"):   # on the adapted weights
+            value = row["psnr_vs_same_weights"]
+            assert value == "inf" or math.isfinite(value), row["label"]
     by_family = {row["family"]: row for row in rows}
     assert by_family["fewer steps"]["flop_speedup"] == pytest.approx(28 / 14)
     # equal-FLOP operating points are equal in FLOPs: uniform keep and ToMe within a few %, the same k for selection

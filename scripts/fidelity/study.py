@@ -11,9 +11,9 @@ with diffusers' FlowMatchEulerDiscreteScheduler and CFG, and is compared with th
 * **metrics** (`metrics.py`, on the digits classifier of `digits.py`): Fréchet distance of the classifier's
   penultimate features to the real test split (an FID analogue) and to the dense samples, the classifier's accuracy
   against the prompt class (a CLIP-score analogue), PSNR / SSIM of each sample against the dense sample of its seed.
-* **cost**: transformer FLOPs per image as measured by the methods' probes, and wall time per image in PyTorch on
-  this machine's CPU (`--threads`, one sample at a time, CFG batch 2), each method timed in the same process as
-  dense. With `--ort`, `python -m shiva_export build` compiles dense and each Shiva point to ONNX Runtime CPU and
+* **cost**: transformer FLOPs per image as measured by the methods' probes, and the CPU time per image in PyTorch
+  on this machine (`--threads`, one sample at a time, CFG batch 2; the process's own CPU time, which other work on
+  a shared machine does not inflate as it does wall time), each method timed in the same process as dense. With `--ort`, `python -m shiva_export build` compiles dense and each Shiva point to ONNX Runtime CPU and
   its bench gives the measured loop speedup of the exported graphs.
 
 `--shapes` adds the second model: scripts/pretrain_toy.py's "shapes" model and data, dense-relative metrics only
@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -57,12 +58,19 @@ HIGHER_IS_BETTER = {"psnr_vs_dense": True, "ssim_vs_dense": True, "accuracy": Tr
 # ------------------------------------------------------------------------------------------ preparation
 
 
-def run_verb(*argv: str) -> None:
-    """A verb of the product in its own process (as a user runs it); its failure stops the study with its output."""
-    proc = subprocess.run([sys.executable, "-m", "shiva_export", *argv], capture_output=True, text=True)
+def verb(*argv: str, threads: int | None = None) -> subprocess.Popen:
+    """A verb of the product in its own process, as a user runs it (`threads`: its torch CPU threads)."""
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+    return subprocess.Popen([sys.executable, "-m", "shiva_export", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+def finish(proc: subprocess.Popen, what: str) -> None:
+    """Wait for a verb; its failure stops the study with the verb's last line."""
+    out, err = proc.communicate()
     if proc.returncode != 0:
-        raise ShivaError(f"`python -m shiva_export {' '.join(argv[:1])}` exited {proc.returncode}: "
-                         f"{(proc.stderr or proc.stdout).strip().splitlines()[-1:] }")
+        last = ((err or out).strip().splitlines() or ["(no output)"])[-1]
+        raise ShivaError(f"{what} exited {proc.returncode}: {last}")
 
 
 def prepare_digits(work: Path, pretrain_steps: int, smoke: bool) -> Path:
@@ -73,12 +81,17 @@ def prepare_digits(work: Path, pretrain_steps: int, smoke: bool) -> Path:
     return root
 
 
-def train_router(model: Path, data: Path, target: float, out: Path, smoke: bool) -> Path:
-    if not (out / "summary.json").is_file():
-        protocol = SMOKE_PROTOCOL if smoke else ROUTER_PROTOCOL
-        run_verb("train", "--model", str(model), "--data", str(data), "--target-keep", str(target), "--out", str(out),
-                 "--no-progress", *[part for item in protocol.items() for part in item])
-    return out
+def train_routers(model: Path, data: Path, outs: dict[float, Path], smoke: bool) -> dict[float, Path]:
+    """`train --data` at each target keep, the targets in parallel processes (one CPU thread each); a target whose
+    checkpoint is complete is reused."""
+    protocol = SMOKE_PROTOCOL if smoke else ROUTER_PROTOCOL
+    running = {target: verb("train", "--model", str(model), "--data", str(data), "--target-keep", str(target),
+                            "--out", str(out), "--seed", "0", "--no-progress",
+                            *[part for item in protocol.items() for part in item], threads=1)
+               for target, out in outs.items() if not (out / "summary.json").is_file()}
+    for target, proc in running.items():
+        finish(proc, f"train --target-keep {target}")
+    return outs
 
 
 # ------------------------------------------------------------------------------------------ running a method
@@ -104,10 +117,10 @@ class Runner:
             denoiser.reset()
 
         denoiser.reset()
-        start = time.perf_counter()
+        start = time.process_time()   # this process's CPU time: robust to other work on a shared machine
         latents = digits.sample(denoiser, self.cond, self.classes, self.seeds, steps=denoiser.steps,
                                 guidance_scale=self.guidance_scale, progress=next_trajectory)
-        seconds = (time.perf_counter() - start) / len(self.seeds)
+        seconds = (time.process_time() - start) / len(self.seeds)
         return self.to_image(latents), latents, seconds, int(np.mean(per_image_flops))
 
     def subset(self, count: int) -> "Runner":
@@ -115,7 +128,9 @@ class Runner:
         return Runner(self.cond, self.classes[:count], self.seeds[:count], guidance_scale=self.guidance_scale,
                       to_image=self.to_image)
 
-    def run(self, family: str, label: str, make: Callable, **setting) -> dict:
+    def run(self, family: str, label: str, make: Callable, same_weights: np.ndarray | None = None, **setting) -> dict:
+        """One method over every prompt, scored; `same_weights`: the dense samples of the weights this method runs
+        (Shiva's DoRA-adapted backbone), to separate what pruning changes from what the adapters change."""
         denoiser = make()
         try:
             images, latents, seconds, flops = self.sample(denoiser)
@@ -127,6 +142,10 @@ class Runner:
             self.reference = {"images": images, "latents": latents, "seconds": seconds, "flops": flops,
                               "features": self.features(images)}
             row.update(self.score(images))
+        if same_weights is not None:
+            row["psnr_vs_same_weights"] = _finite_mean(metrics.psnr(same_weights, images))
+            row["ssim_vs_same_weights"] = float(np.mean(metrics.ssim(same_weights, images)))
+        row["images"] = images
         row["flop_speedup"] = self.reference["flops"] / flops
         row["measured_speedup"] = self.reference["seconds"] / seconds
         if self.reference is not None and latents is not None:
@@ -188,8 +207,9 @@ def uniform_keep_for_flops(runner: Runner, pruned, target_flops: int, steps: int
 
 
 def study_model(runner: Runner, dense_model, routers: dict[float, object], scheduler, latent_size: int,
-                context_tokens: int, smoke: bool) -> dict:
-    """Every method at its operating points on one model; returns the invariants checked along the way."""
+                context_tokens: int, smoke: bool, lite: bool = False) -> dict:
+    """Every method at its operating points on one model; returns the invariants checked along the way. `lite` (the
+    second model) runs fewer operating points of each family."""
     steps = REFERENCE_STEPS
     runner.subset(1).sample(methods.dense(dense_model, steps))   # warm-up: the reference's timing starts warm
     runner.run("dense", f"dense {steps} steps", lambda: methods.dense(dense_model, steps), steps=steps)
@@ -200,28 +220,34 @@ def study_model(runner: Runner, dense_model, routers: dict[float, object], sched
     invariants["dense_rerun"] = {k: rerun[k] for k in ("psnr_vs_dense", "ssim_vs_dense", "max_abs_vs_dense_latents")
                                  if k in rerun} | ({"frechet_vs_dense": rerun["frechet_vs_dense"]}
                                                    if "frechet_vs_dense" in rerun else {})
-    for fewer in ((14,) if smoke else (20, 14, 10, 7, 5)):
+    for fewer in ((14,) if smoke else (14, 7) if lite else (20, 14, 10, 7, 5)):
         runner.run("fewer steps", f"dense {fewer} steps", lambda f=fewer: methods.dense(dense_model, f), steps=fewer)
     grid = (latent_size // dense_model.config.patch_size,) * 2
     for target, pruned in routers.items():
-        schedule = methods.freeze_schedule(pruned, scheduler, steps, latent_size, context_tokens)
+        adapted = runner.run("dense, adapted weights", f"dense {steps} steps, the {target} routers' DoRA-adapted weights",
+                             lambda: methods.dense(pruned, steps), steps=steps, target_keep=target)["images"]
+        # per-step k (aligned, not bucketed): the learned schedule itself; the build's 4 static buckets are measured
+        # with --ort (bucketing keeps the max k of its steps, so it runs more tokens than the policy asks)
+        schedule = methods.freeze_schedule(pruned, scheduler, steps, latent_size, context_tokens, max_buckets=steps)
         adaptive = runner.run("shiva adaptive", f"shiva adaptive {target}",
-                              lambda: methods.shiva_adaptive(pruned, schedule), target_keep=target,
+                              lambda: methods.shiva_adaptive(pruned, schedule), same_weights=adapted, target_keep=target,
                               realised_keep=schedule.summary.realised_keep_ratio)
         keep = uniform_keep_for_flops(runner, pruned, adaptive["flops_per_image"], steps)
         runner.run("shiva uniform", f"shiva uniform {keep:.3f} (= FLOPs of {target})",
-                   lambda: methods.shiva_uniform(pruned, keep, steps), keep=keep, matches=target)
+                   lambda: methods.shiva_uniform(pruned, keep, steps), same_weights=adapted, keep=keep,
+                   matches=target)
         runner.run("random selection", f"random at the {target} schedule",
-                   lambda: methods.random_select(pruned, schedule), matches=target)
+                   lambda: methods.random_select(pruned, schedule), same_weights=adapted, matches=target)
         runner.run("grid selection", f"grid at the {target} schedule",
-                   lambda: methods.grid_select(pruned, schedule), matches=target)
+                   lambda: methods.grid_select(pruned, schedule), same_weights=adapted, matches=target)
         fraction = 1 / adaptive["flop_speedup"]
         ratio = methods.tome_ratio_for_flops(dense_model.config, fraction, grid, context_tokens)
         runner.run("ToMe", f"ToMe r={ratio:.3f} (= FLOPs of {target})",
                    lambda: methods.tome(dense_model, ratio, steps), ratio=ratio, matches=target)
-        for threshold in ((0.1,) if smoke else (0.05, 0.1, 0.2)):
+        for threshold in ((0.1,) if smoke or lite else (0.05, 0.1, 0.2)):
             runner.run("shiva + First-Block-Cache", f"shiva {target} + FBCache {threshold}",
-                       lambda t=threshold: methods.shiva_plus_cache(pruned, schedule, t), threshold=threshold,
+                       lambda t=threshold: methods.shiva_plus_cache(pruned, schedule, t), same_weights=adapted,
+                       threshold=threshold,
                        target_keep=target)
         if smoke or target == max(routers):   # keep 1.0 of the same routers equals dense of the same weights
             base = runner.reference
@@ -230,10 +256,10 @@ def study_model(runner: Runner, dense_model, routers: dict[float, object], sched
             _, keep1_lat, _, _ = same.sample(methods.shiva_uniform(pruned, 1.0, steps))
             invariants[f"keep1_equals_dense_{target}"] = float((keep1_lat - dense_lat).abs().max())
             runner.reference = base
-    for threshold in ((0.1,) if smoke else (0.05, 0.1, 0.2, 0.3, 0.5)):
+    for threshold in ((0.1,) if smoke else (0.1, 0.3) if lite else (0.05, 0.1, 0.2, 0.3, 0.5)):
         runner.run("First-Block-Cache", f"FBCache {threshold}",
                    lambda t=threshold: methods.first_block_cache(dense_model, t, steps), threshold=threshold)
-    for interval, order in (((3, 1),) if smoke else ((2, 1), (3, 1), (4, 2), (6, 2))):
+    for interval, order in (((3, 1),) if smoke else ((3, 1),) if lite else ((2, 1), (3, 1), (4, 2), (6, 2))):
         runner.run("TaylorSeer", f"TaylorSeer every {interval}, order {order}",
                    lambda i=interval, o=order: methods.taylorseer(dense_model, steps, interval=i, order=o),
                    interval=interval, order=order)
@@ -278,7 +304,7 @@ def compare_at_equal_speed(rows: list[dict], axis: str, metric: str) -> list[dic
             continue
         entry = {"shiva": row["label"], axis: row[axis], metric: row[metric], "others": {}}
         for family, points in families.items():
-            if family in ("shiva adaptive", "dense"):
+            if family == "shiva adaptive" or family.startswith("dense"):
                 continue
             curve = points + (dense_point if family in ("fewer steps", "First-Block-Cache", "TaylorSeer") else [])
             value = interpolate_at(curve, row[axis])
@@ -371,8 +397,8 @@ def markdown(result: dict) -> str:
              "side in this run (PyTorch on this CPU, one sample at a time) and by the FLOPs the method actually ran.",
              ""]
     for name, rows in result["models"].items():
-        metrics_here = [m for m in ("psnr_vs_dense", "ssim_vs_dense", "frechet_vs_dense", "frechet_vs_real",
-                                    "accuracy") if m in rows[-1]]
+        metrics_here = [m for m in ("psnr_vs_dense", "ssim_vs_dense", "psnr_vs_same_weights", "frechet_vs_dense",
+                                    "frechet_vs_real", "accuracy") if any(m in r for r in rows)]
         lines += [f"## {name}", "", "| method | FLOP speedup | measured speedup | ms / image | "
                   + " | ".join(metrics_here) + " |", "|---" * (4 + len(metrics_here)) + "|"]
         for r in rows:
@@ -451,12 +477,24 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if result else 1
 
 
+def stage3_claim(router: Path) -> dict:
+    """The training claim on this model and its data (issue #18: held on learned weights): stage 3's output error
+    at least 30% below the untrained router's at the same per-layer k, from the checkpoint's summary."""
+    summary = json.loads((router / "summary.json").read_text())
+    stage3 = summary["after_stage3"]
+    return {"reduction_vs_untrained": stage3["reduction_vs_untrained"],
+            "weighted_reduction_vs_untrained": stage3.get("weighted_reduction_vs_untrained"),
+            "claim_met": stage3["reduction_vs_untrained"] >= 0.30, "mean_keep": summary.get("mean_keep"),
+            "checks": summary.get("checks")}
+
+
 def ort_bench(work: Path, model: Path, router: Path, target: float, latent_size: int, context_tokens: int) -> dict:
     """`python -m shiva_export build` of one Shiva point on ONNX Runtime CPU; its bench's loop and bucket speedups."""
     out = work / "builds" / f"keep{target}"
     size = str(latent_size * 8)   # pixels: the latent grid times SD3's VAE factor
-    run_verb("build", "--model", str(model), "--router", str(router), "--out", str(out), "--height", size, "--width",
-             size, "--context-tokens", str(context_tokens), "--backend", "onnxruntime")
+    finish(verb("build", "--model", str(model), "--router", str(router), "--out", str(out), "--height", size,
+                "--width", size, "--context-tokens", str(context_tokens), "--backend", "onnxruntime"),
+           f"build --router {router}")
     bench = json.loads((out / "bench.json").read_text())
     loop = next(s for s in bench["speedups"] if s["scope"] == "loop")
     return {"target": target, "device": bench["device"].get("name") or bench["device"].get("cpu"),
@@ -498,7 +536,7 @@ def run_study(args, targets: list[float]) -> dict:
     start = time.perf_counter()
     root = prepare_digits(work, 3 if args.smoke else args.pretrain_steps, args.smoke)
     model_dir, data_dir = root / digits.MODEL_DIR, root / digits.DATA_DIR
-    routers = {t: train_router(model_dir, data_dir, t, work / "routers" / f"keep{t}", args.smoke) for t in targets}
+    routers = train_routers(model_dir, data_dir, {t: work / "routers" / f"keep{t}" for t in targets}, args.smoke)
     cond, classifier = digits.load_conditioning(root), digits.load_classifier(root)
     split = digits.load_digits(cond.latent_size)
     classes, seeds = digits.sample_plan(args.samples)
@@ -515,7 +553,8 @@ def run_study(args, targets: list[float]) -> dict:
               "router_protocol": SMOKE_PROTOCOL if args.smoke else ROUTER_PROTOCOL,
               "digits": {"pretrain": _json(root / digits.PRETRAIN_LOG, ("final_loss", "held_out_loss", "wall_s")),
                          "classifier": _json(root / digits.CLASSIFIER_JSON, None)},
-              "models": models, "invariants": invariants}
+              "models": models, "invariants": invariants,
+              "stage3_claim": {f"keep{t}": stage3_claim(r) for t, r in routers.items()}}
     if args.shapes:
         result["models"]["shapes (scripts/pretrain_toy.py)"], invariants["shapes"] = shapes_study(args, work)
     result["answers"] = answers(runner.rows)
@@ -523,6 +562,9 @@ def run_study(args, targets: list[float]) -> dict:
         result["ort_cpu"] = [ort_bench(work, model_dir, routers[t], t, cond.latent_size, context_tokens)
                              for t in targets]
     result["wall_s"] = round(time.perf_counter() - start, 1)
+    for rows in result["models"].values():
+        for row in rows:
+            row.pop("images", None)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "study.json", _jsonable(result))
     plot(out / "pareto.png", result["models"])
@@ -545,17 +587,17 @@ def shapes_study(args, work: Path) -> tuple[list[dict], dict]:
                               capture_output=True, text=True)
         if proc.returncode != 0:
             raise ShivaError(f"scripts/pretrain_toy.py exited {proc.returncode}: {proc.stderr.strip()[-300:]}")
-    router = train_router(root / "model", root / "data", 0.6, work / "routers" / "shapes-keep0.6", args.smoke)
+    router = train_routers(root / "model", root / "data", {0.6: work / "routers" / "shapes-keep0.6"}, args.smoke)[0.6]
     from shiva_export.models import read_preset
 
     dense_model, _ = load_transformer(str(root / "model"))
     size = read_preset(SHAPES_BASE)["defaults"]["height"] // 8
     cond = shapes_conditioning(root, size, dense_model.config.in_channels)
-    classes, seeds = digits.sample_plan(args.samples)
+    classes, seeds = digits.sample_plan(args.samples if args.smoke else max(10, args.samples // 2))
     runner = Runner(cond, classes, seeds, guidance_scale=1.0, to_image=shapes_image)
     pruned = {0.6: load_pruned_model(str(root / "model"), str(router), cfg_consistent=True)}
     invariants = study_model(runner, dense_model, pruned, FlowMatchEulerDiscreteScheduler(shift=digits.SHIFT), size,
-                             cond.context.shape[1], args.smoke)
+                             cond.context.shape[1], args.smoke, lite=True)
     return runner.rows, invariants
 
 

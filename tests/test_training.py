@@ -91,21 +91,6 @@ def test_after_stage2_learned_router_beats_random_and_grid_selection_at_the_same
     assert errors["learned"] < errors["grid"], errors
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "measured, not fixed: on tiny-sd35 data-free the output error is linear in the keep ratio, so the policy learns "
-    "the optimum of its budget, a bang-bang schedule (the 3 highest-noise of 8 sampler steps at r_min 0.1, the rest "
-    "near 1; seeds 0/1/2). The error then sits at keep 0.1, where 50-100 stage-3 steps of DoRA recover only 11-13% "
-    "(0.105 / 0.108 / 0.129; 0.13 with 100 steps at lr 3e-3), while the adapters cannot be the identity at the "
-    "keep-1 steps. With smoother schedules (budget gradient into the whole policy) it reached 0.27-0.32. Weighted by "
-    "the Euler step (the summary's weighted_reduction_vs_untrained) it is the same, 0.12. Against the untrained "
-    "system at the same mean keep (untrained router, one ratio everywhere) it is 0.31 plain and 0.92 weighted, "
-    "the policy's work: docs/training-data.md."))
-def test_after_stage3_output_error_is_at_least_30pct_below_the_untrained_router(demo):
-    errors = demo["summary"]["after_stage3"]
-    assert errors["learned"] <= 0.7 * errors["untrained_router"], errors
-    assert errors["reduction_vs_untrained"] >= 0.30
-
-
 def test_after_stage3_the_untrained_system_runs_one_keep_ratio_at_the_learned_mean_and_is_reported(demo):
     """The second baseline: untrained router and no schedule (what a build without a trained router runs)."""
     summary = demo["summary"]
@@ -178,6 +163,8 @@ def test_summary_is_printed_and_saved_with_every_figure(demo):
         assert key in summary
     assert 0 < summary["flop_ratio_at_sampler"] < 1
     failed = {name for name, ok in summary["checks"].items() if not ok}
+    # the stage-3 claim is held on learned weights and data (test_training_pretrained.py, the digits model); on this
+    # random-weight model data-free it is not met, as docs/training-data.md records
     assert failed <= {"stage3_30pct_below_untrained"}, summary["checks"]
 
 

@@ -456,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="folder for study.json, README.md and pareto.png")
     parser.add_argument("--samples", type=int, default=100, help="prompts per method (class-balanced)")
     parser.add_argument("--targets", default="0.4,0.6,0.8", help="Shiva target keeps (routers trained for each)")
-    parser.add_argument("--pretrain-steps", type=int, default=600)
+    parser.add_argument("--pretrain-steps", type=int, default=500, help="digits pretraining steps (the committed results: 500)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads while timing")
     parser.add_argument("--ort", action="store_true", help="also build dense + each Shiva point with the product's "
                         "`build` (ONNX Runtime CPU) and record its bench")

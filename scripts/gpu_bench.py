@@ -360,12 +360,12 @@ def run_ort_phase(pruned, args, num_tokens, configs, schedule, facts):
     index_path = onnx_dir / "index.json"
     if args.ort_step in ("export", "all"):
         t0 = time.perf_counter()
-        records = export_buckets(pruned.transformer, [configs[n] for n in names], cfg, onnx_dir,
+        written = export_buckets(pruned.transformer, [configs[n] for n in names], cfg, onnx_dir,
                                  graph_passes=tensorrt_safety(cfg.dtype))
         index = {"export_seconds": time.perf_counter() - t0,
-                 "graphs": {name: record for name, record in zip(names, records)}}
+                 "graphs": {name: graph.to_json() for name, graph in zip(names, written.graphs)}}
         index_path.write_text(json.dumps(index))
-        print(f"exported {len(records)} graphs in {index['export_seconds']:.0f} s", flush=True)
+        print(f"exported {len(written.graphs) + 1} graphs in {index['export_seconds']:.0f} s", flush=True)
         if args.ort_step == "export":
             raise SystemExit(0)
     files = {"dense": onnx_dir / "dense.onnx"}

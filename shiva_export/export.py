@@ -22,11 +22,11 @@ import onnx_ir as ir
 import torch
 
 from shiva_export.errors import ConfigError, StaticGraphError
-from shiva_export.io import atomic_directory
+from shiva_export.io import atomic_directory, sha256_file
 from shiva_export import backbones
 from shiva_export.models import VAE_SCALE_FACTOR, num_image_tokens
 from shiva_export.patching import get_pruning_state, static_k, validate_k
-from shiva_export.records import DENSE_FILE, WEIGHTS_FILE, graph_file
+from shiva_export.records import DENSE_FILE, WEIGHTS_FILE, DenseGraphRecord, GraphRecord, graph_file
 from shiva_export.topk import ROW_SCATTERS
 
 log = logging.getLogger(__name__)
@@ -45,12 +45,13 @@ def torch_dtype(name: str) -> torch.dtype:
 
 @dataclasses.dataclass(frozen=True)
 class ExportConfig:
-    """Static shapes of every bucket graph. height/width are image pixels (latents: / vae_scale_factor)."""
+    """Static shapes of every bucket graph. height/width are image pixels (latents: / vae_scale_factor); batch and
+    context_tokens are the pipeline's (the stages resolve them from the model and its pipeline)."""
 
     height: int
     width: int
-    batch: int = 2
-    context_tokens: int = 333
+    batch: int
+    context_tokens: int
     dtype: str = "fp32"
     opset: int = 23
     debug_indices: bool = False   # extra outputs indices_layer{l}: the kept token indices, for parity checks
@@ -315,13 +316,23 @@ def interrupts_between_graphs():
     check()
 
 
+@dataclasses.dataclass(frozen=True)
+class ExportedGraphs:
+    """What `export_buckets` wrote: each bucket's graph record, dense's, and every file it wrote with its sha256
+    (names relative to the folder it wrote: graphs, debug twins, dense.onnx, the shared weights file)."""
+
+    graphs: tuple[GraphRecord, ...]
+    dense: DenseGraphRecord | None
+    files: tuple[tuple[str, str], ...]
+
+
 def export_buckets(transformer, bucket_ks: Sequence[Sequence[int]], cfg: ExportConfig, out_dir: Path, *,
-                   graph_passes, progress=None, dense: bool = True) -> list[dict]:
+                   graph_passes, progress=None, dense: bool = True) -> ExportedGraphs:
     """Write out_dir/b{i}.onnx for every bucket (+ b{i}.debug.onnx with index outputs, + dense.onnx) and
     out_dir/weights.bin, atomically as one folder. graph_passes: run on every traced graph before it is saved
     (`passes.manager.tensorrt_safety(cfg.dtype)`); the static lint then checks every file."""
     out_dir = Path(out_dir)
-    records = []
+    written: list[tuple[int | str, list[int] | None, str, str | None]] = []   # bucket, k, file, debug file
     with atomic_directory(out_dir) as tmp, interrupts_between_graphs() as check_interrupt:
         writer = SharedWeightWriter(tmp / WEIGHTS_FILE)
         try:
@@ -329,13 +340,13 @@ def export_buckets(transformer, bucket_ks: Sequence[Sequence[int]], cfg: ExportC
                 model = export_bucket(transformer, k, cfg, graph_passes)
                 check_interrupt()
                 writer.externalize(model)
-                record = {"bucket": bucket, "k": list(map(int, k)), "file": graph_file(bucket)}
-                if cfg.debug_indices:
-                    record["debug_file"] = graph_file(bucket, debug=True)
-                    save_graph(model, tmp / record["debug_file"], bucket, record["k"])
+                k = list(map(int, k))
+                debug_file = graph_file(bucket, debug=True) if cfg.debug_indices else None
+                if debug_file:
+                    save_graph(model, tmp / debug_file, bucket, k)
                     drop_debug_outputs(model)
-                save_graph(model, tmp / record["file"], bucket, record["k"])
-                records.append(record)
+                save_graph(model, tmp / graph_file(bucket), bucket, k)
+                written.append((bucket, k, graph_file(bucket), debug_file))
                 if progress is not None:
                     progress.update(1)
             if dense:
@@ -343,13 +354,20 @@ def export_buckets(transformer, bucket_ks: Sequence[Sequence[int]], cfg: ExportC
                 check_interrupt()
                 writer.externalize(model)
                 save_graph(model, tmp / DENSE_FILE, "dense", None)
-                records.append({"bucket": "dense", "k": None, "file": DENSE_FILE})
+                written.append(("dense", None, DENSE_FILE, None))
                 if progress is not None:
                     progress.update(1)
         finally:
             writer.close()
-        for record in records:
-            for key in ("file", "debug_file"):
-                if key in record:
-                    check_static(tmp / record[key])
-    return records
+        sha256 = {}
+        for _, _, file, debug_file in written:
+            for name in filter(None, (debug_file, file)):
+                check_static(tmp / name)
+                sha256[name] = sha256_file(tmp / name)
+        sha256[WEIGHTS_FILE] = sha256_file(tmp / WEIGHTS_FILE)
+    graphs = tuple(GraphRecord(bucket=bucket, k=tuple(k), file=file, sha256=sha256[file], debug_file=debug,
+                               debug_sha256=debug and sha256[debug])
+                   for bucket, k, file, debug in written if bucket != "dense")
+    dense_graph = next((DenseGraphRecord(file=file, sha256=sha256[file])
+                        for bucket, _, file, _ in written if bucket == "dense"), None)
+    return ExportedGraphs(graphs, dense_graph, tuple(sha256.items()))

@@ -103,7 +103,7 @@ def generate(artifacts: str | Path, prompt: str, model: str | Path | None = None
     exported = ws.manifest.require(ExportRecord)
     export = exported.config
     schedule = ws.schedule()
-    source = model if model is not None else ws.manifest.data["config"]["model"]
+    source = model if model is not None else ws.manifest.config.model
     if model is None and not (Path(source).exists() and _is_pipeline(Path(source))):
         raise ConfigError(f"{ws.root} was built from {source!r}, which is not a pipeline folder (no VAE or text "
                           "encoders); pass --model PIPELINE_DIR with the pipeline this transformer belongs to")

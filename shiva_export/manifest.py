@@ -3,7 +3,7 @@
 Each stage records the hash of its inputs; a later run with the same inputs reuses the stage, and a consumer
 (a deployment target, the runtime) verifies the files it received against the recorded sha256s. Stages write and
 read their records typed (`records`): `manifest.set_stage(ExportRecord(...), inputs_hash)`,
-`manifest.require(ExportRecord).graphs`; `data` is the JSON on disk.
+`manifest.require(ExportRecord).graphs`, and `manifest.config` (an `ArtifactConfig`); `data` is the JSON on disk.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from shiva_export import __version__
 from shiva_export.artifact import Transaction, active_transaction, inside
 from shiva_export.errors import ArtifactError, StaleArtifactError
 from shiva_export.io import sha256_file, write_json_direct
-from shiva_export.records import MANIFEST_NAME, STAGE_RECORDS, FileRecord, R, StageRecord, record_type
-from shiva_export.schema import Float, Int, Nullable, Obj, Str, validate
+from shiva_export.records import (MANIFEST_NAME, STAGE_RECORDS, ArtifactConfig, FileRecord, R, StageRecord,
+                                  record_type)
+from shiva_export.schema import Obj, Str, validate
 
 SCHEMA = "shiva.manifest/1"
 # Written into every exported graph's metadata_props, so a graph file carries which bucket it is: a record that
@@ -27,25 +28,12 @@ GRAPH_BUCKET_KEY = "shiva.bucket"   # "0", "1", ... or "dense"
 GRAPH_K_KEY = "shiva.k"             # the k-vector as JSON, "null" for dense
 MAX_MANIFEST_BYTES = 64 << 20
 
-# What a manifest may hold: `config` is ArtifactConfig exactly; each stage's record follows its class's SPEC
+# What a manifest may hold: `config` is `records.ArtifactConfig` exactly (its SPEC); each stage's record follows its class's SPEC
 # (`records`: the keys the stages and the runtime read are required, with their types and ranges; records may carry
 # more keys than listed, as later versions add some).
-_POSITIVE = Nullable(Int(minimum=1))
-CONFIG_SPEC = Obj({
-    "model": Str(), "router": Nullable(Str()), "steps": Int(minimum=1, maximum=10_000),
-    "shift": Nullable(Float(minimum=0, exclusive_minimum=True)), "buckets": Int(minimum=1, maximum=1024),
-    "align": _POSITIVE, "align_to": Nullable(Str(choices=("k", "sequence", "either"))), "k_min": _POSITIVE,
-    "height": _POSITIVE, "width": _POSITIVE, "batch": _POSITIVE, "context_tokens": _POSITIVE,
-    "dtype": Str(choices=("fp32", "fp16", "bf16")), "opset": Int(minimum=18, maximum=23),
-    "row_scatter": Str(choices=("where", "scatternd")),
-    "target_keep": Float(minimum=0, maximum=1, exclusive_minimum=True)},
-    # filled from the pipeline (absent in folders written before pipelines were read)
-    {"scheduler": Nullable(Obj({"_class_name": Str(), "shift": Float(minimum=0, exclusive_minimum=True)},
-                               extra=True)),
-     "vae_scale_factor": Nullable(Int(minimum=1, maximum=64))})
 MANIFEST_SPEC = Obj({"schema": Str(), "tool_version": Str(),
                      "stages": Obj(optional={name: record.SPEC for name, record in STAGE_RECORDS.items()})},
-                    {"config": CONFIG_SPEC})
+                    {"config": ArtifactConfig.SPEC})
 
 
 class Manifest:
@@ -79,6 +67,16 @@ class Manifest:
                                 "this version")
         validate(data, MANIFEST_SPEC, str(path))
         return cls(root, data)
+
+    @property
+    def config(self) -> ArtifactConfig | None:
+        """What the folder is built from (the options every stage resolved), or None before the first stage."""
+        data = self.data.get("config")
+        return None if data is None else ArtifactConfig.from_json(data)
+
+    @config.setter
+    def config(self, config: ArtifactConfig) -> None:
+        self.data["config"] = config.to_json()
 
     def record(self, kind: type[R] | str) -> R | None:
         """The typed record of a stage (its class, e.g. `ExportRecord`, or its name), or None if it has not run."""

@@ -16,121 +16,11 @@ from shiva_export.engines.backends.names import TENSORRT_BACKENDS, backend_name
 from shiva_export.errors import ArtifactError, ConfigError, StaleArtifactError
 from shiva_export.io import sha256_json
 from shiva_export.manifest import Manifest
-from shiva_export.records import (LINT_FILE, MANIFEST_NAME, ONNX_DIR, SCHEDULE_FILE, WEIGHTS_FILE, BenchRecord,
-                                  CheckRecord, DenseGraphRecord, EngineEntry, EngineRecord, ExportRecord, FreezeRecord,
+from shiva_export.records import (LINT_FILE, MANIFEST_NAME, ONNX_DIR, SCHEDULE_FILE, ArtifactConfig, BenchRecord,
+                                  CheckRecord, EngineEntry, EngineRecord, ExportRecord, FileRecord, FreezeRecord,
                                   GraphConfig, GraphRecord, LintRecord)
 
 log = logging.getLogger(__name__)
-
-DEFAULT_MODEL = "tiny-sd35"
-
-
-@dataclasses.dataclass(frozen=True)
-class ArtifactConfig:
-    """Everything that decides what an artifact folder holds; stored in the manifest (P2, P3)."""
-
-    model: str = DEFAULT_MODEL
-    router: str | None = None
-    steps: int = 28
-    shift: float | None = None        # None: the pipeline's scheduler shift (a preset declares it)
-    buckets: int = 4
-    align: int | None = None          # None: the preset's default (64; 16 for tiny presets with 256 tokens)
-    align_to: str | None = None       # None: the preset's default ("k"); "sequence" / "either" (FreezeConfig)
-    k_min: int | None = None
-    height: int | None = None         # image pixels; None: the preset's default
-    width: int | None = None
-    batch: int | None = None
-    context_tokens: int | None = None
-    dtype: str = "fp32"
-    opset: int = 23
-    row_scatter: str = "where"        # kept rows back into the sequence: Gather + Where, or "scatternd"
-    target_keep: float = 0.6          # only used without --router (untrained, uniform policy)
-    # filled by resolve from the pipeline (folder or preset), not options: what freeze, export, check and the
-    # runtime must agree on with the pipeline that will call the engines
-    scheduler: dict | None = None     # the scheduler's config, with `shift` applied
-    vae_scale_factor: int | None = None
-
-    def resolve(self, defaults: dict, facts=None) -> "ArtifactConfig":
-        """Fill unset (None) options from the model's defaults and its pipeline facts (models.PipelineFacts), and
-        validate what can be validated without the model. An option that overrides a pipeline fact says so."""
-        import math
-
-        from shiva_export.export import torch_dtype
-        from shiva_export.topk import ROW_SCATTERS
-
-        torch_dtype(self.dtype)
-        for option, value in (("--align", self.align), ("--k-min", self.k_min), ("--height", self.height),
-                              ("--width", self.width), ("--batch", self.batch),
-                              ("--context-tokens", self.context_tokens)):
-            if value is not None and value < 1:
-                raise ConfigError(f"{option} {value} must be >= 1")
-        if not 18 <= self.opset <= 23:
-            raise ConfigError(f"--opset {self.opset} is not supported; expected 18..23 (23 gives fused Attention)")
-        if self.shift is not None and not (math.isfinite(self.shift) and self.shift > 0):
-            raise ConfigError(f"--shift {self.shift:g} must be a finite number > 0")
-        filled = {name: defaults.get(name) if getattr(self, name) is None else getattr(self, name)
-                  for name in ("height", "width", "batch", "context_tokens")}
-        if facts is not None:
-            filled.update(_pipeline_fields(self, facts))
-            if filled["context_tokens"] is None:
-                filled["context_tokens"] = facts.context_tokens
-            elif self.context_tokens is not None and self.context_tokens != facts.context_tokens:
-                log.info("note: --context-tokens %d overrides the %d text tokens of %s", self.context_tokens,
-                         facts.context_tokens, facts.origin)
-        filled["align"] = defaults.get("align", 64) if self.align is None else self.align
-        filled["align_to"] = defaults.get("align_to", "k") if self.align_to is None else self.align_to
-        if self.buckets < 1:
-            raise ConfigError(f"--buckets {self.buckets} must be >= 1")
-        if self.row_scatter not in ROW_SCATTERS:
-            raise ConfigError(f"--row-scatter {self.row_scatter!r} is unknown; expected one of {list(ROW_SCATTERS)}")
-        if self.steps < 1:
-            raise ConfigError(f"--steps {self.steps} must be >= 1")
-        if not 0 < self.target_keep <= 1:
-            raise ConfigError(f"target keep {self.target_keep:g} is outside (0, 1]")
-        if self.router and not Path(self.router).exists():
-            raise ConfigError(f"router checkpoint {self.router!r} does not exist")
-        return dataclasses.replace(self, **filled)
-
-    @property
-    def freeze_scheduler(self) -> dict:
-        """The scheduler config freeze steps through: the pipeline's (its folder facts, or the family's defaults
-        through the adapter's `folder_facts` for a transformer folder alone), filled in by `resolve`."""
-        if self.scheduler is None:
-            raise ConfigError(f"{self.model}: the config was resolved without its pipeline facts, so it has no "
-                              "scheduler config to freeze with")
-        return self.scheduler
-
-    @property
-    def cfg_consistent(self) -> bool:
-        return bool(self.batch and self.batch % 2 == 0)
-
-    def to_json(self) -> dict:
-        data = dataclasses.asdict(self)
-        if self.router:
-            data["router"] = str(Path(self.router).resolve())
-        return data
-
-    @classmethod
-    def from_json(cls, data: dict) -> "ArtifactConfig":
-        """The config a manifest stored (validated against `manifest.CONFIG_SPEC`: exactly these fields)."""
-        return cls(**data)
-
-
-def _pipeline_fields(config: ArtifactConfig, facts) -> dict:
-    """scheduler / shift / vae_scale_factor from the pipeline facts, unless the config already holds them (a stored
-    config) or an option overrides them (with a note)."""
-    from shiva_export.models import scheduler_has_shift
-
-    scheduler = dict(config.scheduler) if config.scheduler is not None else dict(facts.scheduler)
-    if config.shift is not None and not scheduler_has_shift(scheduler) and config.shift != scheduler.get("shift"):
-        raise ConfigError(f"--shift {config.shift:g}: the {scheduler.get('_class_name')} of {facts.origin} has no "
-                          "timestep shift; expected no --shift")
-    shift = float(scheduler.get("shift", facts.shift)) if config.shift is None else float(config.shift)
-    if config.shift is not None and config.scheduler is None and shift != facts.shift:
-        log.info("note: --shift %g overrides the scheduler shift %g of %s", shift, facts.shift, facts.origin)
-    scheduler["shift"] = shift
-    factor = facts.vae_scale_factor if config.vae_scale_factor is None else config.vae_scale_factor
-    return {"scheduler": scheduler, "shift": shift, "vae_scale_factor": factor}
 
 
 class Workspace:
@@ -166,10 +56,9 @@ class Workspace:
                 if lock is not None:
                     lock.release()
         if config is None:
-            stored = self.manifest.data.get("config")
-            if not stored:
+            config = self.manifest.config
+            if config is None:
                 raise ArtifactError(f"{self.root}: the manifest has no config; run `python -m shiva_export export` first")
-            config = ArtifactConfig.from_json(stored)
         self._given = config
         self._pruned = None
         self._config = None
@@ -343,35 +232,20 @@ def run_export(ws: Workspace, force: bool = False, progress=None) -> bool:
         pruned.to_dtype(dtype)
     with ws.manifest.writing():
         try:
-            records = export_buckets(pruned.transformer, [b.k for b in schedule.buckets], export_cfg,
+            written = export_buckets(pruned.transformer, [b.k for b in schedule.buckets], export_cfg,
                                      ws.path(ONNX_DIR), graph_passes=tensorrt_safety(export_cfg.dtype),
                                      progress=progress)
         finally:
             if dtype != torch.float32:
                 pruned.to_dtype(torch.float32)
-        _record_export(ws, records, export_cfg, transformer_config, schedule, inputs)
+        _record_export(ws, written, export_cfg, transformer_config, schedule, inputs)
     return True
 
 
-def _record_export(ws: Workspace, written: list[dict], export_cfg, transformer_config: dict, schedule,
-                   inputs: str) -> None:
-    """The export record of the graphs `export_buckets` wrote: each file hashed once, listed in `files`."""
-    files, graphs, dense = [], [], None
-
-    def listed(name: str) -> str:
-        files.append(ws.manifest.file_record(ws.path(f"{ONNX_DIR}/{name}")))
-        return files[-1].sha256
-
-    for graph in written:
-        if graph["bucket"] == "dense":
-            dense = DenseGraphRecord(file=graph["file"], sha256=listed(graph["file"]))
-            continue
-        debug_sha256 = listed(graph["debug_file"]) if graph.get("debug_file") else None
-        graphs.append(GraphRecord(bucket=graph["bucket"], k=tuple(graph["k"]), file=graph["file"],
-                                  sha256=listed(graph["file"]), debug_file=graph.get("debug_file"),
-                                  debug_sha256=debug_sha256))
-    listed(WEIGHTS_FILE)
-    ws.manifest.set_stage(ExportRecord(files=tuple(files), graphs=tuple(graphs), dense=dense,
+def _record_export(ws: Workspace, written, export_cfg, transformer_config: dict, schedule, inputs: str) -> None:
+    """The export record of what `export_buckets` wrote (`ExportedGraphs`): its graphs, and its files under onnx/."""
+    files = tuple(FileRecord(path=f"{ONNX_DIR}/{name}", sha256=sha256) for name, sha256 in written.files)
+    ws.manifest.set_stage(ExportRecord(files=files, graphs=written.graphs, dense=written.dense,
                                        config=GraphConfig.from_json(dataclasses.asdict(export_cfg)),
                                        transformer_config=transformer_config,
                                        schedule_hash=schedule.schedule_hash), inputs)
@@ -401,11 +275,11 @@ def start(root: str | Path, config: ArtifactConfig) -> Workspace:
     except BaseException:
         _remove_if_unused(created)
         raise
-    stored = ws.manifest.data.get("config")
-    if stored and stored != resolved:
-        changed = sorted(k for k in resolved if stored.get(k) != resolved.get(k))
+    stored = ws.manifest.config
+    if stored is not None and stored.to_json() != resolved:
+        changed = sorted(k for k, v in stored.to_json().items() if resolved.get(k) != v)
         log.info("config changed (%s): stages whose inputs changed will be redone", ", ".join(changed))
-    ws.manifest.data["config"] = resolved
+    ws.manifest.config = ws.config
     return ws
 
 
@@ -480,7 +354,7 @@ def run_engines(ws: Workspace, backend: str, options=None, force: bool = False) 
     graphs = ws.bucket_graphs()
     check_export_matches_schedule(ws, graphs, schedule)
     schedule_hash = ws.manifest.require(FreezeRecord).schedule_hash
-    checkpoint_hash = ws.manifest.data["config"].get("router") and ws.pruned.checkpoint_hash
+    checkpoint_hash = ws.manifest.config.router and ws.pruned.checkpoint_hash
     options = options or BuildOptions()
     entries, files = [], []
     with ws.manifest.writing():

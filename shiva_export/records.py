@@ -18,11 +18,17 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
+import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Mapping, TypeVar
 
 from shiva_export.engines.backends.names import BACKEND_NAMES
+from shiva_export.errors import ConfigError
 from shiva_export.schema import Any_, Bool, Float, Hex, Int, ListOf, MapOf, Nullable, Obj, RelPath, Str
+
+log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------------------------------- names
 MANIFEST_NAME = "manifest.json"
@@ -328,6 +334,131 @@ class ReportRecord(StageRecord):
     SPEC: ClassVar[Obj] = _stage_spec(optional={"inputs": _JSON_OBJECT, "schema": Str()})
     inputs: Mapping[str, Any] | None = None
     schema: str | None = None
+
+
+# --------------------------------------------------------------------------------------------------- config
+_POSITIVE = Nullable(Int(minimum=1))
+DEFAULT_MODEL = "tiny-sd35"
+
+
+@dataclass(frozen=True)
+class ArtifactConfig:
+    """Everything that decides what an artifact folder holds; the manifest's `config` (P2, P3). `resolve` fills the
+    unset options from the model and its pipeline; `SPEC` is what a stored one must be, exactly these fields."""
+
+    SPEC: ClassVar[Obj] = Obj({
+        "model": Str(), "router": Nullable(Str()), "steps": Int(minimum=1, maximum=10_000),
+        "shift": Nullable(Float(minimum=0, exclusive_minimum=True)), "buckets": Int(minimum=1, maximum=1024),
+        "align": _POSITIVE, "align_to": Nullable(Str(choices=("k", "sequence", "either"))), "k_min": _POSITIVE,
+        "height": _POSITIVE, "width": _POSITIVE, "batch": _POSITIVE, "context_tokens": _POSITIVE,
+        "dtype": Str(choices=("fp32", "fp16", "bf16")), "opset": Int(minimum=18, maximum=23),
+        "row_scatter": Str(choices=("where", "scatternd")),
+        "target_keep": Float(minimum=0, maximum=1, exclusive_minimum=True)},
+        # filled from the pipeline (absent in folders written before pipelines were read)
+        {"scheduler": Nullable(Obj({"_class_name": Str(), "shift": Float(minimum=0, exclusive_minimum=True)},
+                                   extra=True)),
+         "vae_scale_factor": Nullable(Int(minimum=1, maximum=64))})
+
+    model: str = DEFAULT_MODEL
+    router: str | None = None
+    steps: int = 28
+    shift: float | None = None        # None: the pipeline's scheduler shift (a preset declares it)
+    buckets: int = 4
+    align: int | None = None          # None: the preset's default (64; 16 for tiny presets with 256 tokens)
+    align_to: str | None = None       # None: the preset's default ("k"); "sequence" / "either" (FreezeConfig)
+    k_min: int | None = None
+    height: int | None = None         # image pixels; None: the preset's default
+    width: int | None = None
+    batch: int | None = None
+    context_tokens: int | None = None
+    dtype: str = "fp32"
+    opset: int = 23
+    row_scatter: str = "where"        # kept rows back into the sequence: Gather + Where, or "scatternd"
+    target_keep: float = 0.6          # only used without --router (untrained, uniform policy)
+    # filled by resolve from the pipeline (folder or preset), not options: what freeze, export, check and the
+    # runtime must agree on with the pipeline that will call the engines
+    scheduler: dict | None = None     # the scheduler's config, with `shift` applied
+    vae_scale_factor: int | None = None
+
+    def resolve(self, defaults: dict, facts=None) -> "ArtifactConfig":
+        """Fill unset (None) options from the model's defaults and its pipeline facts (models.PipelineFacts), and
+        validate what can be validated without the model. An option that overrides a pipeline fact says so."""
+        from shiva_export.export import torch_dtype
+        from shiva_export.topk import ROW_SCATTERS
+
+        torch_dtype(self.dtype)
+        for option, value in (("--align", self.align), ("--k-min", self.k_min), ("--height", self.height),
+                              ("--width", self.width), ("--batch", self.batch),
+                              ("--context-tokens", self.context_tokens)):
+            if value is not None and value < 1:
+                raise ConfigError(f"{option} {value} must be >= 1")
+        if not 18 <= self.opset <= 23:
+            raise ConfigError(f"--opset {self.opset} is not supported; expected 18..23 (23 gives fused Attention)")
+        if self.shift is not None and not (math.isfinite(self.shift) and self.shift > 0):
+            raise ConfigError(f"--shift {self.shift:g} must be a finite number > 0")
+        filled = {name: defaults.get(name) if getattr(self, name) is None else getattr(self, name)
+                  for name in ("height", "width", "batch", "context_tokens")}
+        if facts is not None:
+            filled.update(_pipeline_fields(self, facts))
+            if filled["context_tokens"] is None:
+                filled["context_tokens"] = facts.context_tokens
+            elif self.context_tokens is not None and self.context_tokens != facts.context_tokens:
+                log.info("note: --context-tokens %d overrides the %d text tokens of %s", self.context_tokens,
+                         facts.context_tokens, facts.origin)
+        filled["align"] = defaults.get("align", 64) if self.align is None else self.align
+        filled["align_to"] = defaults.get("align_to", "k") if self.align_to is None else self.align_to
+        if self.buckets < 1:
+            raise ConfigError(f"--buckets {self.buckets} must be >= 1")
+        if self.row_scatter not in ROW_SCATTERS:
+            raise ConfigError(f"--row-scatter {self.row_scatter!r} is unknown; expected one of {list(ROW_SCATTERS)}")
+        if self.steps < 1:
+            raise ConfigError(f"--steps {self.steps} must be >= 1")
+        if not 0 < self.target_keep <= 1:
+            raise ConfigError(f"target keep {self.target_keep:g} is outside (0, 1]")
+        if self.router and not Path(self.router).exists():
+            raise ConfigError(f"router checkpoint {self.router!r} does not exist")
+        return dataclasses.replace(self, **filled)
+
+    @property
+    def freeze_scheduler(self) -> dict:
+        """The scheduler config freeze steps through: the pipeline's (its folder facts, or the family's defaults
+        through the adapter's `folder_facts` for a transformer folder alone), filled in by `resolve`."""
+        if self.scheduler is None:
+            raise ConfigError(f"{self.model}: the config was resolved without its pipeline facts, so it has no "
+                              "scheduler config to freeze with")
+        return self.scheduler
+
+    @property
+    def cfg_consistent(self) -> bool:
+        return bool(self.batch and self.batch % 2 == 0)
+
+    def to_json(self) -> dict:
+        data = dataclasses.asdict(self)
+        if self.router:
+            data["router"] = str(Path(self.router).resolve())
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict) -> "ArtifactConfig":
+        """The config a manifest stored (validated against `manifest.CONFIG_SPEC`: exactly these fields)."""
+        return cls(**data)
+
+
+def _pipeline_fields(config: ArtifactConfig, facts) -> dict:
+    """scheduler / shift / vae_scale_factor from the pipeline facts, unless the config already holds them (a stored
+    config) or an option overrides them (with a note)."""
+    from shiva_export.models import scheduler_has_shift
+
+    scheduler = dict(config.scheduler) if config.scheduler is not None else dict(facts.scheduler)
+    if config.shift is not None and not scheduler_has_shift(scheduler) and config.shift != scheduler.get("shift"):
+        raise ConfigError(f"--shift {config.shift:g}: the {scheduler.get('_class_name')} of {facts.origin} has no "
+                          "timestep shift; expected no --shift")
+    shift = float(scheduler.get("shift", facts.shift)) if config.shift is None else float(config.shift)
+    if config.shift is not None and config.scheduler is None and shift != facts.shift:
+        log.info("note: --shift %g overrides the scheduler shift %g of %s", shift, facts.shift, facts.origin)
+    scheduler["shift"] = shift
+    factor = facts.vae_scale_factor if config.vae_scale_factor is None else config.vae_scale_factor
+    return {"scheduler": scheduler, "shift": shift, "vae_scale_factor": factor}
 
 
 # --------------------------------------------------------------------------------------------------- the stages

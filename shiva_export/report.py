@@ -217,7 +217,7 @@ def _parity(check: dict | None, built: Sequence[str]) -> dict[str, dict]:
 
 
 def _summary(manifest: Manifest, schedule: dict, check: dict | None, bench: dict | None) -> dict:
-    config = manifest.data.get("config", {})
+    config = manifest.config
     export = manifest.record(ExportRecord)
     summary = schedule["summary"]
     dense_layers = schedule["freeze_config"]["dense_layers"]
@@ -245,8 +245,8 @@ def _summary(manifest: Manifest, schedule: dict, check: dict | None, bench: dict
     report = manifest.record(ReportRecord)
     files["report"] = [f.path for f in report.files] if report else []
     return {
-        "model": config.get("model"), "router": config.get("router"),
-        "dtype": export.config.dtype if export else config.get("dtype"),
+        "model": config and config.model, "router": config and config.router,
+        "dtype": export.config.dtype if export else config and config.dtype,
         "height": schedule["height"], "width": schedule["width"], "num_tokens": n,
         "context_tokens": schedule["context_tokens"], "batch": schedule["batch"],
         "cfg_batch": schedule["batch"] % 2 == 0, "steps": len(schedule["timesteps"]),
@@ -447,7 +447,8 @@ def _bench_section(bench: dict | None) -> dict:
 
 
 def _repro_section(reader: _Reader, check: dict | None) -> dict:
-    config = reader.manifest.data.get("config", {})
+    config = reader.manifest.config
+    config = config.to_json() if config else {}
     flags = {"model": "--model", "router": "--router", "target_keep": "--target-keep", "steps": "--steps",
              "shift": "--shift", "buckets": "--buckets", "align": "--align", "align_to": "--align-to",
              "k_min": "--k-min",

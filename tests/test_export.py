@@ -86,9 +86,9 @@ def test_whole_tiny_model_at_4096_tokens_keep_095_exports_exactly_without_topk_o
     pruned = load_pruned_model("tiny-sd3", cfg_consistent=True)
     cfg = ExportConfig(height=1024, width=1024, batch=2, context_tokens=24, debug_indices=True)
     k = [4096] + [3891] * 3          # keep 0.95 of N = 4096: K > 3840 must be split
-    records = export_buckets(pruned.transformer, [k], cfg, tmp_path / "onnx", graph_passes=tensorrt_safety(cfg.dtype),
+    written = export_buckets(pruned.transformer, [k], cfg, tmp_path / "onnx", graph_passes=tensorrt_safety(cfg.dtype),
                              dense=False)
-    path = tmp_path / "onnx" / records[0]["debug_file"]
+    path = tmp_path / "onnx" / written.graphs[0].debug_file
     topks = [n for n in graph_ops(path) if n.op_type == "TopK"]
     assert topks
     model = onnx.load(str(path))

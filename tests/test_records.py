@@ -156,3 +156,37 @@ def test_set_stage_stamps_the_record_and_require_names_the_command_to_run(tmp_pa
     assert manifest.is_fresh(LintRecord, "a" * 64) and not manifest.is_fresh("lint", "b" * 64)
     with pytest.raises(ValueError, match="unknown stage 'lnit'"):
         manifest.record("lnit")
+
+
+def test_the_manifest_config_is_a_typed_frozen_artifact_config(every_stage, tmp_path):
+    from shiva_export.records import ArtifactConfig
+
+    manifest = Manifest.load(every_stage)
+    config = manifest.config
+    assert isinstance(config, ArtifactConfig) and config.model == "tiny-sd35" and config.buckets == 2
+    assert config.to_json() == manifest.data["config"]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.steps = 3
+    assert Manifest(tmp_path).config is None
+    manifest.config = dataclasses.replace(config, steps=7)
+    assert manifest.data["config"]["steps"] == 7 and manifest.config.steps == 7
+
+
+def test_a_config_field_the_artifact_config_does_not_have_is_refused(folder):
+    data = json.loads((folder / "manifest.json").read_text())
+    data["config"]["extra_option"] = 1
+    (folder / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ArtifactError, match=r"field config.extra_option: unknown key"):
+        Manifest.load(folder)
+
+
+def test_the_export_record_lists_exactly_what_export_buckets_hashed(every_stage):
+    from shiva_export.io import sha256_file
+
+    export = Manifest.load(every_stage).require(ExportRecord)
+    on_disk = {p.relative_to(every_stage).as_posix(): sha256_file(p) for p in (every_stage / "onnx").iterdir()
+               if p.is_file()}
+    assert {f.path: f.sha256 for f in export.files} == on_disk
+    assert all(on_disk[f"onnx/{g.file}"] == g.sha256 and on_disk[f"onnx/{g.debug_file}"] == g.debug_sha256
+               for g in export.graphs)
+    assert on_disk[f"onnx/{export.dense.file}"] == export.dense.sha256

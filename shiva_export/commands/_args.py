@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from shiva_export.models import preset_names
-from shiva_export.pipeline import DEFAULT_MODEL, ArtifactConfig
+from shiva_export.records import DEFAULT_MODEL, ArtifactConfig
 
 DEFAULT_OUT = "shiva_artifacts"
 

@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(manifest.data, indent=2, sort_keys=True))
         return 0
-    cfg = manifest.data.get("config", {})
+    cfg = manifest.config.to_json()  # a Workspace has refused a manifest without one
     print(f"{manifest.root}  ({manifest.data['schema']}, shiva_export {manifest.data['tool_version']})")
     print("config: " + ", ".join(f"{k}={v}" for k, v in sorted(cfg.items()) if v is not None))
     intact = True

@@ -74,6 +74,9 @@ def parse_args(argv=None):
     parser.add_argument("--fuse-qkv", action="store_true",
                         help="fuse each attention's q/k/v projections into one GEMM (diffusers' fuse_qkv_projections), "
                         "for dense and pruned alike, before timing")
+    parser.add_argument("--attention-backend", default=None,
+                        help="diffusers attention backend for dense and pruned alike (transformer."
+                        "set_attention_backend), e.g. _native_cudnn or _native_flash; default: diffusers' (native SDPA)")
     parser.add_argument("--skip-schedule", action="store_true",
                         help="time only dense and the uniform keeps: no schedule buckets, loop or numerics")
     parser.add_argument("--compile", default="", help="comma list of configs also run as torch.compile + CUDA graph, "
@@ -464,7 +467,8 @@ def render_markdown(result: dict) -> str:
              f"{result.get('fused_kernels_used', False)}); routers: {result.get('router_dtype')}; blocks compiled "
              f"(torch.compile, dense and pruned alike): {result.get('compile_blocks', False)}; gather/scatter compiled "
              f"into the blocks: {result.get('compile_rows', False)}; q/k/v projections fused: "
-             f"{result.get('fuse_qkv', False)}; compile mode: {result.get('compile_mode') or 'default'}", "",
+             f"{result.get('fuse_qkv', False)}; compile mode: {result.get('compile_mode') or 'default'}; attention "
+             f"backend: {result.get('attention_backend') or 'default'}", "",
              f"Command: `{result['command']}`", ""]
     rows = result["per_step"]
     backends = [b for b in ("eager", "cudagraph", "compile", "ort")
@@ -530,6 +534,11 @@ def main(argv=None) -> int:
         if not hasattr(pruned.transformer, "fuse_qkv_projections"):
             raise SystemExit(f"--fuse-qkv: {type(pruned.transformer).__name__} has no fuse_qkv_projections")
         pruned.transformer.fuse_qkv_projections()
+    if args.attention_backend:
+        try:
+            pruned.transformer.set_attention_backend(args.attention_backend)
+        except (ValueError, AttributeError) as err:
+            raise SystemExit(f"--attention-backend {args.attention_backend}: {err}") from None
     defaults = pruned.source.defaults
     args.context_tokens = args.context_tokens or defaults.get("context_tokens", 333)
     args.run_dtype = args.dtype if device == "cuda" else "fp32"

@@ -55,6 +55,15 @@ def test_keep_one_equals_the_unpatched_model(flux):
     assert (kept_all - dense).abs().max() <= 1e-6 and (routed_all - dense).abs().max() <= 1e-6
 
 
+def test_an_attention_backend_set_on_the_transformer_reaches_the_pruned_blocks():
+    """diffusers' `set_attention_backend` sets a processor attribute; the pruned blocks' processor passes it on."""
+    pruned = load_pruned_model("tiny-flux")
+    pruned.transformer.set_attention_backend("_native_math")
+    blocks = backbones.for_model(pruned.transformer).blocks(pruned.transformer)
+    assert [str(b.attn.processor._attention_backend.value) for b in blocks] == ["_native_math"] * 6
+    assert all(b.attn.processor.inner._attention_backend.value == "_native_math" for b in blocks[1:])
+
+
 def test_exactly_k_image_tokens_run_in_both_block_kinds(flux):
     """What each block's attention is called with: k image tokens (double-stream: the image stream alone; single-
     stream: 24 text + k image tokens), with RoPE rows for the 24 text + k image tokens."""

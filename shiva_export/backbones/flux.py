@@ -179,6 +179,15 @@ class BatchedRopeFluxAttnProcessor:
 
         self.inner = FluxAttnProcessor()
 
+    # `transformer.set_attention_backend(name)` sets this on every processor that has it: it reaches the inner one
+    @property
+    def _attention_backend(self):
+        return self.inner._attention_backend
+
+    @_attention_backend.setter
+    def _attention_backend(self, backend) -> None:
+        self.inner._attention_backend = backend
+
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         if image_rotary_emb is None or image_rotary_emb[0].dim() == 2:
             return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)

@@ -315,3 +315,39 @@ def test_schedule_is_a_schema_versioned_artifact_with_hashes(tiny_artifact):
     assert data["schema_version"] == "shiva.schedule/1"
     assert data["schedule_hash"] and data["model_hash"]
     assert len(data["buckets"]) == 2 and len(data["step_to_bucket"]) == 6
+
+
+@pytest.mark.parametrize("model", ["tiny-flux", "tiny-sd35"])
+def test_leaving_out_the_quadratic_multi_output_rewrite_rules_changes_no_node(model, monkeypatch):
+    """`export._linear_time_rewrites` drops onnxscript's multi-output rewrite rules (quadratic in graph size) while the
+    exporter optimizes; the graph must be the one the exporter's full rule set gives, node for node."""
+    import contextlib
+
+    import onnx_ir as ir
+    import onnxscript.rewriter as rewriter
+
+    from shiva_export import export
+
+    from shiva_export.models import num_image_tokens
+
+    pruned = load_pruned_model(model)
+    defaults = pruned.source.defaults
+    cfg = ExportConfig(defaults["height"], defaults["width"], defaults["batch"], defaults["context_tokens"])
+    n = num_image_tokens(pruned.config, cfg.height, cfg.width)
+    k = [n // 2 if layer in pruned.state.pruned_layers else n for layer in range(pruned.state.num_layers)]
+
+    def nodes(model_ir: ir.Model) -> list[tuple]:
+        proto = ir.serde.serialize_model(model_ir)
+        return [(n.op_type, n.domain, tuple(n.input), tuple(n.output), tuple(a.SerializeToString() for a in n.attribute))
+                for n in proto.graph.node]
+
+    full_rules = rewriter._DEFAULT_REWRITE_RULES
+    assert any(not rule._target_pattern.has_single_output_node for rule in full_rules), \
+        "this onnxscript has no multi-output rule: the filter has nothing to leave out"
+    with export._linear_time_rewrites():
+        kept = rewriter._DEFAULT_REWRITE_RULES
+    assert rewriter._DEFAULT_REWRITE_RULES is full_rules and 0 < len(kept) < len(full_rules)
+    filtered = nodes(export.export_bucket(pruned.transformer, k, cfg, graph_passes=lambda m: m))
+    monkeypatch.setattr(export, "_linear_time_rewrites", contextlib.nullcontext)
+    everything = nodes(export.export_bucket(pruned.transformer, k, cfg, graph_passes=lambda m: m))
+    assert filtered == everything and any(op == "Slice" for op, *_ in everything)

@@ -254,6 +254,15 @@ class SharedWeightWriter:
         self.path = path
         self.offsets: dict[str, tuple[int, int]] = {}
         self.handle = open(path, "wb")
+        self._sha256 = hashlib.sha256()   # of every byte written, in order: the file's sha256 without reading it back
+
+    def _write(self, data: bytes) -> None:
+        self.handle.write(data)
+        self._sha256.update(data)
+
+    @property
+    def sha256(self) -> str:
+        return self._sha256.hexdigest()
 
     def externalize(self, model: ir.Model) -> None:
         for value in list(model.graph.initializers.values()):
@@ -264,9 +273,9 @@ class SharedWeightWriter:
             key = _tensor_key(tensor, data)
             if key not in self.offsets:
                 pad = (-self.handle.tell()) % WEIGHT_ALIGNMENT
-                self.handle.write(b"\0" * pad)
+                self._write(b"\0" * pad)
                 self.offsets[key] = (self.handle.tell(), len(data))
-                self.handle.write(data)
+                self._write(data)
             offset, length = self.offsets[key]
             value.const_value = ir.ExternalTensor(self.path.name, offset, length, tensor.dtype,
                                                   shape=tensor.shape, name=value.name, base_dir=self.path.parent)
@@ -389,7 +398,7 @@ def export_buckets(transformer, bucket_ks: Sequence[Sequence[int]], cfg: ExportC
             for name in filter(None, (debug_file, file)):
                 check_static(tmp / name)
                 sha256[name] = sha256_file(tmp / name)
-        sha256[WEIGHTS_FILE] = sha256_file(tmp / WEIGHTS_FILE)
+        sha256[WEIGHTS_FILE] = writer.sha256   # tens of GB for a 12B model: hashed while written, not read back
     graphs = tuple(GraphRecord(bucket=bucket, k=tuple(k), file=file, sha256=sha256[file], debug_file=debug,
                                debug_sha256=debug and sha256[debug])
                    for bucket, k, file, debug in written if bucket != "dense")

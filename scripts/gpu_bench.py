@@ -74,9 +74,10 @@ def parse_args(argv=None):
     parser.add_argument("--fuse-qkv", action="store_true",
                         help="fuse each attention's q/k/v projections into one GEMM (diffusers' fuse_qkv_projections), "
                         "for dense and pruned alike, before timing")
-    parser.add_argument("--attention-backend", default=None,
-                        help="diffusers attention backend for dense and pruned alike (transformer."
-                        "set_attention_backend), e.g. _native_cudnn or _native_flash; default: diffusers' (native SDPA)")
+    parser.add_argument("--attention-backend", default="",
+                        help="comma list of diffusers attention backends (transformer.set_attention_backend), each "
+                        "timed for dense and pruned alike in this process, e.g. native,_native_cudnn,_native_flash; "
+                        "default: diffusers' own (native SDPA), unchanged")
     parser.add_argument("--skip-schedule", action="store_true",
                         help="time only dense and the uniform keeps: no schedule buckets, loop or numerics")
     parser.add_argument("--compile", default="", help="comma list of configs also run as torch.compile + CUDA graph, "
@@ -517,6 +518,19 @@ def render_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def set_attention_backend(transformer, name: str) -> None:
+    """diffusers' set_attention_backend, refused where no attention processor of the model takes a backend (it would
+    otherwise change nothing silently, e.g. SD3's JointAttnProcessor2_0)."""
+    try:
+        transformer.set_attention_backend(name)
+    except (ValueError, AttributeError) as err:
+        raise SystemExit(f"--attention-backend {name}: {err}") from None
+    processors = [m.processor for m in transformer.modules() if getattr(m, "processor", None) is not None]
+    if not any(str(getattr(getattr(p, "_attention_backend", None), "value", "")) == name for p in processors):
+        raise SystemExit(f"--attention-backend {name}: no attention processor of {type(transformer).__name__} takes "
+                         "a backend; expected a model whose processors dispatch through diffusers' attention backends")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -534,11 +548,6 @@ def main(argv=None) -> int:
         if not hasattr(pruned.transformer, "fuse_qkv_projections"):
             raise SystemExit(f"--fuse-qkv: {type(pruned.transformer).__name__} has no fuse_qkv_projections")
         pruned.transformer.fuse_qkv_projections()
-    if args.attention_backend:
-        try:
-            pruned.transformer.set_attention_backend(args.attention_backend)
-        except (ValueError, AttributeError) as err:
-            raise SystemExit(f"--attention-backend {args.attention_backend}: {err}") from None
     defaults = pruned.source.defaults
     args.context_tokens = args.context_tokens or defaults.get("context_tokens", 333)
     args.run_dtype = args.dtype if device == "cuda" else "fp32"
@@ -551,13 +560,17 @@ def main(argv=None) -> int:
     facts = device_facts()
     print(json.dumps(facts), flush=True)
     phase = run_torch_phase if args.phase == "torch" else run_ort_phase
-    variants = [v for v in args.kernels.split(",") if v]
-    if any(v not in ("triton", "torch") for v in variants):
+    kernel_variants = [v for v in args.kernels.split(",") if v]
+    if any(v not in ("triton", "torch") for v in kernel_variants):
         raise SystemExit(f"--kernels takes triton and/or torch, got {args.kernels!r}")
-    for variant in variants:
+    backends = [b for b in args.attention_backend.split(",") if b] or [None]
+    variants = [(variant, backend) for variant in kernel_variants for backend in backends]
+    for variant, backend in variants:
         kernels.set_enabled(variant == "triton")
-        print(f"== kernels: {variant} (fused path usable: {kernels.triton_available() and device == 'cuda'})",
-              flush=True)
+        if backend is not None:
+            set_attention_backend(pruned.transformer, backend)
+        print(f"== kernels: {variant} (fused path usable: {kernels.triton_available() and device == 'cuda'}); "
+              f"attention backend: {backend or 'default'}", flush=True)
         try:
             result = phase(pruned, args, num_tokens, configs, schedule, facts)
         except Exception as err:  # one variant's failure (e.g. a kernel) must not lose the others' rows
@@ -568,6 +581,7 @@ def main(argv=None) -> int:
         result.update(phase=args.phase, router_dtype=args.router_dtype, facts=facts, model=args.model,
                       compile_blocks=args.compile_blocks, compile_mode=args.compile_mode,
                       fuse_qkv=args.fuse_qkv, compile_rows=args.compile_blocks and args.compile_rows,
+                      attention_backend=backend,
                       ort_cuda_graph=args.ort_cuda_graph,
                       height=args.height, width=args.width, kernels=variant,
                       fused_kernels_used=variant == "triton" and kernels.triton_available() and device == "cuda",
@@ -578,7 +592,8 @@ def main(argv=None) -> int:
                                 "step_to_bucket": list(schedule.step_to_bucket), **schedule.summary.to_json()})
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        stem = args.phase if len(variants) == 1 else f"{args.phase}-{variant}"
+        stem = "-".join([args.phase] + ([variant] if len(kernel_variants) > 1 else [])
+                        + ([backend.strip("_")] if len(backends) > 1 else []))
         (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
         (out / f"{stem}.md").write_text(render_markdown(result))
         print(render_markdown(result), flush=True)

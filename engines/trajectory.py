@@ -56,6 +56,9 @@ class StepRecord:
     timestep: float
     feed: dict[str, np.ndarray]        # graph input name (export.input_names) -> array in the graph's dtype
     outputs: dict[str, np.ndarray]     # "sample" + "indices_layer{l}" per pruned layer (int64 [B, k])
+    # pruned layer -> each row's boundary margin (patching.boundary_margin, fp32 [B]): how close the reference's
+    # selection was to a tie; empty where the reference did not record it
+    margins: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -121,22 +121,30 @@ class StaticBucket(_GraphInputs):
 
     def __init__(self, transformer, k: Sequence[int], debug_indices: bool = False, inplace_scatter: bool = False,
                  select_full_layers: bool = False, row_scatter: str = "scatternd",
-                 constants: dict[str, torch.Tensor] | None = None):
+                 constants: dict[str, torch.Tensor] | None = None, margins: bool = False):
         super().__init__(transformer, constants)
         self.k, self.debug_indices = tuple(k), debug_indices
         self.inplace_scatter, self.select_full_layers = inplace_scatter, select_full_layers
-        self.row_scatter = row_scatter
+        self.row_scatter, self.margins = row_scatter, margins
 
     def forward(self, hidden_states, encoder_hidden_states, pooled_projections=None, timestep=None, guidance=None,
                 encoder_attention_mask=None):
+        """sample; with debug_indices also each pruned layer's kept indices [B, k]; with margins (eager runs, the
+        check's reference) then also each pruned layer's `patching.boundary_margin` [B], in the same layer order."""
         with static_k(self.transformer, self.k, record=self.debug_indices, inplace_scatter=self.inplace_scatter,
-                      select_full_layers=self.select_full_layers, row_scatter=self.row_scatter) as state:
+                      select_full_layers=self.select_full_layers, row_scatter=self.row_scatter,
+                      record_margins=self.margins) as state:
             sample = self.call(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
                                pooled_projections=pooled_projections, timestep=timestep, guidance=guidance,
                                encoder_attention_mask=encoder_attention_mask)
             if not self.debug_indices:
                 return sample
-            return (sample, *[state.indices[l] for l in state.pruned_layers])
+            indices = [state.indices[l] for l in state.pruned_layers]
+            if not self.margins:
+                return (sample, *indices)
+            rows = sample.shape[0]
+            full = torch.full((rows,), float("inf"), device=sample.device)   # a layer that kept every token
+            return (sample, *indices, *[state.margins.get(l, full) for l in state.pruned_layers])
 
 
 class DenseModel(_GraphInputs):

@@ -57,11 +57,13 @@ class PruningState:
     generator: torch.Generator | None = None
     scorer: Callable[..., torch.Tensor] | None = None   # replaces the routers (RouterBank's call signature)
     record: bool = False
+    record_margins: bool = False                 # static, eager only: each pruned layer's boundary margin (below)
     inplace_scatter: bool = False                # static inference only: block inputs are overwritten
     row_scatter: str = "scatternd"               # static, torch path: topk.scatter_rows method (export picks)
     select_full_layers: bool = False             # static: run router + selection even where k == N (to time them)
     indices: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
     processed_tokens: dict[int, int] = dataclasses.field(default_factory=dict)
+    margins: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)   # layer -> [B] (boundary_margin)
     pi: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
     # (block inputs the router conditioning was computed from, (temb, context, weights, pooled)): blocks of one
     # forward that share those inputs (a cross-attention DiT conditions every block on the same caption) reuse it;
@@ -133,6 +135,9 @@ class TokenPruningHook(ModelHook):
             k = state.k[self.layer]
             check_k(k, num_tokens, where=f"layer {self.layer}: ")
             cfg = state.config.cfg_consistent
+            if state.record_margins:
+                state.margins[self.layer] = (boundary_margin(cfg_joint_scores(scores), k).repeat(2) if cfg
+                                             else boundary_margin(scores, k))
             if (kernels.usable(scores, hidden) and hidden.is_contiguous() and not (cfg and batch % 2)
                     and kernels.select_supported(num_tokens)):
                 # one Triton kernel: (CFG max,) top-k, ascending order, both halves and the flat row index
@@ -208,6 +213,18 @@ def _gathered_block_step(forward, block, hidden: torch.Tensor, flat: torch.Tenso
     context_out, kept_out = adapter.block_output(forward(block, hidden_states=kept, **call))
     hidden.view(batch * num_tokens, dim).index_put_((flat,), kept_out.reshape(-1, dim).to(hidden.dtype))
     return adapter.block_result(context_out, hidden)
+
+
+def boundary_margin(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """How far each row's selection is from a tie: (k-th highest score - (k+1)-th) / max |score|, fp32 [rows];
+    inf where k keeps every token. A selection another implementation may legitimately make differently (its sums
+    run in another order) is one whose margin is within that implementation's rounding (`engines.compare`)."""
+    rows, num_tokens = scores.shape
+    if k >= num_tokens:
+        return torch.full((rows,), float("inf"), device=scores.device)
+    scores = scores.detach().float()
+    top = torch.topk(scores, k + 1, dim=-1, sorted=True).values
+    return (top[:, k - 1] - top[:, k]) / scores.abs().amax(dim=-1).clamp_min(torch.finfo(torch.float32).tiny)
 
 
 def cfg_joint_scores(scores: torch.Tensor) -> torch.Tensor:
@@ -351,7 +368,8 @@ def validate_k(state: PruningState, k_per_layer: Sequence[int], num_tokens: int 
 
 @contextlib.contextmanager
 def static_k(transformer, k_per_layer: Sequence[int], record: bool = False, inplace_scatter: bool = False,
-             select_full_layers: bool = False, row_scatter: str = "scatternd") -> Iterator[PruningState]:
+             select_full_layers: bool = False, row_scatter: str = "scatternd",
+             record_margins: bool = False) -> Iterator[PruningState]:
     """Run with a fixed integer k per layer: hard top-k only, no surrogate, no noise (the exported path).
 
     inplace_scatter: under no_grad, write each block's kept rows into the block's input tensor instead of a copy
@@ -359,11 +377,13 @@ def static_k(transformer, k_per_layer: Sequence[int], record: bool = False, inpl
     select_full_layers: a layer with k == N still runs its router and the identity selection (to measure their
     cost); by default it runs dense.
     row_scatter: how the torch path writes kept rows back (``topk.ROW_SCATTERS``); what an export traces.
+    record_margins: also record each pruned layer's `boundary_margin` in ``state.margins`` (the check's reference;
+    never while tracing an export).
     """
     state = _require_state(transformer)
     k = validate_k(state, k_per_layer)
-    with _swapped(state, mode="static", k=k, record=record, indices={}, processed_tokens={},
-                  inplace_scatter=inplace_scatter, select_full_layers=select_full_layers, row_scatter=row_scatter):
+    with _swapped(state, mode="static", k=k, record=record, indices={}, processed_tokens={}, margins={},
+                  record_margins=record_margins, inplace_scatter=inplace_scatter, select_full_layers=select_full_layers, row_scatter=row_scatter):
         yield state
 
 

@@ -1,8 +1,8 @@
 """The PyTorch reference: the stage ahead of the engine check that runs the pruned model itself.
 
 `capture_trajectory` runs the pipelines' sampling loop (`engines.trajectory.denoise`) with the PyTorch pruned model
-in static mode, each step pinned to its bucket's k vector as exported, and records every step's feed, outputs and
-kept indices. `engines.compare.run_check` takes the result; the engines package runs no PyTorch model.
+in static mode, each step pinned to its bucket's k vector as exported, and records every step's feed, outputs,
+kept indices and how far each selection was from a tie (`patching.boundary_margin`). `engines.compare.run_check` takes the result; the engines package runs no PyTorch model.
 """
 
 from __future__ import annotations
@@ -68,22 +68,24 @@ def capture_trajectory(ws, seed: int = 0, guidance_scale: float | None = None,
     guidance = resolve_guidance(pruned.config, cfg.batch, guidance_scale)
     latents, conditioning = _seeded_inputs(cfg, pruned.config, seed, guidance.embedded)
     constants = cfg.constants(pruned.config)
-    modules = {b.index: StaticBucket(pruned.transformer, b.k, debug_indices=True, constants=constants).eval()
-               for b in schedule.buckets}
+    modules = {b.index: StaticBucket(pruned.transformer, b.k, debug_indices=True, constants=constants,
+                                     margins=True).eval() for b in schedule.buckets}
     records: list[StepRecord] = []
+    margins: dict[int, dict[int, np.ndarray]] = {}   # step -> pruned layer -> boundary margin per row
 
     def step_fn(step: int, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         bucket = schedule.step_to_bucket[step]
         with torch.inference_mode():
             result = modules[bucket](**{name: _to_torch(value).to(device) for name, value in feed.items()})
-        result = result if isinstance(result, tuple) else (result,)
         out_dtype = latents.dtype
+        margins[step] = {layer: value.cpu().numpy().astype(np.float32)
+                         for layer, value in zip(state.pruned_layers, result[len(names):])}
         return {name: (_to_numpy(value, out_dtype) if name == "sample" else value.cpu().numpy().astype(np.int64))
                 for name, value in zip(names, result)}
 
     def on_step(step: int, feed: dict, outputs: Mapping[str, np.ndarray]) -> None:
         records.append(StepRecord(step, schedule.step_to_bucket[step], float(feed["timestep"][0]),
-                                  dict(feed), dict(outputs)))
+                                  dict(feed), dict(outputs), margins.pop(step)))
 
     scale = guidance.cfg_scale
     with _model_in_dtype(pruned, cfg.dtype, device):

@@ -354,3 +354,82 @@ def test_fp16_agreement_floor_tolerates_one_flipped_token_per_step_only_where_k_
     assert gate.failures("bucket 1", ok, {4: 0.9984}, k=[4096] + [4000] * 5) == (
         "bucket 1: agreement layer 4 99.84% < 99.9% (fp16 gate)",)
     assert GATES["fp32"].agreement_floor(160) == 1.0 and isinstance(GATES["bf16"], Gate)
+
+
+def _reference_with_a_changed_selection(step: int, margin: float, tokens: int = 1):
+    """The real PyTorch reference, with `step` as a different selection would leave it: in the first pruned layer
+    every row kept `tokens` other tokens than the engine will, and the reference's boundary margin there is `margin`
+    (a near tie when it is tiny)."""
+    import dataclasses
+
+    def reference(ws, seed, guidance_scale, device):
+        trajectory = capture_trajectory(ws, seed, guidance_scale, device)
+        steps = list(trajectory.steps)
+        record = steps[step]
+        layer = min(record.margins)
+        name = f"indices_layer{layer}"
+        changed = record.outputs[name].copy()
+        num_tokens = ws.schedule().num_tokens
+        for row in changed:
+            row[-tokens:] = np.setdiff1d(np.arange(num_tokens), row)[:tokens]
+            row.sort()
+        steps[step] = dataclasses.replace(record, outputs={**record.outputs, name: changed},
+                                          margins={**record.margins, layer: np.full_like(record.margins[layer], margin)})
+        return dataclasses.replace(trajectory, steps=tuple(steps))
+
+    return reference
+
+
+def test_the_reference_records_each_pruned_layers_boundary_margin(artifact_copy):
+    from shiva_export.pipeline import Workspace
+
+    trajectory = capture_trajectory(Workspace(artifact_copy), seed=0)
+    for record in trajectory.steps:
+        assert sorted(record.margins) == [1, 2, 3, 4, 5]
+        for margins in record.margins.values():
+            assert margins.shape == (2,) and margins[0] == margins[1]   # one CFG pair selects once for both halves
+            assert np.all(np.isfinite(margins) & (margins >= 0) & (margins <= 2))
+
+
+def test_boundary_margin_is_the_gap_at_k_relative_to_the_largest_score():
+    import torch
+
+    from shiva_export.patching import boundary_margin
+
+    scores = torch.tensor([[0.5, -2.0, 0.25, 1.0], [3.0, 3.0, 1.0, 0.0]])
+    assert boundary_margin(scores, 2).tolist() == pytest.approx([0.25 / 2.0, 2.0 / 3.0])
+    assert boundary_margin(scores, 1).tolist() == pytest.approx([0.5 / 2.0, 0.0])
+    assert boundary_margin(scores, 4).tolist() == [float("inf")] * 2
+
+
+def test_a_one_token_difference_at_a_reference_tie_is_gated_by_the_near_tie_floors(artifact_copy):
+    from shiva_export.engines.compare import CheckConfig, NearTie, render_report, run_check
+    from shiva_export.pipeline import Workspace
+
+    ws = Workspace(artifact_copy)
+    report = run_check(ws, backends=["onnxruntime"], config=CheckConfig(full_trajectory=False),
+                       reference=_reference_with_a_changed_selection(step=1, margin=1e-6))
+    assert report, report.failures
+    bucket = next(b for b in report.buckets if 1 in b.steps)
+    assert bucket.near_ties == (NearTie(step=1, layer=1, margin=pytest.approx(1e-6)),)
+    assert bucket.agreement[1] < 1.0 and all(share == 1.0 for layer, share in bucket.agreement.items() if layer != 1)
+    assert all(not b.near_ties for b in report.buckets if b is not bucket)
+    data = json.loads((artifact_copy / "check.json").read_text())
+    assert "1 near-tie step (1)" in render_report(data)
+    assert [t for b in data["buckets"] for t in b["near_ties"]] == [{"step": 1, "layer": 1, "margin": pytest.approx(1e-6)}]
+    from shiva_export.report import write_report
+
+    write_report(ws.manifest, probe=False)
+    assert "| onnxruntime | b0 | 1 | 1 | 1.0e-06 | cosine >= 0.9999, PSNR >= 45 dB |" in (
+        artifact_copy / "report" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("margin, tokens", [(1e-2, 1), (1e-6, 2)])
+def test_a_difference_that_is_no_near_tie_still_fails_the_fp32_gate(artifact_copy, margin, tokens):
+    from shiva_export.engines.compare import CheckConfig, run_check
+    from shiva_export.pipeline import Workspace
+
+    report = run_check(Workspace(artifact_copy), backends=["onnxruntime"], config=CheckConfig(full_trajectory=False),
+                       reference=_reference_with_a_changed_selection(step=1, margin=margin, tokens=tokens))
+    assert not report and all(not b.near_ties for b in report.buckets)
+    assert any("agreement layer 1 " in f and "< 100% (fp32 gate, onnxruntime)" in f for f in report.failures)

@@ -41,7 +41,9 @@ __all__ = [
     "TrajectoryResult",
     "compare_outputs",
     "index_agreement",
+    "loop_near_tie",
     "near_tie_of",
+    "selections_differ",
     "render_report",
     "run_check",
 ]
@@ -138,25 +140,37 @@ class NearTie:
         return dataclasses.asdict(self)
 
 
+def _row_flips(record, got: Mapping[str, np.ndarray], layer: int) -> list[int]:
+    """Per batch row: how many of the reference's kept tokens the engine did not keep in `layer` (sets)."""
+    name = f"{INDEX_PREFIX}{layer}"
+    ref, out = np.asarray(record.outputs[name]), np.asarray(got[name])
+    return [max(r.size, o.size) - len(np.intersect1d(r, o))
+            for r, o in zip(ref.reshape(ref.shape[0], -1), out.reshape(out.shape[0], -1))]
+
+
+def selections_differ(record, got: Mapping[str, np.ndarray], layers: Sequence[int]) -> bool:
+    return any(any(_row_flips(record, got, layer)) for layer in layers)
+
+
 def near_tie_of(record, got: Mapping[str, np.ndarray], layers: Sequence[int], rtol: float) -> NearTie | None:
     """The step's near tie, or None. Layers run in block order, so a different selection in one layer changes the
-    inputs of every later one: only the first layer whose kept indices differ is judged. It is a near tie when every
-    row there differs by at most one token and the reference's boundary margin of each such row is <= rtol (the
-    engine sums in another order, and rounding decided between two equal scores). None also where the selections
-    agree, or the reference recorded no margins."""
+    inputs of every later one: for each batch row, only the first layer whose kept indices differ is judged. It is a
+    near tie when, in every row that differs anywhere, that first layer differs by one token and the reference's
+    boundary margin of the row there is <= rtol (the engine sums in another order, and rounding decided between two
+    equal scores). None where the selections agree, a row differs otherwise, or the reference recorded no margins.
+    The NearTie names the earliest such layer and the largest margin."""
+    rows: dict[int, tuple[int, float]] = {}   # row -> (its first differing layer, the reference's margin there)
     for layer in layers:
-        name = f"{INDEX_PREFIX}{layer}"
-        ref, out = np.asarray(record.outputs[name]), np.asarray(got[name])
-        flips = [max(r.size, o.size) - len(np.intersect1d(r, o))
-                 for r, o in zip(ref.reshape(ref.shape[0], -1), out.reshape(out.shape[0], -1))]
-        if not any(flips):
-            continue
-        margins = record.margins.get(layer)
-        if margins is None or max(flips) > 1:
-            return None
-        margin = max(float(margins[row]) for row, flipped in enumerate(flips) if flipped)
-        return NearTie(record.step, layer, margin) if margin <= rtol else None
-    return None
+        for row, flipped in enumerate(_row_flips(record, got, layer)):
+            if not flipped or row in rows:
+                continue
+            margins = record.margins.get(layer)
+            if margins is None or flipped > 1 or not float(margins[row]) <= rtol:
+                return None
+            rows[row] = (layer, float(margins[row]))
+    if not rows:
+        return None
+    return NearTie(record.step, min(layer for layer, _ in rows.values()), max(margin for _, margin in rows.values()))
 
 
 # --------------------------------------------------------------------------------------------------- gates
@@ -255,7 +269,8 @@ GATES: dict[str, Gate] = {
 }
 # Whole-loop gates on the final latents (differences are amplified by guidance and fed back for n steps).
 TRAJECTORY_GATES: dict[str, Gate] = {
-    "fp32": Gate("fp32 trajectory", max_abs=1e-3, cosine=0.99999, atol=1e-3, rtol=0.0),
+    "fp32": Gate("fp32 trajectory", max_abs=1e-3, cosine=0.99999, atol=1e-3, rtol=0.0, near_tie_rtol=1e-4,
+                 near_tie_cosine=0.999, near_tie_psnr=40.0),
     "fp16": Gate("fp16 trajectory", cosine=0.999, psnr=40.0, atol=1e-1, rtol=5e-2),
     "bf16": Gate("bf16 trajectory", cosine=0.995, psnr=25.0, atol=3e-1, rtol=1e-1),
 }
@@ -334,18 +349,22 @@ class TrajectoryResult:
     metrics: Metrics
     gate: Gate
     failures: tuple[str, ...]
+    near_tie: NearTie | None = None    # the loop's first different selection, when a near tie gated it
 
     def __bool__(self) -> bool:
         return not self.failures
 
     def to_json(self) -> dict:
         return {"backend": self.backend, "steps": self.steps, "metrics": self.metrics.to_json(),
-                "gate": self.gate.to_json(), "failures": list(self.failures), "passed": bool(self)}
+                "gate": self.gate.to_json(), "near_tie": None if self.near_tie is None else self.near_tie.to_json(),
+                "failures": list(self.failures), "passed": bool(self)}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "TrajectoryResult":
+        near_tie = data.get("near_tie")
         return cls(backend=data["backend"], steps=int(data["steps"]), metrics=Metrics(**data["metrics"]),
-                   gate=Gate(**data["gate"]), failures=tuple(data["failures"]))
+                   gate=Gate(**data["gate"]), failures=tuple(data["failures"]),
+                   near_tie=None if near_tie is None else NearTie(**near_tie))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -423,8 +442,9 @@ def check_bucket(engines, bucket, records, gate: Gate, save_dir: Path | None = N
             agreement = _agreement(records, index_outputs, layers)
             note = None
     where = f"bucket {bucket.index}"
-    failures = gate.nonfinite_failures(where, [r.outputs["sample"] for r in records], [o["sample"] for o in outputs],
-                                       engines.name)
+    nonfinite = gate.nonfinite_failures(where, [r.outputs["sample"] for r in records], [o["sample"] for o in outputs],
+                                        engines.name)
+    failures = nonfinite
     near_ties = ()
     if index_outputs is not None and gate.near_tie_rtol is not None:
         near_ties = tuple(filter(None, (near_tie_of(r, o, layers, gate.near_tie_rtol)
@@ -444,7 +464,7 @@ def check_bucket(engines, bucket, records, gate: Gate, save_dir: Path | None = N
                                         f"{tie.margin:.1e})", step_metrics, backend=engines.name)
     if agreement is None and gate.agreement is not None:
         logger.warning("%s: token agreement not measured: %s", where, note)
-    for tie in near_ties:
+    for tie in near_ties if not nonfinite else ():
         logger.info("%s: step %d selected another token at a tie in layer %d (reference margin %.1e); gated by the "
                     "near-tie floors", where, tie.step, tie.layer, tie.margin)
     return BucketResult(backend=engines.name, bucket=bucket.index, steps=tuple(r.step for r in records),
@@ -457,13 +477,12 @@ def _agreement(records, index_outputs, layers) -> dict[int, float]:
                                [o[f"{INDEX_PREFIX}{l}"] for o in index_outputs]) for l in layers}
 
 
-def check_full_trajectory(engines, ws, trajectory, gate: Gate) -> TrajectoryResult:
-    """The whole loop with each step on its bucket's engine vs the PyTorch loop's final latents."""
+def _run_loop(runner_of, ws, trajectory, label: str, on_step=None) -> np.ndarray:
+    """The whole sampling loop from the reference's initial latents, each step on `runner_of(bucket)`."""
     from shiva_export.engines.trajectory import denoise, export_config
 
     schedule = ws.schedule()
-    cfg = export_config(ws)
-    runners = {b.index: engines.runner(b.index) for b in schedule.buckets}
+    runners = {b.index: runner_of(b.index) for b in schedule.buckets}
     active = []
     try:
         for runner in runners.values():
@@ -473,18 +492,54 @@ def check_full_trajectory(engines, ws, trajectory, gate: Gate) -> TrajectoryResu
         def step_fn(step: int, feed):
             return runners[schedule.step_to_bucket[step]].infer(dict(feed))
 
-        final = denoise(step_fn, schedule, cfg, trajectory.model_config, trajectory.initial_latents,
-                        trajectory.conditioning,
-                        trajectory.guidance_scale, progress=f"loop on {engines.name}")
+        return denoise(step_fn, schedule, export_config(ws), trajectory.model_config, trajectory.initial_latents,
+                       trajectory.conditioning, trajectory.guidance_scale, on_step, progress=label)
     finally:
         for runner in active:
             runner.deactivate()
+
+
+def loop_near_tie(engines, ws, trajectory, rtol: float) -> NearTie | None:
+    """Why a loop may end away from the reference's: the same loop on the debug twins (the graphs with index
+    outputs), each step's kept indices against the reference's at that step. Before the first different selection
+    the loop's inputs equal the reference's to rounding, so its first differing step is judged by `near_tie_of`;
+    later steps see other latents. None: no index runners, no different selection, or no near tie."""
+    schedule = ws.schedule()
+    if any(engines.index_runner(b.index) is None for b in schedule.buckets):
+        return None
+    reference = {record.step: record for record in trajectory.steps}
+    first: list[NearTie | None] = []
+
+    def on_step(step: int, feed, outputs) -> None:
+        record = reference[step]
+        layers = sorted(record.margins)
+        if not first and selections_differ(record, outputs, layers):
+            first.append(near_tie_of(record, outputs, layers, rtol))
+
+    _run_loop(engines.index_runner, ws, trajectory, f"loop on {engines.name} (index twins)", on_step)
+    return first[0] if first else None
+
+
+def check_full_trajectory(engines, ws, trajectory, gate: Gate) -> TrajectoryResult:
+    """The whole loop with each step on its bucket's engine vs the PyTorch loop's final latents. A loop that fails
+    the gate is run again on the debug twins: if its first different selection was a near tie (`loop_near_tie`),
+    the loop is gated by the gate's near-tie floors instead."""
+    final = _run_loop(engines.runner, ws, trajectory, f"loop on {engines.name}")
     metrics = Metrics.of(trajectory.final_latents, final)
     where = f"full trajectory ({len(trajectory.steps)} steps)"
-    failures = (gate.nonfinite_failures(where, [trajectory.final_latents], [final], engines.name)
-                or gate.failures(where, metrics, backend=engines.name))
+    nonfinite = gate.nonfinite_failures(where, [trajectory.final_latents], [final], engines.name)
+    failures = nonfinite or gate.failures(where, metrics, backend=engines.name)
+    near_tie = None
+    if failures and not nonfinite and gate.near_tie_rtol is not None:
+        near_tie = loop_near_tie(engines, ws, trajectory, gate.near_tie_rtol)
+        if near_tie is not None:
+            logger.info("%s: step %d of the loop selected another token at a tie in layer %d (reference margin "
+                        "%.1e); gated by the near-tie floors", where, near_tie.step, near_tie.layer, near_tie.margin)
+            floors = Gate(gate.name, cosine=gate.near_tie_cosine, psnr=gate.near_tie_psnr)
+            failures = floors.failures(f"{where}, near tie at step {near_tie.step} in layer {near_tie.layer} "
+                                       f"(margin {near_tie.margin:.1e})", metrics, backend=engines.name)
     return TrajectoryResult(backend=engines.name, steps=len(trajectory.steps), metrics=metrics, gate=gate,
-                            failures=failures)
+                            failures=failures, near_tie=near_tie)
 
 
 def run_check(ws, backends: Sequence[Any] = ("onnxruntime",), config: CheckConfig = CheckConfig(),
@@ -680,14 +735,16 @@ def render_report(data: Mapping[str, Any]) -> str:
         agree = f"{100 * min(agreement.values()):.2f}%" if agreement else f"None ({b['agreement_note']})"
         ties = b.get("near_ties") or []
         if ties:
-            agree += f", {len(ties)} near-tie step{'s' if len(ties) > 1 else ''} ({', '.join(str(t['step']) for t in ties)})"
+            steps = ", ".join(str(t["step"]) for t in ties)
+            agree += f", {len(ties)} near-tie step{'s' if len(ties) > 1 else ''} ({steps})"
         lines.append(f"| {b['backend']} | bucket {b['bucket']} | {step_ranges_json(b['steps'])} | {m['max_abs']:.2e} | "
                      f"{m['mean_abs']:.2e} | {m['rel_err']:.2e} | {m['cosine']:.7f} | {_fmt(m['psnr'], '.1f')} | "
                      f"{agree} | {'pass' if b['passed'] else 'FAIL'} ({b['gate']['name']}) |")
     for t in data["trajectories"]:
         m = t["metrics"]
         lines.append(f"| {t['backend']} | full loop | {t['steps']} | {m['max_abs']:.2e} | {m['mean_abs']:.2e} | "
-                     f"{m['rel_err']:.2e} | {m['cosine']:.7f} | {_fmt(m['psnr'], '.1f')} | - | "
+                     f"{m['rel_err']:.2e} | {m['cosine']:.7f} | {_fmt(m['psnr'], '.1f')} | "
+                     f"{'-' if not t.get('near_tie') else 'near tie at step ' + str(t['near_tie']['step'])} | "
                      f"{'pass' if t['passed'] else 'FAIL'} ({t['gate']['name']}) |")
     lines.append("")
     lines.append("PASSED: every gate" if data["passed"] else "FAILED:\n" + "\n".join(f"  {f}" for f in data["failures"]))

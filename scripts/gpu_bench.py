@@ -526,7 +526,7 @@ def set_attention_backend(transformer, name: str) -> None:
     except (ValueError, AttributeError) as err:
         raise SystemExit(f"--attention-backend {name}: {err}") from None
     processors = [m.processor for m in transformer.modules() if getattr(m, "processor", None) is not None]
-    if not any(str(getattr(getattr(p, "_attention_backend", None), "value", "")) == name for p in processors):
+    if not any(str(getattr(getattr(p, "_attention_backend", None), "value", "")) == name.lower() for p in processors):
         raise SystemExit(f"--attention-backend {name}: no attention processor of {type(transformer).__name__} takes "
                          "a backend; expected a model whose processors dispatch through diffusers' attention backends")
 
@@ -564,6 +564,9 @@ def main(argv=None) -> int:
     if any(v not in ("triton", "torch") for v in kernel_variants):
         raise SystemExit(f"--kernels takes triton and/or torch, got {args.kernels!r}")
     backends = [b for b in args.attention_backend.split(",") if b] or [None]
+    if args.phase == "ort" and backends != [None]:
+        raise SystemExit("--attention-backend: the ort phase times ONNX Runtime, which uses no diffusers attention "
+                         "backend; expected --phase torch")
     variants = [(variant, backend) for variant in kernel_variants for backend in backends]
     for variant, backend in variants:
         kernels.set_enabled(variant == "triton")

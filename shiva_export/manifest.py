@@ -28,8 +28,8 @@ GRAPH_BUCKET_KEY = "shiva.bucket"   # "0", "1", ... or "dense"
 GRAPH_K_KEY = "shiva.k"             # the k-vector as JSON, "null" for dense
 MAX_MANIFEST_BYTES = 64 << 20
 
-# What a manifest may hold: `config` is `records.ArtifactConfig` exactly (its SPEC); each stage's record follows its class's SPEC
-# (`records`: the keys the stages and the runtime read are required, with their types and ranges; records may carry
+# What a manifest may hold: `config` is `records.ArtifactConfig.SPEC` exactly; each stage's record follows its
+# class's SPEC (`records`: the keys the stages and the runtime read are required, with their types and ranges; records may carry
 # more keys than listed, as later versions add some).
 MANIFEST_SPEC = Obj({"schema": Str(), "tool_version": Str(),
                      "stages": Obj(optional={name: record.SPEC for name, record in STAGE_RECORDS.items()})},

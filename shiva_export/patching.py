@@ -383,7 +383,8 @@ def static_k(transformer, k_per_layer: Sequence[int], record: bool = False, inpl
     state = _require_state(transformer)
     k = validate_k(state, k_per_layer)
     with _swapped(state, mode="static", k=k, record=record, indices={}, processed_tokens={}, margins={},
-                  record_margins=record_margins, inplace_scatter=inplace_scatter, select_full_layers=select_full_layers, row_scatter=row_scatter):
+                  record_margins=record_margins, inplace_scatter=inplace_scatter,
+                  select_full_layers=select_full_layers, row_scatter=row_scatter):
         yield state
 
 

@@ -440,7 +440,7 @@ class ArtifactConfig:
 
     @classmethod
     def from_json(cls, data: dict) -> "ArtifactConfig":
-        """The config a manifest stored (validated against `manifest.CONFIG_SPEC`: exactly these fields)."""
+        """The config a manifest stored (validated against `SPEC`: exactly these fields)."""
         return cls(**data)
 
 

@@ -2,7 +2,8 @@
 
 `capture_trajectory` runs the pipelines' sampling loop (`engines.trajectory.denoise`) with the PyTorch pruned model
 in static mode, each step pinned to its bucket's k vector as exported, and records every step's feed, outputs,
-kept indices and how far each selection was from a tie (`patching.boundary_margin`). `engines.compare.run_check` takes the result; the engines package runs no PyTorch model.
+kept indices and how far each selection was from a tie (`patching.boundary_margin`). `engines.compare.run_check`
+takes the result; the engines package runs no PyTorch model.
 """
 
 from __future__ import annotations
@@ -51,9 +52,10 @@ def capture_trajectory(ws, seed: int = 0, guidance_scale: float | None = None,
     guidance_scale: a CFG scale, or a guidance-distilled model's guidance input, as the family applies it to the
     exported batch (`engines.trajectory.resolve_guidance`); None: the family's default for the batch.
 
-    Each step calls ``StaticBucket(transformer, bucket.k, debug_indices=True)`` (the module the graphs were traced
-    from) pinned to its bucket's k vector, in the export dtype, so its outputs and kept indices are the reference
-    for the bucket graphs and their debug twins.
+    Each step calls ``StaticBucket(transformer, bucket.k, debug_indices=True, margins=True)`` (the module the graphs
+    were traced from) pinned to its bucket's k vector, in the export dtype, so its outputs and kept indices are the
+    reference for the bucket graphs and their debug twins; each step's boundary margins (how near each selection
+    was to a tie) go to `StepRecord.margins` for the check's near-tie rule.
     """
     import torch
 

@@ -731,16 +731,17 @@ def _md_check(data: dict) -> list[str]:
     lines += _table(("gate", "max abs <=", "cosine >=", "PSNR dB >=", "agreement >="),
                     [(g["name"], _num(g["max_abs"], ".1e"), _num(g["cosine"], "g"), _num(g["psnr"], "g"),
                       "-" if g["agreement"] is None else f"{100 * g['agreement']:g}%") for g in gates.values()])
-    ties = [(b, t) for b in report["buckets"] for t in b.get("near_ties") or ()]
+    ties = [(b, f"b{b['bucket']}", t) for b in report["buckets"] for t in b.get("near_ties") or ()]
+    ties += [(t, "full loop", t["near_tie"]) for t in report["trajectories"] if t.get("near_tie")]
     if ties:
         lines += ["", "Near ties: steps whose selection first differs, by one token a row, where the PyTorch "
                   "reference's k-th and (k+1)-th router scores were within rounding of each other (relative margin "
-                  "below); later layers then see other inputs. These steps are gated by cosine and PSNR floors "
+                  "below); later layers and steps then see other inputs. They are gated by cosine and PSNR floors "
                   "instead of max abs and agreement:", ""]
-        lines += _table(("backend", "bucket", "step", "first layer", "margin", "floors"),
-                        [(b["backend"], f"b{b['bucket']}", t["step"], t["layer"], f"{t['margin']:.1e}",
-                          f"cosine >= {b['gate'].get('near_tie_cosine'):g}, PSNR >= {b['gate'].get('near_tie_psnr'):g} dB")
-                         for b, t in ties])
+        lines += _table(("backend", "scope", "step", "first layer", "margin", "floors"),
+                        [(r["backend"], scope, t["step"], t["layer"], f"{t['margin']:.1e}",
+                          f"cosine >= {_num(r['gate'].get('near_tie_cosine'), 'g')}, PSNR >= "
+                          f"{_num(r['gate'].get('near_tie_psnr'), 'g')} dB") for r, scope, t in ties])
     layers = sorted({int(l) for b in report["buckets"] for l in (b["agreement"] or {})})
     if layers:
         lines += ["", "Token-selection agreement per pruned layer (share of identical kept indices):", ""]

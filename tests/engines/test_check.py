@@ -373,8 +373,8 @@ def _reference_with_a_changed_selection(step: int, margin: float, tokens: int = 
         for row in changed:
             row[-tokens:] = np.setdiff1d(np.arange(num_tokens), row)[:tokens]
             row.sort()
-        steps[step] = dataclasses.replace(record, outputs={**record.outputs, name: changed},
-                                          margins={**record.margins, layer: np.full_like(record.margins[layer], margin)})
+        margins = {**record.margins, layer: np.full_like(record.margins[layer], margin)}
+        steps[step] = dataclasses.replace(record, outputs={**record.outputs, name: changed}, margins=margins)
         return dataclasses.replace(trajectory, steps=tuple(steps))
 
     return reference
@@ -416,7 +416,8 @@ def test_a_one_token_difference_at_a_reference_tie_is_gated_by_the_near_tie_floo
     assert all(not b.near_ties for b in report.buckets if b is not bucket)
     data = json.loads((artifact_copy / "check.json").read_text())
     assert "1 near-tie step (1)" in render_report(data)
-    assert [t for b in data["buckets"] for t in b["near_ties"]] == [{"step": 1, "layer": 1, "margin": pytest.approx(1e-6)}]
+    ties = [t for b in data["buckets"] for t in b["near_ties"]]
+    assert ties == [{"step": 1, "layer": 1, "margin": pytest.approx(1e-6)}]
     from shiva_export.report import write_report
 
     write_report(ws.manifest, probe=False)
@@ -433,3 +434,61 @@ def test_a_difference_that_is_no_near_tie_still_fails_the_fp32_gate(artifact_cop
                        reference=_reference_with_a_changed_selection(step=1, margin=margin, tokens=tokens))
     assert not report and all(not b.near_ties for b in report.buckets)
     assert any("agreement layer 1 " in f and "< 100% (fp32 gate, onnxruntime)" in f for f in report.failures)
+
+
+def _reference_whose_loop_ends_elsewhere(step: int, margin: float):
+    """`_reference_with_a_changed_selection`, and final latents 2e-3 away in one element: a loop that fails the fp32
+    trajectory gate's max abs (1e-3) but not the near-tie floors, as a near tie early in a loop leaves it."""
+    import dataclasses
+
+    changed = _reference_with_a_changed_selection(step, margin)
+
+    def reference(ws, seed, guidance_scale, device):
+        trajectory = changed(ws, seed, guidance_scale, device)
+        final = trajectory.final_latents.copy()
+        final.flat[0] += 2e-3
+        return dataclasses.replace(trajectory, final_latents=final)
+
+    return reference
+
+
+@pytest.mark.parametrize("margin", [1e-6, 1e-2])
+def test_a_loop_is_gated_by_the_near_tie_floors_only_when_its_first_different_selection_is_a_near_tie(
+        artifact_copy, margin):
+    from shiva_export.engines.compare import CheckConfig, NearTie, run_check
+    from shiva_export.pipeline import Workspace
+
+    report = run_check(Workspace(artifact_copy), backends=["onnxruntime"], config=CheckConfig(),
+                       reference=_reference_whose_loop_ends_elsewhere(step=2, margin=margin))
+    (loop,) = report.trajectories
+    assert loop.metrics.max_abs == pytest.approx(2e-3, rel=0.05)
+    if margin < 1e-4:
+        assert report and loop.near_tie == NearTie(step=2, layer=1, margin=pytest.approx(margin))
+        assert _report(artifact_copy)["trajectories"][0]["near_tie"] == {"step": 2, "layer": 1,
+                                                                         "margin": pytest.approx(margin)}
+    else:
+        assert not report and loop.near_tie is None
+        assert any(f.startswith("full trajectory (6 steps): max_abs 2.0e-03 > 1.0e-03") for f in loop.failures)
+
+
+def test_a_near_tie_is_judged_per_row_at_that_rows_first_different_layer():
+    from shiva_export.engines.compare import NearTie, near_tie_of
+    from shiva_export.engines.trajectory import StepRecord
+
+    ref = {"indices_layer1": np.array([[0, 1, 2], [0, 1, 2]]), "indices_layer2": np.array([[0, 1, 2], [0, 1, 2]])}
+
+    def record(margins):
+        return StepRecord(step=4, bucket=0, timestep=0.5, feed={}, outputs=ref,
+                          margins={layer: np.array(m, dtype=np.float32) for layer, m in margins.items()})
+
+    # row 0 differs first in layer 1 (later layers see other inputs), row 1 first in layer 2
+    got = {"indices_layer1": np.array([[0, 1, 3], [0, 1, 2]]), "indices_layer2": np.array([[5, 6, 7], [0, 1, 4]])}
+    layers = [1, 2]
+    tie = near_tie_of(record({1: [1e-6, 0.3], 2: [0.3, 2e-6]}), got, layers, 1e-4)
+    assert tie == NearTie(4, 1, pytest.approx(2e-6))
+    assert near_tie_of(record({1: [1e-6, 0.3], 2: [0.3, 0.3]}), got, layers, 1e-4) is None   # row 1: no tie
+    assert near_tie_of(record({1: [0.3, 0.3], 2: [1e-6, 1e-6]}), got, layers, 1e-4) is None   # row 0: no tie
+    two = {**got, "indices_layer1": np.array([[0, 3, 4], [0, 1, 2]])}                          # two tokens at once
+    assert near_tie_of(record({1: [1e-6, 1e-6], 2: [1e-6, 1e-6]}), two, layers, 1e-4) is None
+    assert near_tie_of(record({1: [1e-6, 1e-6], 2: [1e-6, 1e-6]}), ref, layers, 1e-4) is None  # the same selection
+    assert near_tie_of(record({}), got, layers, 1e-4) is None                                    # no margins recorded

@@ -253,7 +253,7 @@ class Gate:
 # fp16 floors (cosine 0.9999, PSNR 45 dB) sit ~14 dB of MSE below a correct engine and ~6 dB above a wrong bucket
 # (on this random-weight model pruning changes outputs little; agreement is the sharper discriminator there).
 # Agreement 99.9%, relaxed to one flipped token per row and step where k < 1000 (one flip is then > 0.1%).
-# fp32 near ties: at FLUX.1's depth (19 + 38 narrow blocks, random weights, 256 tokens, k = 192, ORT CPU) one step of 28
+# fp32 near ties: in a 57-block model (narrow blocks, random weights, 256 tokens, k = 192, ORT CPU) one step of 28
 #   selected one other token in layer 30, where the reference's k-th and (k+1)-th router scores were 2.1e-6 apart
 #   (relative margin 3.3e-6; the median gap between neighbouring scores is 4.2e-3); layers after it then differ too,
 #   as their inputs do. That step: cosine 0.99997, PSNR 52.6 dB, max abs 0.09; every other step max abs 1.2e-5. A

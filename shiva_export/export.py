@@ -204,9 +204,9 @@ def _linear_time_rewrites():
 
     A rule whose pattern has several output nodes (in onnxscript 0.7: SlicesSplit, two Slices of one tensor -> one
     Split) is matched by enumerating the whole graph again for every candidate node: quadratic in graph size. Without
-    it, one bucket graph of FLUX.1's depth (19 + 38 narrow blocks, 7,456 nodes) exports in 47 s instead of 181 s on
-    a 2-core CPU, one of SD3.5-medium's depth (24 blocks) in 26 s instead of 58 s; and it rewrites nothing in our
-    graphs: they are node for node the same without it (tests/test_export.py). The other rules and onnxscript's
+    it, a bucket graph of 57 narrow blocks (7,456 nodes) exports in 47 s instead of 181 s on a 2-core CPU, one of 24
+    blocks in 26 s instead of 58 s (docs/benchmarks/README.md); and it rewrites nothing in our graphs: they are node
+    for node the same without it (tests/test_export.py). The other rules and onnxscript's
     constant folding, cleanup and fusions run as the exporter runs them.
     """
     import onnxscript.rewriter as rewriter

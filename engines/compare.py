@@ -118,13 +118,16 @@ def index_agreement(reference: Iterable[np.ndarray], got: Iterable[np.ndarray]) 
     Compared as sets (the graphs return indices in ascending token order, but order is not the claim); dividing by
     the larger set also counts tokens an engine keeps that the reference dropped (e.g. a graph of another bucket).
     """
-    shared = total = 0
-    for ref, out in zip(reference, got):
-        ref, out = np.asarray(ref), np.asarray(out)
-        for ref_row, out_row in zip(ref.reshape(ref.shape[0], -1), out.reshape(out.shape[0], -1)):
-            shared += len(np.intersect1d(ref_row, out_row))
-            total += max(ref_row.size, out_row.size)
-    return shared / total if total else 1.0
+    rows = [row for ref, out in zip(reference, got) for row in _row_overlap(ref, out)]
+    total = sum(size for _, size in rows)
+    return sum(shared for shared, _ in rows) / total if total else 1.0
+
+
+def _row_overlap(reference: np.ndarray, got: np.ndarray) -> list[tuple[int, int]]:
+    """Per batch row of two kept-index arrays [B, k]: (tokens both kept, the larger set's size)."""
+    ref, out = np.asarray(reference), np.asarray(got)
+    return [(len(np.intersect1d(r, o)), max(r.size, o.size))
+            for r, o in zip(ref.reshape(ref.shape[0], -1), out.reshape(out.shape[0], -1))]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,9 +146,7 @@ class NearTie:
 def _row_flips(record, got: Mapping[str, np.ndarray], layer: int) -> list[int]:
     """Per batch row: how many of the reference's kept tokens the engine did not keep in `layer` (sets)."""
     name = f"{INDEX_PREFIX}{layer}"
-    ref, out = np.asarray(record.outputs[name]), np.asarray(got[name])
-    return [max(r.size, o.size) - len(np.intersect1d(r, o))
-            for r, o in zip(ref.reshape(ref.shape[0], -1), out.reshape(out.shape[0], -1))]
+    return [size - shared for shared, size in _row_overlap(record.outputs[name], got[name])]
 
 
 def selections_differ(record, got: Mapping[str, np.ndarray], layers: Sequence[int]) -> bool:
@@ -194,6 +195,10 @@ class Gate:
     near_tie_rtol: float | None = None
     near_tie_cosine: float | None = None
     near_tie_psnr: float | None = None
+
+    def near_tie_floors(self) -> "Gate":
+        """The gate of a near-tie step (or loop): its cosine and PSNR floors only."""
+        return Gate(self.name, cosine=self.near_tie_cosine, psnr=self.near_tie_psnr)
 
     def agreement_floor(self, k: int | None) -> float | None:
         """The agreement a layer with k kept tokens must reach: `agreement`, relaxed to 1 - agreement_tokens / k
@@ -444,8 +449,7 @@ def check_bucket(engines, bucket, records, gate: Gate, save_dir: Path | None = N
     where = f"bucket {bucket.index}"
     nonfinite = gate.nonfinite_failures(where, [r.outputs["sample"] for r in records], [o["sample"] for o in outputs],
                                         engines.name)
-    failures = nonfinite
-    near_ties = ()
+    failures, near_ties = nonfinite, ()
     if index_outputs is not None and gate.near_tie_rtol is not None:
         near_ties = tuple(filter(None, (near_tie_of(r, o, layers, gate.near_tie_rtol)
                                         for r, o in zip(records, index_outputs))))
@@ -457,11 +461,11 @@ def check_bucket(engines, bucket, records, gate: Gate, save_dir: Path | None = N
                 [records[i] for i in gated], [index_outputs[i] for i in gated], layers)
             failures = gate.failures(where, Metrics.worst([per_step[i] for i in gated]), gated_agreement,
                                      engines.name, k=bucket.k)
-        floors = Gate(gate.name, cosine=gate.near_tie_cosine, psnr=gate.near_tie_psnr)
+        step_metrics = dict(zip((r.step for r in records), per_step))
         for tie in near_ties:
-            step_metrics = per_step[[r.step for r in records].index(tie.step)]
-            failures += floors.failures(f"{where} step {tie.step} (near tie in layer {tie.layer}, margin "
-                                        f"{tie.margin:.1e})", step_metrics, backend=engines.name)
+            failures += gate.near_tie_floors().failures(
+                f"{where} step {tie.step} (near tie in layer {tie.layer}, margin {tie.margin:.1e})",
+                step_metrics[tie.step], backend=engines.name)
     if agreement is None and gate.agreement is not None:
         logger.warning("%s: token agreement not measured: %s", where, note)
     for tie in near_ties if not nonfinite else ():
@@ -469,7 +473,7 @@ def check_bucket(engines, bucket, records, gate: Gate, save_dir: Path | None = N
                     "near-tie floors", where, tie.step, tie.layer, tie.margin)
     return BucketResult(backend=engines.name, bucket=bucket.index, steps=tuple(r.step for r in records),
                         k=tuple(bucket.k), metrics=metrics, per_step=per_step, agreement=agreement,
-                        agreement_note=note, gate=gate, failures=tuple(failures), near_ties=near_ties)
+                        agreement_note=note, gate=gate, failures=failures, near_ties=near_ties)
 
 
 def _agreement(records, index_outputs, layers) -> dict[int, float]:
@@ -535,8 +539,7 @@ def check_full_trajectory(engines, ws, trajectory, gate: Gate) -> TrajectoryResu
         if near_tie is not None:
             logger.info("%s: step %d of the loop selected another token at a tie in layer %d (reference margin "
                         "%.1e); gated by the near-tie floors", where, near_tie.step, near_tie.layer, near_tie.margin)
-            floors = Gate(gate.name, cosine=gate.near_tie_cosine, psnr=gate.near_tie_psnr)
-            failures = floors.failures(f"{where}, near tie at step {near_tie.step} in layer {near_tie.layer} "
+            failures = gate.near_tie_floors().failures(f"{where}, near tie at step {near_tie.step} in layer {near_tie.layer} "
                                        f"(margin {near_tie.margin:.1e})", metrics, backend=engines.name)
     return TrajectoryResult(backend=engines.name, steps=len(trajectory.steps), metrics=metrics, gate=gate,
                             failures=failures, near_tie=near_tie)

@@ -206,8 +206,8 @@ def _linear_time_rewrites():
     Split) is matched by enumerating the whole graph again for every candidate node: quadratic in graph size. Without
     it, a bucket graph of 57 narrow blocks (7,456 nodes) exports in 47 s instead of 181 s on a 2-core CPU, one of 24
     blocks in 26 s instead of 58 s (docs/benchmarks/README.md); and it rewrites nothing in our graphs: they are node
-    for node the same without it (tests/test_export.py). The other rules and onnxscript's
-    constant folding, cleanup and fusions run as the exporter runs them.
+    for node the same without it (tests/test_export.py). The other rules and onnxscript's constant folding, cleanup
+    and fusions run as the exporter runs them.
     """
     import onnxscript.rewriter as rewriter
 

@@ -79,7 +79,11 @@ def parse_args(argv=None):
                         "timed for dense and pruned alike in this process, e.g. native,_native_cudnn,_native_flash; "
                         "default: diffusers' own (native SDPA), unchanged")
     parser.add_argument("--skip-schedule", action="store_true",
-                        help="time only dense and the uniform keeps: no schedule buckets, loop or numerics")
+                        help="time only dense and the uniform keeps: no schedule buckets or loop (numerics then compare "
+                        "the uniform keeps below 1)")
+    parser.add_argument("--numerics", action=argparse.BooleanOptionalAction, default=True,
+                        help="torch phase: compare the bf16/fp16 buckets with the fp32 reference after timing (default); "
+                        "--no-numerics times only")
     parser.add_argument("--compile", default="", help="comma list of configs also run as torch.compile + CUDA graph, "
                         "e.g. dense,keep1,keep0.6,keep0.4 (each compiles for a minute or more)")
     parser.add_argument("--ort-step", choices=["export", "run", "all"], default="all",
@@ -287,7 +291,7 @@ def run_torch_phase(pruned, args, num_tokens, configs, schedule, facts):
                     runners[name]()
             loop[label] = summarize(timer.time(run_loop, 1, args.loop_runs))
         # fp32 reference runs would recompile every block: numerics come from the uncompiled runs
-        numerics = {} if args.compile_blocks else torch_numerics(pruned, configs, {**feed, **constants}, device)
+        numerics = {} if args.compile_blocks or not args.numerics else torch_numerics(pruned, configs, {**feed, **constants}, device)
     return {"per_step": rows, "loop": loop, "numerics": numerics}
 
 

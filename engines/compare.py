@@ -15,7 +15,8 @@ Gates (per export precision; `GATES`, `TRAJECTORY_GATES`):
   summation order (measured on tiny-sd35, ORT CPU: max abs ~1e-6 at |ref| ~ 2). At a deep model's depth that order
   can still decide between two router scores the reference found equal to within 1e-4 of their scale: such a step
   (`near_tie_of`: the first differing layer, one token a row, the reference's margin there) is gated by the fp16
-  floors instead; every other difference in selection fails.
+  floors instead; every other difference in selection fails. The tie is seen on the debug twin, a build of its own,
+  so the engine gated must also equal the reference or that twin to max abs (`Gate.twin_failures`).
 * fp16 / bf16 per step: cosine and PSNR floors instead of an absolute bound (the error scales with |ref|, and one
   near-tie token flip moves that token's output far more than rounding does) and agreement >= 99.9% (a near-tie
   in router scores may flip a token; many flips mean the router saw different activations), relaxed to one token
@@ -199,6 +200,20 @@ class Gate:
     def near_tie_floors(self) -> "Gate":
         """The gate of a near-tie step (or loop): its cosine and PSNR floors only."""
         return Gate(self.name, cosine=self.near_tie_cosine, psnr=self.near_tie_psnr)
+
+    def twin_failures(self, where: str, reference: np.ndarray, got: np.ndarray, twin: np.ndarray,
+                      backend: str = "") -> tuple[str, ...]:
+        """The near-tie waiver rests on the debug twin's indices, and the twin is a build of its own: the engine
+        gated must have made the twin's choice. Its output must equal the reference's or the twin's to max_abs
+        (two builds of one graph agree to rounding); otherwise its difference is not the tie's."""
+        if self.max_abs is None:
+            return ()
+        from_reference, from_twin = Metrics.of(reference, got).max_abs, Metrics.of(twin, got).max_abs
+        if min(from_reference, from_twin) <= self.max_abs:
+            return ()
+        return (f"{where}: output is {from_twin:.1e} (max abs) from its debug twin's, which showed the near tie, "
+                f"and {from_reference:.1e} from the reference's; either must be <= {self.max_abs:.1e} "
+                f"{self._tag(backend)}",)
 
     def agreement_floor(self, k: int | None) -> float | None:
         """The agreement a layer with k kept tokens must reach: `agreement`, relaxed to 1 - agreement_tokens / k
@@ -461,11 +476,12 @@ def check_bucket(engines, bucket, records, gate: Gate, save_dir: Path | None = N
                 [records[i] for i in gated], [index_outputs[i] for i in gated], layers)
             failures = gate.failures(where, Metrics.worst([per_step[i] for i in gated]), gated_agreement,
                                      engines.name, k=bucket.k)
-        step_metrics = dict(zip((r.step for r in records), per_step))
+        position = {r.step: i for i, r in enumerate(records)}
         for tie in near_ties:
-            failures += gate.near_tie_floors().failures(
-                f"{where} step {tie.step} (near tie in layer {tie.layer}, margin {tie.margin:.1e})",
-                step_metrics[tie.step], backend=engines.name)
+            i, at = position[tie.step], f"{where} step {tie.step} (near tie in layer {tie.layer}, margin {tie.margin:.1e})"
+            failures += gate.near_tie_floors().failures(at, per_step[i], backend=engines.name)
+            failures += gate.twin_failures(at, records[i].outputs["sample"], outputs[i]["sample"],
+                                           index_outputs[i]["sample"], backend=engines.name)
     if agreement is None and gate.agreement is not None:
         logger.warning("%s: token agreement not measured: %s", where, note)
     for tie in near_ties if not nonfinite else ():
@@ -503,14 +519,15 @@ def _run_loop(runner_of, ws, trajectory, label: str, on_step=None) -> np.ndarray
             runner.deactivate()
 
 
-def loop_near_tie(engines, ws, trajectory, rtol: float) -> NearTie | None:
+def loop_near_tie(engines, ws, trajectory, rtol: float) -> tuple[NearTie | None, np.ndarray | None]:
     """Why a loop may end away from the reference's: the same loop on the debug twins (the graphs with index
     outputs), each step's kept indices against the reference's at that step. Before the first different selection
     the loop's inputs equal the reference's to rounding, so its first differing step is judged by `near_tie_of`;
-    later steps see other latents. None: no index runners, no different selection, or no near tie."""
+    later steps see other latents. Returns that near tie (None: no index runners, no different selection, or no
+    near tie) and the twins' final latents (None without index runners)."""
     schedule = ws.schedule()
     if any(engines.index_runner(b.index) is None for b in schedule.buckets):
-        return None
+        return None, None
     reference = {record.step: record for record in trajectory.steps}
     first: list[NearTie | None] = []
 
@@ -520,8 +537,8 @@ def loop_near_tie(engines, ws, trajectory, rtol: float) -> NearTie | None:
         if not first and selections_differ(record, outputs, layers):
             first.append(near_tie_of(record, outputs, layers, rtol))
 
-    _run_loop(engines.index_runner, ws, trajectory, f"loop on {engines.name} (index twins)", on_step)
-    return first[0] if first else None
+    final = _run_loop(engines.index_runner, ws, trajectory, f"loop on {engines.name} (index twins)", on_step)
+    return (first[0] if first else None), final
 
 
 def check_full_trajectory(engines, ws, trajectory, gate: Gate) -> TrajectoryResult:
@@ -535,12 +552,13 @@ def check_full_trajectory(engines, ws, trajectory, gate: Gate) -> TrajectoryResu
     failures = nonfinite or gate.failures(where, metrics, backend=engines.name)
     near_tie = None
     if failures and not nonfinite and gate.near_tie_rtol is not None:
-        near_tie = loop_near_tie(engines, ws, trajectory, gate.near_tie_rtol)
+        near_tie, twin_final = loop_near_tie(engines, ws, trajectory, gate.near_tie_rtol)
         if near_tie is not None:
             logger.info("%s: step %d of the loop selected another token at a tie in layer %d (reference margin "
                         "%.1e); gated by the near-tie floors", where, near_tie.step, near_tie.layer, near_tie.margin)
-            failures = gate.near_tie_floors().failures(f"{where}, near tie at step {near_tie.step} in layer {near_tie.layer} "
-                                       f"(margin {near_tie.margin:.1e})", metrics, backend=engines.name)
+            at = f"{where}, near tie at step {near_tie.step} in layer {near_tie.layer} (margin {near_tie.margin:.1e})"
+            failures = (gate.near_tie_floors().failures(at, metrics, backend=engines.name)
+                        + gate.twin_failures(at, trajectory.final_latents, final, twin_final, backend=engines.name))
     return TrajectoryResult(backend=engines.name, steps=len(trajectory.steps), metrics=metrics, gate=gate,
                             failures=failures, near_tie=near_tie)
 

@@ -356,10 +356,10 @@ def test_fp16_agreement_floor_tolerates_one_flipped_token_per_step_only_where_k_
     assert GATES["fp32"].agreement_floor(160) == 1.0 and isinstance(GATES["bf16"], Gate)
 
 
-def _reference_with_a_changed_selection(step: int, margin: float, tokens: int = 1):
+def _reference_with_a_changed_selection(step: int, margin: float, tokens: int = 1, sample_offset: float = 0.0):
     """The real PyTorch reference, with `step` as a different selection would leave it: in the first pruned layer
     every row kept `tokens` other tokens than the engine will, and the reference's boundary margin there is `margin`
-    (a near tie when it is tiny)."""
+    (a near tie when it is tiny); `sample_offset` moves one element of that step's output, as the other token does."""
     import dataclasses
 
     def reference(ws, seed, guidance_scale, device):
@@ -374,7 +374,10 @@ def _reference_with_a_changed_selection(step: int, margin: float, tokens: int = 
             row[-tokens:] = np.setdiff1d(np.arange(num_tokens), row)[:tokens]
             row.sort()
         margins = {**record.margins, layer: np.full_like(record.margins[layer], margin)}
-        steps[step] = dataclasses.replace(record, outputs={**record.outputs, name: changed}, margins=margins)
+        sample = record.outputs["sample"].copy()
+        sample.flat[0] += sample_offset
+        steps[step] = dataclasses.replace(record, outputs={**record.outputs, name: changed, "sample": sample},
+                                          margins=margins)
         return dataclasses.replace(trajectory, steps=tuple(steps))
 
     return reference
@@ -436,6 +439,48 @@ def test_a_difference_that_is_no_near_tie_still_fails_the_fp32_gate(artifact_cop
     assert any("agreement layer 1 " in f and "< 100% (fp32 gate, onnxruntime)" in f for f in report.failures)
 
 
+def offset_debug_sample(root: Path, offset: float) -> None:
+    """Add `offset` to the `sample` output of every debug twin (b*.debug.onnx), and re-record the export: twins that
+    no longer compute what their production graphs do, as two builds that chose differently would."""
+    import onnx as onnx_lib
+    from onnx import helper
+
+    for path in sorted((root / "onnx").glob("b*.debug.onnx")):
+        model = onnx_lib.load(str(path), load_external_data=False)
+        graph = model.graph
+        for node in graph.node:
+            node.output[:] = ["sample_raw" if name == "sample" else name for name in node.output]
+        dtype = next(o for o in graph.output if o.name == "sample").type.tensor_type.elem_type
+        graph.initializer.append(helper.make_tensor("sample_offset", dtype, [], [offset]))
+        graph.node.append(helper.make_node("Add", ["sample_raw", "sample_offset"], ["sample"], name="offset_sample"))
+        onnx_lib.save(model, str(path))
+    rerecord_export(root)
+
+
+@pytest.mark.parametrize("twin_offset", [0.0, 1e-2])
+def test_a_near_tie_waives_an_engine_only_when_it_equals_the_debug_twin_that_showed_the_tie(artifact_copy,
+                                                                                            twin_offset):
+    """The reference's step 1 kept another token at a tie, which moved its output by 0.05: the engine's output
+    differs from it. The waiver holds while the engine equals its debug twin (whose indices showed the tie), and
+    fails once the twin computes something else (a separate build of the same graph that chose differently)."""
+    from shiva_export.engines.compare import CheckConfig, run_check
+    from shiva_export.pipeline import Workspace
+
+    if twin_offset:
+        offset_debug_sample(artifact_copy, twin_offset)
+    report = run_check(Workspace(artifact_copy), backends=["onnxruntime"], config=CheckConfig(full_trajectory=False),
+                       reference=_reference_with_a_changed_selection(step=1, margin=1e-6, sample_offset=0.05))
+    bucket = next(b for b in report.buckets if 1 in b.steps)
+    assert [t.step for t in bucket.near_ties] == [1]
+    if not twin_offset:
+        assert report, report.failures
+    else:
+        assert not report and len(report.failures) == 1
+        assert report.failures[0].startswith(f"bucket {bucket.bucket} step 1 (near tie in layer 1, margin 1.0e-06): "
+                                             "output is 1.0e-02 (max abs) from its debug twin's")
+        assert "and 5.0e-02 from the reference's; either must be <= 1.0e-04 (fp32 gate" in report.failures[0]
+
+
 def _reference_whose_loop_ends_elsewhere(step: int, margin: float):
     """`_reference_with_a_changed_selection`, and final latents 2e-3 away in one element: a loop that fails the fp32
     trajectory gate's max abs (1e-3) but not the near-tie floors, as a near tie early in a loop leaves it."""
@@ -469,6 +514,19 @@ def test_a_loop_is_gated_by_the_near_tie_floors_only_when_its_first_different_se
     else:
         assert not report and loop.near_tie is None
         assert any(f.startswith("full trajectory (6 steps): max_abs 2.0e-03 > 1.0e-03") for f in loop.failures)
+
+
+def test_a_loop_near_tie_seen_on_twins_that_compute_otherwise_does_not_waive_the_loop(artifact_copy):
+    from shiva_export.engines.compare import CheckConfig, run_check
+    from shiva_export.pipeline import Workspace
+
+    offset_debug_sample(artifact_copy, 1e-2)
+    report = run_check(Workspace(artifact_copy), backends=["onnxruntime"], config=CheckConfig(),
+                       reference=_reference_whose_loop_ends_elsewhere(step=2, margin=1e-6))
+    (loop,) = report.trajectories
+    assert not loop and loop.near_tie is not None and loop.near_tie.step == 2
+    assert len(loop.failures) == 1 and "(max abs) from its debug twin's" in loop.failures[0]
+    assert "and 2.0e-03 from the reference's; either must be <= 1.0e-03" in loop.failures[0]
 
 
 def test_a_near_tie_is_judged_per_row_at_that_rows_first_different_layer():

@@ -75,6 +75,9 @@ def parse_args(argv=None):
     parser.add_argument("--fuse-qkv", action="store_true",
                         help="fuse each attention's q/k/v projections into one GEMM (diffusers' fuse_qkv_projections), "
                         "for dense and pruned alike, before timing")
+    parser.add_argument("--fuse-projections", action="store_true",
+                        help="the backbone's fused projection layout (FLUX.1: one GEMM for each single-stream block's "
+                        "q/k/v and MLP input, BFL's linear1), for dense and pruned alike, before timing")
     parser.add_argument("--attention-backend", default="",
                         help="comma list of diffusers attention backends (transformer.set_attention_backend), each "
                         "timed for dense and pruned alike in this process, e.g. native,_native_cudnn,_native_flash; "
@@ -483,7 +486,8 @@ def render_markdown(result: dict) -> str:
              f"{result.get('fused_kernels_used', False)}); routers: {result.get('router_dtype')}; blocks compiled "
              f"(torch.compile, dense and pruned alike): {result.get('compile_blocks', False)}; gather/scatter compiled "
              f"into the blocks: {result.get('compile_rows', False)}; q/k/v projections fused: "
-             f"{result.get('fuse_qkv', False)}; compile mode: {result.get('compile_mode') or 'default'}; attention "
+             f"{result.get('fuse_qkv', False)}; input projections fused: {result.get('fuse_projections', False)}; "
+             f"compile mode: {result.get('compile_mode') or 'default'}; attention "
              f"backend: {result.get('attention_backend') or 'default'}", "",
              f"Command: `{result['command']}`", ""]
     rows = result["per_step"]
@@ -565,6 +569,11 @@ def main(argv=None) -> int:
         if not hasattr(pruned.transformer, "fuse_qkv_projections"):
             raise SystemExit(f"--fuse-qkv: {type(pruned.transformer).__name__} has no fuse_qkv_projections")
         pruned.transformer.fuse_qkv_projections()
+    if args.fuse_projections:
+        from shiva_export import backbones
+
+        fused = backbones.for_model(pruned.transformer).fuse_projections(pruned.transformer)
+        print(f"fused the input projections of {fused} blocks", flush=True)
     defaults = pruned.source.defaults
     args.context_tokens = args.context_tokens or defaults.get("context_tokens", 333)
     args.run_dtype = args.dtype if device == "cuda" else "fp32"
@@ -600,7 +609,7 @@ def main(argv=None) -> int:
             continue
         result.update(phase=args.phase, router_dtype=args.router_dtype, facts=facts, model=args.model,
                       compile_blocks=args.compile_blocks, compile_mode=args.compile_mode,
-                      fuse_qkv=args.fuse_qkv, compile_rows=args.compile_blocks and args.compile_rows,
+                      fuse_qkv=args.fuse_qkv, fuse_projections=args.fuse_projections, compile_rows=args.compile_blocks and args.compile_rows,
                       attention_backend=backend,
                       ort_cuda_graph=args.ort_cuda_graph,
                       height=args.height, width=args.width, kernels=variant,

@@ -109,6 +109,55 @@ def test_gathered_rope_rows_are_the_full_table_at_the_kept_positions(flux):
     assert torch.equal(call["image_rotary_emb"][0], torch.cat([cos[:text], cos[text + indices[0]]]))
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+def test_fused_single_stream_projections_compute_what_the_separate_ones_do(batch):
+    """fuse_projections: one GEMM for each single-stream block's q/k/v and MLP input, dense and pruned alike; the
+    same outputs and kept tokens (batch 2: samples keep different tokens, so the RoPE rows differ per sample and
+    the attention runs sample by sample on the unfused columns)."""
+    from shiva_export.backbones.flux import FusedInputProjection
+
+    pruned = load_pruned_model("tiny-flux")
+    cfg = ExportConfig(height=256, width=256, batch=batch, context_tokens=24)
+    constants = cfg.constants(pruned.config)
+    feed = example_feed(pruned.config, cfg, seed=5)
+    k = (N, 96, 96, 128, 128, 160)
+    params = sum(p.numel() for p in pruned.transformer.parameters())
+
+    def run():
+        with torch.no_grad():
+            return (DenseModel(pruned.transformer, constants)(**feed),
+                    StaticBucket(pruned.transformer, k, debug_indices=True, constants=constants)(**feed))
+
+    before = run()
+    adapter = backbones.for_model(pruned.transformer)
+    assert adapter.fuse_projections(pruned.transformer) == 4
+    blocks = list(pruned.transformer.single_transformer_blocks)
+    assert all(isinstance(b.proj_mlp, FusedInputProjection) and b.proj_mlp.widths == [128, 128, 128, 512]
+               for b in blocks)
+    assert sum(p.numel() for p in pruned.transformer.parameters()) == params   # one copy of the weights
+    calls = []
+    handles = [b.proj_mlp.register_forward_hook(lambda m, a, out: calls.append(out.shape)) for b in blocks]
+    after = run()
+    for handle in handles:
+        handle.remove()
+    assert len(calls) == 8   # one fused GEMM per single-stream block and forward
+    # q/k/v took their columns of it (which releases it) where the samples share RoPE rows; batch 2's pruned blocks
+    # attend sample by sample, on inputs sliced per sample, and project those on their own
+    assert all((b.proj_mlp.cache is None) == (batch == 1) for b in blocks)
+    assert (after[0] - before[0]).abs().max() <= 1e-5
+    assert (after[1][0] - before[1][0]).abs().max() <= 1e-5
+    assert all(torch.equal(a, b) for a, b in zip(after[1][1:], before[1][1:]))
+    assert adapter.fuse_projections(pruned.transformer) == 4 and blocks[0].proj_mlp.widths == [128, 128, 128, 512]
+
+
+def test_only_flux_has_a_fused_projection_layout():
+    from shiva_export.errors import ConfigError
+
+    pruned = load_pruned_model("tiny-sd35")
+    with pytest.raises(ConfigError, match="no fused projection layout"):
+        backbones.for_model(pruned.transformer).fuse_projections(pruned.transformer)
+
+
 def test_samples_that_keep_different_tokens_compute_what_each_sample_alone_does(flux):
     pruned, _, constants = flux
     cfg = ExportConfig(height=256, width=256, batch=2, context_tokens=24)

@@ -233,6 +233,12 @@ class Backbone(abc.ABC):
         """The dense pipeline's final latents [1, C, h, w] (normalised as the VAE expects them, unpacked) for the
         conditioning (`encode_prompts` of a prompt; `unconditional`: of the empty prompt, for CFG families)."""
 
+    # --- inference-only layouts (GPU benchmarks) ---------------------------------------------------------------
+    def fuse_projections(self, transformer) -> int:
+        """Merge projections that read the same input into one GEMM, in place, for inference; returns how many blocks
+        changed. Outputs equal the unfused model's to rounding."""
+        raise ConfigError(f"{self.family}: no fused projection layout (only FLUX.1's single-stream blocks have one)")
+
     def check(self, ok: bool, where: str, field: str, expected: str) -> None:
         if not ok:
             raise ConfigError(f"{where}: field {field}: expected {expected}")

@@ -200,6 +200,54 @@ class BatchedRopeFluxAttnProcessor:
         return torch.cat(outs, dim=0)
 
 
+class FusedInputProjection(torch.nn.Module):
+    """One GEMM for what a single-stream block projects from its normed input: q, k, v and the MLP input (the
+    layout of BFL's reference implementation, `linear1`, D -> 3D + 4D). Installed as the block's `proj_mlp`, which
+    the block calls first; the attention's to_q / to_k / to_v then return their columns of that same call
+    (`FusedColumns`). The weights are one tensor; each projection's weight and bias are views of it."""
+
+    def __init__(self, projections: list[torch.nn.Linear]):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.cat([p.weight.detach() for p in projections]), requires_grad=False)
+        self.bias = torch.nn.Parameter(torch.cat([p.bias.detach() for p in projections]), requires_grad=False)
+        self.widths = [p.out_features for p in projections]
+        self.cache: tuple[torch.Tensor, list[torch.Tensor]] | None = None
+
+    def columns(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        start = sum(self.widths[:index])
+        return (self.weight[start:start + self.widths[index]], self.bias[start:start + self.widths[index]])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        parts = list(torch.nn.functional.linear(x, self.weight, self.bias).split(self.widths, dim=-1))
+        self.cache = (x, parts)
+        return parts[-1]
+
+    def take(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        """Column block `index` of the GEMM just computed from this very input, else computed on its own."""
+        if self.cache is not None and self.cache[0] is x:
+            part = self.cache[1][index]
+            if index == len(self.widths) - 2:   # the last attention projection: release the call's output
+                self.cache = None
+            return part
+        return torch.nn.functional.linear(x, *self.columns(index))
+
+
+class FusedColumns(torch.nn.Module):
+    """to_q / to_k / to_v of a block whose input projections are one `FusedInputProjection`."""
+
+    def __init__(self, fused: FusedInputProjection, index: int):
+        super().__init__()
+        self.index = index
+        self.fused = [fused]   # not a submodule: the block owns it (as proj_mlp)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.fused[0].columns(self.index)[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fused[0].take(self.index, x)
+
+
 class Flux(Backbone):
     family = "flux"
     model_class = "FluxTransformer2DModel"
@@ -260,6 +308,22 @@ class Flux(Backbone):
         else:
             rows = torch.cat([text_rows.expand(indices.shape[0], text), indices + text], dim=1)
             call["image_rotary_emb"] = (cos[rows], sin[rows])
+
+    def fuse_projections(self, transformer) -> int:
+        """Each single-stream block's q/k/v and MLP-input projections become one GEMM (`FusedInputProjection`):
+        dense and pruned blocks alike, for inference (weights frozen; not for training or export)."""
+        blocks = list(transformer.single_transformer_blocks)
+        for block in blocks:
+            if isinstance(block.proj_mlp, FusedInputProjection):
+                continue
+            attn = block.attn
+            if getattr(attn, "fused_projections", False):
+                raise ConfigError("fuse_projections: the single-stream blocks' q/k/v are already one GEMM "
+                                  "(fuse_qkv_projections); use one layout or the other")
+            fused = FusedInputProjection([attn.to_q, attn.to_k, attn.to_v, block.proj_mlp])
+            block.proj_mlp = fused
+            attn.to_q, attn.to_k, attn.to_v = (FusedColumns(fused, i) for i in range(3))
+        return len(blocks)
 
     def grid(self, height: int, width: int, vae_scale_factor: int) -> tuple[int, int]:
         step = vae_scale_factor * PACK

@@ -129,8 +129,9 @@ def device_facts() -> dict:
         import diffusers
 
         facts["diffusers"] = diffusers.__version__
-    if torch.cuda.is_available():
-        facts["blas"] = str(torch.backends.cuda.preferred_blas_library()).rsplit(".", 1)[-1]
+    with contextlib.suppress(Exception):   # a fact, never a reason to lose the run
+        if torch.cuda.is_available():
+            facts["blas"] = str(torch.backends.cuda.preferred_blas_library()).rsplit(".", 1)[-1]
     # environment read by the CUDA libraries when they start: a run that sets one says so
     facts.update({name: os.environ[name] for name in BLAS_ENVIRONMENT if name in os.environ})
     return facts

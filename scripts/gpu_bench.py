@@ -82,9 +82,6 @@ def parse_args(argv=None):
                         help="comma list of diffusers attention backends (transformer.set_attention_backend), each "
                         "timed for dense and pruned alike in this process, e.g. native,_native_cudnn,_native_flash; "
                         "default: diffusers' own (native SDPA), unchanged")
-    parser.add_argument("--blas", choices=["cublas", "cublaslt"], default=None,
-                        help="torch.backends.cuda.preferred_blas_library for every GEMM (default: torch's choice; "
-                        "CUBLASLT_WORKSPACE_SIZE in KiB sets cuBLASLt's workspace, recorded with the device facts)")
     parser.add_argument("--skip-schedule", action="store_true",
                         help="time only dense and the uniform keeps: no schedule buckets or loop (numerics then compare "
                         "the uniform keeps below 1)")
@@ -555,8 +552,6 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.backends.cuda.matmul.allow_tf32 = False
-    if args.blas and device == "cuda":
-        torch.backends.cuda.preferred_blas_library(args.blas)
     t0 = time.perf_counter()
     if args.batch is None:  # the preset's batch (2: [uncond; cond] CFG, 1: guidance-distilled), before the model
         from shiva_export.models import preset_names, read_preset

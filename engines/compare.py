@@ -201,15 +201,16 @@ class Gate:
         """The gate of a near-tie step (or loop): its cosine and PSNR floors only."""
         return Gate(self.name, cosine=self.near_tie_cosine, psnr=self.near_tie_psnr)
 
-    def twin_failures(self, where: str, reference: np.ndarray, got: np.ndarray, twin: np.ndarray,
+    def twin_failures(self, where: str, metrics: Metrics, got: np.ndarray, twin: np.ndarray,
                       backend: str = "") -> tuple[str, ...]:
         """The near-tie waiver rests on the debug twin's indices, and the twin is a build of its own: the engine
-        gated must have made the twin's choice. Its output must equal the reference's or the twin's to max_abs
-        (two builds of one graph agree to rounding); otherwise its difference is not the tie's."""
-        if self.max_abs is None:
+        gated must have made the twin's choice. Its output `got` (`metrics`: against the reference) must equal the
+        reference's or the twin's to max_abs (two builds of one graph agree to rounding); otherwise its difference
+        is not the tie's."""
+        if self.max_abs is None or metrics.max_abs <= self.max_abs:
             return ()
-        from_reference, from_twin = Metrics.of(reference, got).max_abs, Metrics.of(twin, got).max_abs
-        if min(from_reference, from_twin) <= self.max_abs:
+        from_reference, from_twin = metrics.max_abs, float(np.abs(np.asarray(got, np.float64) - twin).max())
+        if from_twin <= self.max_abs:
             return ()
         return (f"{where}: output is {from_twin:.1e} (max abs) from its debug twin's, which showed the near tie, "
                 f"and {from_reference:.1e} from the reference's; either must be <= {self.max_abs:.1e} "
@@ -478,10 +479,11 @@ def check_bucket(engines, bucket, records, gate: Gate, save_dir: Path | None = N
                                      engines.name, k=bucket.k)
         position = {r.step: i for i, r in enumerate(records)}
         for tie in near_ties:
-            i, at = position[tie.step], f"{where} step {tie.step} (near tie in layer {tie.layer}, margin {tie.margin:.1e})"
+            i = position[tie.step]
+            at = f"{where} step {tie.step} (near tie in layer {tie.layer}, margin {tie.margin:.1e})"
             failures += gate.near_tie_floors().failures(at, per_step[i], backend=engines.name)
-            failures += gate.twin_failures(at, records[i].outputs["sample"], outputs[i]["sample"],
-                                           index_outputs[i]["sample"], backend=engines.name)
+            failures += gate.twin_failures(at, per_step[i], outputs[i]["sample"], index_outputs[i]["sample"],
+                                           backend=engines.name)
     if agreement is None and gate.agreement is not None:
         logger.warning("%s: token agreement not measured: %s", where, note)
     for tie in near_ties if not nonfinite else ():
@@ -558,7 +560,7 @@ def check_full_trajectory(engines, ws, trajectory, gate: Gate) -> TrajectoryResu
                         "%.1e); gated by the near-tie floors", where, near_tie.step, near_tie.layer, near_tie.margin)
             at = f"{where}, near tie at step {near_tie.step} in layer {near_tie.layer} (margin {near_tie.margin:.1e})"
             failures = (gate.near_tie_floors().failures(at, metrics, backend=engines.name)
-                        + gate.twin_failures(at, trajectory.final_latents, final, twin_final, backend=engines.name))
+                        + gate.twin_failures(at, metrics, final, twin_final, backend=engines.name))
     return TrajectoryResult(backend=engines.name, steps=len(trajectory.steps), metrics=metrics, gate=gate,
                             failures=failures, near_tie=near_tie)
 

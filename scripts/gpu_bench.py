@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from shiva_export import backbones, kernels
+from shiva_export.errors import ConfigError
 from shiva_export.export import DenseModel, ExportConfig, StaticBucket, example_feed, torch_dtype
 from shiva_export.flops import ModelDims
 from shiva_export.models import num_image_tokens
@@ -83,11 +84,11 @@ def parse_args(argv=None):
                         "timed for dense and pruned alike in this process, e.g. native,_native_cudnn,_native_flash; "
                         "default: diffusers' own (native SDPA), unchanged")
     parser.add_argument("--skip-schedule", action="store_true",
-                        help="time only dense and the uniform keeps: no schedule buckets or loop (numerics then compare "
-                        "the uniform keeps below 1)")
+                        help="time only dense and the uniform keeps: no schedule buckets or loop (numerics then "
+                        "compare the uniform keeps below 1)")
     parser.add_argument("--numerics", action=argparse.BooleanOptionalAction, default=True,
-                        help="torch phase: compare the bf16/fp16 buckets with the fp32 reference after timing (default); "
-                        "--no-numerics times only")
+                        help="torch phase: compare the bf16/fp16 buckets with the fp32 reference after timing "
+                        "(default); --no-numerics times only")
     parser.add_argument("--compile", default="", help="comma list of configs also run as torch.compile + CUDA graph, "
                         "e.g. dense,keep1,keep0.6,keep0.4 (each compiles for a minute or more)")
     parser.add_argument("--ort-step", choices=["export", "run", "all"], default="all",
@@ -303,7 +304,8 @@ def run_torch_phase(pruned, args, num_tokens, configs, schedule, facts):
                     runners[name]()
             loop[label] = summarize(timer.time(run_loop, 1, args.loop_runs))
         # fp32 reference runs would recompile every block: numerics come from the uncompiled runs
-        numerics = {} if args.compile_blocks or not args.numerics else torch_numerics(pruned, configs, {**feed, **constants}, device)
+        timed_only = args.compile_blocks or not args.numerics
+        numerics = {} if timed_only else torch_numerics(pruned, configs, {**feed, **constants}, device)
     return {"per_step": rows, "loop": loop, "numerics": numerics}
 
 
@@ -566,9 +568,10 @@ def main(argv=None) -> int:
             raise SystemExit(f"--fuse-qkv: {type(pruned.transformer).__name__} has no fuse_qkv_projections")
         pruned.transformer.fuse_qkv_projections()
     if args.fuse_projections:
-        from shiva_export import backbones
-
-        fused = backbones.for_model(pruned.transformer).fuse_projections(pruned.transformer)
+        try:
+            fused = backbones.for_model(pruned.transformer).fuse_projections(pruned.transformer)
+        except ConfigError as err:
+            raise SystemExit(f"--fuse-projections: {err}") from None
         print(f"fused the input projections of {fused} blocks", flush=True)
     defaults = pruned.source.defaults
     args.context_tokens = args.context_tokens or defaults.get("context_tokens", 333)
@@ -605,8 +608,8 @@ def main(argv=None) -> int:
             continue
         result.update(phase=args.phase, router_dtype=args.router_dtype, facts=facts, model=args.model,
                       compile_blocks=args.compile_blocks, compile_mode=args.compile_mode,
-                      fuse_qkv=args.fuse_qkv, fuse_projections=args.fuse_projections, compile_rows=args.compile_blocks and args.compile_rows,
-                      attention_backend=backend,
+                      fuse_qkv=args.fuse_qkv, fuse_projections=args.fuse_projections,
+                      compile_rows=args.compile_blocks and args.compile_rows, attention_backend=backend,
                       ort_cuda_graph=args.ort_cuda_graph,
                       height=args.height, width=args.width, kernels=variant,
                       fused_kernels_used=variant == "triton" and kernels.triton_available() and device == "cuda",

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from shiva_export import backbones, kernels
+from shiva_export.backbones.base import Backbone
 from shiva_export.errors import ConfigError
 from shiva_export.export import DenseModel, ExportConfig, StaticBucket, example_feed, torch_dtype
 from shiva_export.flops import ModelDims
@@ -76,9 +77,11 @@ def parse_args(argv=None):
     parser.add_argument("--fuse-qkv", action="store_true",
                         help="fuse each attention's q/k/v projections into one GEMM (diffusers' fuse_qkv_projections), "
                         "for dense and pruned alike, before timing")
-    parser.add_argument("--fuse-projections", action="store_true",
-                        help="the backbone's fused projection layout (FLUX.1: one GEMM for each single-stream block's "
-                        "q/k/v and MLP input, BFL's linear1), for dense and pruned alike, before timing")
+    parser.add_argument("--projections", default="separate",
+                        help="comma list of projection layouts, each timed for dense and pruned alike in this process: "
+                        "separate (the model's own Linear layers) and/or fused (the backbone's fused layout; FLUX.1: "
+                        "one GEMM for each single-stream block's q/k/v and MLP input, BFL's linear1); fused runs last, "
+                        "since fusing is done in place")
     parser.add_argument("--attention-backend", default="",
                         help="comma list of diffusers attention backends (transformer.set_attention_backend), each "
                         "timed for dense and pruned alike in this process, e.g. native,_native_cudnn,_native_flash; "
@@ -103,6 +106,25 @@ def parse_args(argv=None):
                         "exported by its own process (--ort-step export --ort-configs ...) to split the export time")
     parser.add_argument("--out", required=True, help="folder for <phase>.json and <phase>.md")
     return parser.parse_args(argv)
+
+
+PROJECTION_LAYOUTS = ("separate", "fused")
+
+
+def require_fused_layout(transformer) -> None:
+    """Refuses, before any timing, a family whose adapter has no fused projection layout."""
+    adapter = backbones.for_model(transformer)
+    if type(adapter).fuse_projections is Backbone.fuse_projections:
+        try:
+            adapter.fuse_projections(transformer)
+        except ConfigError as err:
+            raise SystemExit(f"--projections fused: {err}") from None
+
+
+def fuse_layout(transformer) -> None:
+    """The backbone's fused projection layout, in place (idempotent)."""
+    blocks = backbones.for_model(transformer).fuse_projections(transformer)
+    print(f"== fused the input projections of {blocks} blocks", flush=True)
 
 
 BLAS_ENVIRONMENT = ("CUBLASLT_WORKSPACE_SIZE", "CUBLAS_WORKSPACE_CONFIG", "TORCH_BLAS_PREFER_CUBLASLT")
@@ -567,12 +589,16 @@ def main(argv=None) -> int:
         if not hasattr(pruned.transformer, "fuse_qkv_projections"):
             raise SystemExit(f"--fuse-qkv: {type(pruned.transformer).__name__} has no fuse_qkv_projections")
         pruned.transformer.fuse_qkv_projections()
-    if args.fuse_projections:
-        try:
-            fused = backbones.for_model(pruned.transformer).fuse_projections(pruned.transformer)
-        except ConfigError as err:
-            raise SystemExit(f"--fuse-projections: {err}") from None
-        print(f"fused the input projections of {fused} blocks", flush=True)
+    layouts = [name for name in args.projections.split(",") if name]
+    if not layouts or any(name not in PROJECTION_LAYOUTS for name in layouts) or len(set(layouts)) < len(layouts):
+        raise SystemExit(f"--projections takes separate and/or fused, each once, got {args.projections!r}")
+    layouts.sort(key=PROJECTION_LAYOUTS.index)   # fusing is in place: the separate layout is timed first
+    if "fused" in layouts and args.phase == "ort":
+        raise SystemExit("--projections fused: the ort phase exports the model's own layers; expected --phase torch")
+    if "fused" in layouts:
+        if args.fuse_qkv:
+            raise SystemExit("--projections fused and --fuse-qkv are two layouts of the same projections; use one")
+        require_fused_layout(pruned.transformer)
     defaults = pruned.source.defaults
     args.context_tokens = args.context_tokens or defaults.get("context_tokens", 333)
     args.run_dtype = args.dtype if device == "cuda" else "fp32"
@@ -592,13 +618,16 @@ def main(argv=None) -> int:
     if args.phase == "ort" and backends != [None]:
         raise SystemExit("--attention-backend: the ort phase times ONNX Runtime, which uses no diffusers attention "
                          "backend; expected --phase torch")
-    variants = [(variant, backend) for variant in kernel_variants for backend in backends]
-    for variant, backend in variants:
+    variants = [(layout, variant, backend) for layout in layouts for variant in kernel_variants
+                for backend in backends]
+    for layout, variant, backend in variants:
+        if layout == "fused":
+            fuse_layout(pruned.transformer)
         kernels.set_enabled(variant == "triton")
         if backend is not None:
             set_attention_backend(pruned.transformer, backend)
         print(f"== kernels: {variant} (fused path usable: {kernels.triton_available() and device == 'cuda'}); "
-              f"attention backend: {backend or 'default'}", flush=True)
+              f"attention backend: {backend or 'default'}; projections: {layout}", flush=True)
         try:
             result = phase(pruned, args, num_tokens, configs, schedule, facts)
         except Exception as err:  # one variant's failure (e.g. a kernel) must not lose the others' rows
@@ -608,7 +637,7 @@ def main(argv=None) -> int:
             continue
         result.update(phase=args.phase, router_dtype=args.router_dtype, facts=facts, model=args.model,
                       compile_blocks=args.compile_blocks, compile_mode=args.compile_mode,
-                      fuse_qkv=args.fuse_qkv, fuse_projections=args.fuse_projections,
+                      fuse_qkv=args.fuse_qkv, fuse_projections=layout == "fused",
                       compile_rows=args.compile_blocks and args.compile_rows, attention_backend=backend,
                       ort_cuda_graph=args.ort_cuda_graph,
                       height=args.height, width=args.width, kernels=variant,
@@ -620,7 +649,8 @@ def main(argv=None) -> int:
                                 "step_to_bucket": list(schedule.step_to_bucket), **schedule.summary.to_json()})
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        stem = "-".join([args.phase] + ([variant] if len(kernel_variants) > 1 else [])
+        stem = "-".join([args.phase] + ([layout] if len(layouts) > 1 else [])
+                        + ([variant] if len(kernel_variants) > 1 else [])
                         + ([backend.strip("_")] if len(backends) > 1 else []))
         (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
         (out / f"{stem}.md").write_text(render_markdown(result))

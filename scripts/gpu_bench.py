@@ -80,8 +80,8 @@ def parse_args(argv=None):
     parser.add_argument("--projections", default="separate",
                         help="comma list of projection layouts, each timed for dense and pruned alike in this process: "
                         "separate (the model's own Linear layers) and/or fused (the backbone's fused layout; FLUX.1: "
-                        "one GEMM for each single-stream block's q/k/v and MLP input, BFL's linear1); fused runs last, "
-                        "since fusing is done in place")
+                        "one GEMM for each single-stream block's q/k/v and MLP input, BFL's linear1, and one per stream "
+                        "for each double-stream attention's q/k/v); fused runs last, since fusing is done in place")
     parser.add_argument("--attention-backend", default="",
                         help="comma list of diffusers attention backends (transformer.set_attention_backend), each "
                         "timed for dense and pruned alike in this process, e.g. native,_native_cudnn,_native_flash; "

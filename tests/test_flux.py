@@ -110,11 +110,11 @@ def test_gathered_rope_rows_are_the_full_table_at_the_kept_positions(flux):
 
 
 @pytest.mark.parametrize("batch", [1, 2])
-def test_fused_single_stream_projections_compute_what_the_separate_ones_do(batch):
-    """fuse_projections: one GEMM for each single-stream block's q/k/v and MLP input, dense and pruned alike; the
-    same outputs and kept tokens (batch 2: samples keep different tokens, so the RoPE rows differ per sample and
-    the attention runs sample by sample on the unfused columns)."""
-    from shiva_export.backbones.flux import FusedInputProjection
+def test_fused_projections_compute_what_the_separate_ones_do(batch):
+    """fuse_projections: one GEMM for each single-stream block's q/k/v and MLP input and for each double-stream
+    attention's q/k/v of either stream, dense and pruned alike; the same outputs and kept tokens (batch 2: samples
+    keep different tokens, so the pruned blocks attend sample by sample, on inputs sliced per sample)."""
+    from shiva_export.backbones.flux import FusedColumns, FusedInputProjection
 
     pruned = load_pruned_model("tiny-flux")
     cfg = ExportConfig(height=256, width=256, batch=batch, context_tokens=24)
@@ -130,24 +130,45 @@ def test_fused_single_stream_projections_compute_what_the_separate_ones_do(batch
 
     before = run()
     adapter = backbones.for_model(pruned.transformer)
-    assert adapter.fuse_projections(pruned.transformer) == 4
-    blocks = list(pruned.transformer.single_transformer_blocks)
-    assert all(isinstance(b.proj_mlp, FusedInputProjection) and b.proj_mlp.widths == [128, 128, 128, 512]
-               for b in blocks)
+    assert adapter.fuse_projections(pruned.transformer) == 6
+    single, double = list(pruned.transformer.single_transformer_blocks), list(pruned.transformer.transformer_blocks)
+    fused = ([b.fused_input for b in single] + [b.attn.fused_input for b in double]
+             + [b.attn.fused_context for b in double])
+    assert all(isinstance(f, FusedInputProjection) for f in fused)
+    assert [f.widths for f in fused] == [[128, 128, 128, 512]] * 4 + [[128, 128, 128]] * 4
+    assert all(isinstance(getattr(b.attn, name), FusedColumns) for b in single + double
+               for name in ("to_q", "to_k", "to_v"))
+    assert all(isinstance(b.proj_mlp, FusedColumns) for b in single)
     assert sum(p.numel() for p in pruned.transformer.parameters()) == params   # one copy of the weights
     calls = []
-    handles = [b.proj_mlp.register_forward_hook(lambda m, a, out: calls.append(out.shape)) for b in blocks]
+    handles = [f.register_forward_hook(lambda m, a, out: calls.append(len(out))) for f in fused]
     after = run()
     for handle in handles:
         handle.remove()
-    assert len(calls) == 8   # one fused GEMM per single-stream block and forward
-    # q/k/v took their columns of it (which releases it) where the samples share RoPE rows; batch 2's pruned blocks
-    # attend sample by sample, on inputs sliced per sample, and project those on their own
-    assert all((b.proj_mlp.cache is None) == (batch == 1) for b in blocks)
+    # one fused GEMM per fused layout and forward; at batch 2 the pruned blocks attend sample by sample: the one
+    # pruned double-stream block (block 1) fuses each sample's q/k/v of either stream (two calls instead of one,
+    # per stream), while a single-stream block's lead, its MLP input, is still one call for the whole batch
+    assert len(calls) == 2 * len(fused) + (0 if batch == 1 else 2)
+    # q/k/v took their columns (which releases the GEMM), except where batch 2's single-stream pruned blocks
+    # project each sample's q/k/v on their own
+    assert all(f.cache is None for f in fused[4:])
+    assert all((f.cache is None) == (batch == 1) for f in fused[:4])
     assert (after[0] - before[0]).abs().max() <= 1e-5
     assert (after[1][0] - before[1][0]).abs().max() <= 1e-5
     assert all(torch.equal(a, b) for a, b in zip(after[1][1:], before[1][1:]))
-    assert adapter.fuse_projections(pruned.transformer) == 4 and blocks[0].proj_mlp.widths == [128, 128, 128, 512]
+    assert adapter.fuse_projections(pruned.transformer) == 6 and single[0].fused_input is fused[0]
+
+
+def test_fused_projections_refuse_layers_with_adapters():
+    """A projection wrapped by an adapter (DoRA during training) is not a plain Linear: fusing its base weight would
+    drop the adapter, so it is refused."""
+    from shiva_export.errors import ConfigError
+
+    pruned = load_pruned_model("tiny-flux")
+    attn = pruned.transformer.transformer_blocks[0].attn
+    attn.to_k = torch.nn.Sequential(attn.to_k)
+    with pytest.raises(ConfigError, match="to_k is a Sequential, expected a plain Linear"):
+        backbones.for_model(pruned.transformer).fuse_projections(pruned.transformer)
 
 
 def test_only_flux_has_a_fused_projection_layout():

@@ -237,7 +237,7 @@ class Backbone(abc.ABC):
     def fuse_projections(self, transformer) -> int:
         """Merge projections that read the same input into one GEMM, in place, for inference; returns how many blocks
         changed. Outputs equal the unfused model's to rounding."""
-        raise ConfigError(f"{self.family}: no fused projection layout (only FLUX.1's single-stream blocks have one)")
+        raise ConfigError(f"{self.family}: no fused projection layout (only FLUX.1 has one)")
 
     def check(self, ok: bool, where: str, field: str, expected: str) -> None:
         if not ok:

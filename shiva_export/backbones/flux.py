@@ -201,44 +201,50 @@ class BatchedRopeFluxAttnProcessor:
 
 
 class FusedInputProjection(torch.nn.Module):
-    """One GEMM for what a single-stream block projects from its normed input: q, k, v and the MLP input (the
-    layout of BFL's reference implementation, `linear1`, D -> 3D + 4D). Installed as the block's `proj_mlp`, which
-    the block calls first; the attention's to_q / to_k / to_v then return their columns of that same call
-    (`FusedColumns`). The weights are one tensor; each projection's weight and bias are views of it."""
+    """One GEMM for projections that read the same input: a single-stream block's q, k, v and MLP input (the layout
+    of BFL's reference implementation, `linear1`, D -> 3D + 4D), or a double-stream attention's q/k/v of one
+    stream. Each projection becomes a `FusedColumns` view; the `lead` one, which the block calls first, computes
+    the whole GEMM, and the others return their columns of that same call. The weights are one tensor; each
+    projection's weight and bias are views of it."""
 
-    def __init__(self, projections: list[torch.nn.Linear]):
+    def __init__(self, projections: list[torch.nn.Linear], lead: int):
         super().__init__()
         self.weight = torch.nn.Parameter(torch.cat([p.weight.detach() for p in projections]), requires_grad=False)
         self.bias = torch.nn.Parameter(torch.cat([p.bias.detach() for p in projections]), requires_grad=False)
-        self.widths = [p.out_features for p in projections]
-        self.cache: tuple[torch.Tensor, list[torch.Tensor]] | None = None
+        self.widths, self.lead = [p.out_features for p in projections], lead
+        self.cache: tuple[torch.Tensor, list[torch.Tensor], set[int]] | None = None
 
     def columns(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         start = sum(self.widths[:index])
         return (self.weight[start:start + self.widths[index]], self.bias[start:start + self.widths[index]])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        parts = list(torch.nn.functional.linear(x, self.weight, self.bias).split(self.widths, dim=-1))
-        self.cache = (x, parts)
-        return parts[-1]
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Every projection of x, from one GEMM."""
+        return list(torch.nn.functional.linear(x, self.weight, self.bias).split(self.widths, dim=-1))
 
     def take(self, index: int, x: torch.Tensor) -> torch.Tensor:
-        """Column block `index` of the GEMM just computed from this very input, else computed on its own."""
-        if self.cache is not None and self.cache[0] is x:
-            part = self.cache[1][index]
-            if index == len(self.widths) - 2:   # the last attention projection: release the call's output
+        """Projection `index` of x: the lead computes all of them at once; another one takes its columns of the GEMM
+        the lead just computed from this very input (the last to do so releases it), else computes its own."""
+        if index == self.lead:
+            parts = self(x)
+            self.cache = (x, parts, set(range(len(parts))) - {index})
+            return parts[index]
+        if self.cache is not None and self.cache[0] is x and index in self.cache[2]:
+            part, waiting = self.cache[1][index], self.cache[2]
+            waiting.discard(index)
+            if not waiting:
                 self.cache = None
             return part
         return torch.nn.functional.linear(x, *self.columns(index))
 
 
 class FusedColumns(torch.nn.Module):
-    """to_q / to_k / to_v of a block whose input projections are one `FusedInputProjection`."""
+    """One projection (to_q, proj_mlp, add_k_proj, ...) of a `FusedInputProjection`."""
 
     def __init__(self, fused: FusedInputProjection, index: int):
         super().__init__()
         self.index = index
-        self.fused = [fused]   # not a submodule: the block owns it (as proj_mlp)
+        self.fused = [fused]   # not a submodule: the block or attention owns it (as `fused_input` / `fused_context`)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -246,6 +252,20 @@ class FusedColumns(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fused[0].take(self.index, x)
+
+
+def _fuse(owner: torch.nn.Module, name: str, holders: list[tuple[torch.nn.Module, str]], lead: int) -> None:
+    """Replaces each (module, attribute) Linear of `holders` by its columns of one FusedInputProjection, which
+    `owner` holds as `name`."""
+    layers = [getattr(module, attr) for module, attr in holders]
+    for layer, (_, attr) in zip(layers, holders):
+        if type(layer) is not torch.nn.Linear or layer.bias is None:
+            raise ConfigError(f"fuse_projections: {attr} is a {type(layer).__name__}, expected a plain Linear with a "
+                              "bias (merge adapters into the weights first)")
+    fused = FusedInputProjection(layers, lead)
+    setattr(owner, name, fused)
+    for index, (module, attr) in enumerate(holders):
+        setattr(module, attr, FusedColumns(fused, index))
 
 
 class Flux(Backbone):
@@ -310,19 +330,24 @@ class Flux(Backbone):
             call["image_rotary_emb"] = (cos[rows], sin[rows])
 
     def fuse_projections(self, transformer) -> int:
-        """Each single-stream block's q/k/v and MLP-input projections become one GEMM (`FusedInputProjection`):
-        dense and pruned blocks alike, for inference (weights frozen; not for training or export)."""
-        blocks = list(transformer.single_transformer_blocks)
+        """Projections that read the same input become one GEMM (`FusedInputProjection`), in every block, dense and
+        pruned alike, for inference (weights frozen; not for training or export): each single-stream block's q/k/v
+        and MLP input (D -> 3D + 4D), and each double-stream attention's image q/k/v and text q/k/v (D -> 3D each)."""
+        blocks = self.blocks(transformer)
         for block in blocks:
-            if isinstance(block.proj_mlp, FusedInputProjection):
-                continue
             attn = block.attn
+            if isinstance(attn.to_q, FusedColumns):
+                continue
             if getattr(attn, "fused_projections", False):
-                raise ConfigError("fuse_projections: the single-stream blocks' q/k/v are already one GEMM "
+                raise ConfigError("fuse_projections: the attentions' q/k/v are already one GEMM "
                                   "(fuse_qkv_projections); use one layout or the other")
-            fused = FusedInputProjection([attn.to_q, attn.to_k, attn.to_v, block.proj_mlp])
-            block.proj_mlp = fused
-            attn.to_q, attn.to_k, attn.to_v = (FusedColumns(fused, i) for i in range(3))
+            if hasattr(block, "proj_mlp"):   # single-stream: the block projects its MLP input first
+                _fuse(block, "fused_input", [(attn, "to_q"), (attn, "to_k"), (attn, "to_v"), (block, "proj_mlp")],
+                      lead=3)
+            else:                            # double-stream: the attention projects q, k, v of each stream in turn
+                _fuse(attn, "fused_input", [(attn, "to_q"), (attn, "to_k"), (attn, "to_v")], lead=0)
+                _fuse(attn, "fused_context", [(attn, "add_q_proj"), (attn, "add_k_proj"), (attn, "add_v_proj")],
+                      lead=0)
         return len(blocks)
 
     def grid(self, height: int, width: int, vae_scale_factor: int) -> tuple[int, int]:

@@ -6,8 +6,11 @@ Writes OUT/model (a diffusers transformer folder: `--model OUT/model`) and OUT/d
 signature and texture depend on their class; the context tokens name each object's class and position, so the
 model has to read them. Flow-matching loss (SD3's: v = noise - x0, shifted timesteps), AdamW, CPU is enough.
 
-    python scripts/pretrain_toy.py --out /tmp/toy --steps 300      # about 6 minutes on 2 CPU cores
+    python scripts/pretrain_toy.py --out /tmp/toy --steps 300      # about 5 minutes on 2 CPU cores
     python -m shiva_export train --model /tmp/toy/model --data /tmp/toy/data --target-keep 0.6 --out /tmp/toy/ckpt
+
+tests/assets/shapes-toy/ is the model of `--steps 300 --save-dtype fp16` (seed 0), shipped so that the suite does not
+pretrain it again; `write_data` writes its data.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from shiva_export.training import shifted_timesteps
 from shiva_export.training_data import write_latent_dataset
 
 NUM_CLASSES = 8
+LOG_FILE = "pretrain_log.json"
+SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 MAX_OBJECTS = 3
 
 
@@ -77,6 +82,28 @@ def flow_matching_loss(model, sample: tuple[torch.Tensor, ...], noise: torch.Ten
     return F.mse_loss(v, noise - x0)
 
 
+def shapes_world(config, defaults: dict, seed: int) -> ShapesWorld:
+    """The world a model of this config and preset defaults (its latent size and text length) is pretrained on."""
+    return ShapesWorld(config.in_channels, defaults["height"] // 8, defaults["context_tokens"],
+                       config.joint_attention_dim, config.pooled_projection_dim, seed)
+
+
+def evaluate(model, world: ShapesWorld, seed: int) -> float:
+    """The flow-matching loss on 64 held-out samples at 64 fixed noise levels (the same for every model of a seed)."""
+    held_out = world.sample(64, torch.Generator().manual_seed(seed + 2))
+    noise = torch.randn(held_out[0].shape, generator=torch.Generator().manual_seed(seed + 3))
+    sigma = shifted_timesteps((torch.arange(64) + 0.5) / 64, 3.0) / 1000
+    model.eval()
+    with torch.no_grad():
+        return float(flow_matching_loss(model, held_out, noise, sigma))
+
+
+def write_data(folder: Path, world: ShapesWorld, samples: int, seed: int) -> None:
+    """The training data written beside the model (on-disk latent format, `train --data`)."""
+    latents, context, pooled = world.sample(samples, torch.Generator().manual_seed(seed + 4))
+    write_latent_dataset(folder, latents, context, pooled)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="tiny-sd35", help="preset (random weights) to start from")
@@ -88,6 +115,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--samples", type=int, default=512, help="samples written to OUT/data")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--save-dtype", choices=sorted(SAVE_DTYPES), default="fp32",
+                        help="dtype of the saved weights (fp16: the copy shipped in tests/assets, half the size; "
+                        "models load in fp32 for training)")
     args = parser.parse_args()
     if args.steps is None and args.minutes is None:
         args.minutes = 6.0
@@ -96,22 +126,13 @@ def main() -> None:
 
     torch.manual_seed(args.seed)
     model, source = load_transformer(args.model)
-    cfg = model.config
-    defaults = source.defaults
-    size = defaults["height"] // 8
-    world = ShapesWorld(cfg.in_channels, size, defaults["context_tokens"], cfg.joint_attention_dim,
-                        cfg.pooled_projection_dim, args.seed)
+    world = shapes_world(model.config, source.defaults, args.seed)
     model.train().requires_grad_(True)  # presets load frozen, for inference
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(args.seed + 1)
-    held_out = world.sample(64, torch.Generator().manual_seed(args.seed + 2))
-    held_noise = torch.randn(held_out[0].shape, generator=torch.Generator().manual_seed(args.seed + 3))
-    held_sigma = shifted_timesteps((torch.arange(64) + 0.5) / 64, 3.0) / 1000
 
     def held_out_loss() -> float:
-        model.eval()
-        with torch.no_grad():
-            loss = float(flow_matching_loss(model, held_out, held_noise, held_sigma))
+        loss = evaluate(model, world, args.seed)
         model.train()
         return loss
 
@@ -137,12 +158,12 @@ def main() -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    model.eval()
+    model.eval().to(SAVE_DTYPES[args.save_dtype])
     with atomic_directory(out / "model") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-        (tmp / "pretrain_log.json").write_text(json.dumps({"from": args.model, "seed": args.seed, "log": log}))
-    latents, context, pooled = world.sample(args.samples, torch.Generator().manual_seed(args.seed + 4))
-    write_latent_dataset(out / "data", latents, context, pooled)
+        (tmp / LOG_FILE).write_text(json.dumps({"from": args.model, "seed": args.seed, "batch": args.batch,
+                                                "lr": args.lr, "save_dtype": args.save_dtype, "log": log}))
+    write_data(out / "data", world, args.samples, args.seed)
     print(f"wrote {out / 'model'} and {out / 'data'} ({args.samples} samples)")
 
 

@@ -469,8 +469,11 @@ def partials(root: Path) -> list[Path]:
     return [p for p in root.rglob("*") if ".partial-" in p.name or ".old-" in p.name]
 
 
+CLI_EXPORT = ("--target-keep", "0.5", "--steps", "4", "--buckets", "1")
+
+
 def test_a_second_writer_is_refused_naming_the_pid_of_the_first(folder):
-    first = shiva("export", "--out", str(folder), "--force")
+    first = shiva("export", "--out", str(folder), "--force", *CLI_EXPORT)   # one bucket: three graphs, not five
     try:
         wait_for(lambda: holds_lock(folder, first.pid), first, "the first export took the lock")
         second = subprocess.run([sys.executable, "-m", "shiva_export", "engine", "--backend", "ort", "--out",
@@ -484,12 +487,12 @@ def test_a_second_writer_is_refused_naming_the_pid_of_the_first(folder):
 
 def test_two_builds_at_once_into_a_new_folder_one_runs_one_is_refused(tmp_path):
     out = tmp_path / "new"
-    first = shiva("build", "--out", str(out), "--target-keep", "0.5", "--steps", "4", "--backend", "onnxruntime",
-                  "--runs", "1")
+    first = shiva("build", "--out", str(out), "--target-keep", "0.5", "--steps", "4", "--buckets", "1",
+                  "--backend", "onnxruntime", "--runs", "1")
     try:
         wait_for(lambda: holds_lock(out, first.pid), first, "the first build took the lock")
         second = subprocess.run([sys.executable, "-m", "shiva_export", "build", "--out", str(out), "--target-keep",
-                                 "0.5", "--steps", "4", "--backend", "onnxruntime", "--runs", "1"],
+                                 "0.5", "--steps", "4", "--buckets", "1", "--backend", "onnxruntime", "--runs", "1"],
                                 capture_output=True, text=True, timeout=HANG_GUARD_S)
         assert_one_line_error(second.returncode, second.stderr, f"folder in use by PID {first.pid}")
     finally:
@@ -497,9 +500,6 @@ def test_two_builds_at_once_into_a_new_folder_one_runs_one_is_refused(tmp_path):
     assert first.returncode in (0, 1), err[-3000:]
     assert subprocess.run([sys.executable, "-m", "shiva_export", "inspect", "--out", str(out)],
                           capture_output=True, timeout=HANG_GUARD_S).returncode == 0
-
-
-CLI_EXPORT = ("--target-keep", "0.5", "--steps", "4", "--buckets", "1")
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from shiva_export.cli import VERBS
+from shiva_export.cli import VERBS, main
 from shiva_export.manifest import Manifest
 from shiva_export.models import shipped_router
 from shiva_export.records import CheckRecord, ExportRecord
@@ -84,11 +84,16 @@ def test_second_build_with_the_same_inputs_reuses_every_stage(built):
     assert after == before  # nothing rebuilt
 
 
-def test_every_verb_has_help(tmp_path):
+def test_every_verb_has_help(tmp_path, capsys):
+    """Through a fresh interpreter once (`python -m`), then every verb in this process (the parser is the same)."""
+    result = shiva(VERBS[0], "--help", cwd=tmp_path)
+    assert result.returncode == 0 and "--" in result.stdout, result.stderr
     for verb in VERBS:
-        result = shiva(verb, "--help", cwd=tmp_path)
-        assert result.returncode == 0, (verb, result.stderr)
-        assert "--" in result.stdout
+        with pytest.raises(SystemExit) as exit_:
+            main([verb, "--help"])
+        assert exit_.value.code == 0, verb
+        out = " ".join(capsys.readouterr().out.split())
+        assert out.startswith(f"usage: python -m shiva_export {verb} [-h]") and " --" in out, (verb, out[:200])
 
 
 @pytest.mark.parametrize("args, message", [

@@ -40,6 +40,9 @@ from shiva_export.patching import compile_blocks, static_k
 from shiva_export.pruned import load_pruned_model
 
 
+PROJECTION_LAYOUTS = ("separate", "fused")
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--phase", choices=["torch", "ort"], required=True)
@@ -105,10 +108,22 @@ def parse_args(argv=None):
                         help="where the ort phase exports; the run step also takes a comma list of folders, each "
                         "exported by its own process (--ort-step export --ort-configs ...) to split the export time")
     parser.add_argument("--out", required=True, help="folder for <phase>.json and <phase>.md")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    layouts = [name for name in args.projections.split(",") if name]
+    if not layouts or any(name not in PROJECTION_LAYOUTS for name in layouts) or len(set(layouts)) < len(layouts):
+        parser.error(f"--projections takes separate and/or fused, each once, got {args.projections!r}")
+    if "fused" in layouts and args.phase == "ort":
+        parser.error("--projections fused: the ort phase exports the model's own layers; expected --phase torch")
+    if "fused" in layouts and args.fuse_qkv:
+        parser.error("--projections fused and --fuse-qkv are two layouts of the same projections; use one")
+    args.layouts = sorted(layouts, key=PROJECTION_LAYOUTS.index)   # fusing is in place: separate is timed first
+    return args
 
 
-PROJECTION_LAYOUTS = ("separate", "fused")
+def refuse(message: str) -> None:
+    """Bad input found after parsing: one line, exit 2."""
+    print(f"gpu_bench: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def require_fused_layout(transformer) -> None:
@@ -116,15 +131,18 @@ def require_fused_layout(transformer) -> None:
     adapter = backbones.for_model(transformer)
     if type(adapter).fuse_projections is Backbone.fuse_projections:
         try:
-            adapter.fuse_projections(transformer)
+            adapter.fuse_projections(transformer)   # the base class only refuses; its message names the family
         except ConfigError as err:
-            raise SystemExit(f"--projections fused: {err}") from None
+            refuse(f"--projections fused: {err}")
 
 
 def fuse_layout(transformer) -> None:
-    """The backbone's fused projection layout, in place (idempotent)."""
-    blocks = backbones.for_model(transformer).fuse_projections(transformer)
-    print(f"== fused the input projections of {blocks} blocks", flush=True)
+    """The backbone's fused projection layout, in place (idempotent; a refusal leaves the model unfused)."""
+    try:
+        blocks = backbones.for_model(transformer).fuse_projections(transformer)
+    except ConfigError as err:
+        refuse(f"--projections fused: {err}")
+    print(f"== the fused projection layout is in place ({blocks} blocks)", flush=True)
 
 
 BLAS_ENVIRONMENT = ("CUBLASLT_WORKSPACE_SIZE", "CUBLAS_WORKSPACE_CONFIG", "TORCH_BLAS_PREFER_CUBLASLT")
@@ -589,15 +607,8 @@ def main(argv=None) -> int:
         if not hasattr(pruned.transformer, "fuse_qkv_projections"):
             raise SystemExit(f"--fuse-qkv: {type(pruned.transformer).__name__} has no fuse_qkv_projections")
         pruned.transformer.fuse_qkv_projections()
-    layouts = [name for name in args.projections.split(",") if name]
-    if not layouts or any(name not in PROJECTION_LAYOUTS for name in layouts) or len(set(layouts)) < len(layouts):
-        raise SystemExit(f"--projections takes separate and/or fused, each once, got {args.projections!r}")
-    layouts.sort(key=PROJECTION_LAYOUTS.index)   # fusing is in place: the separate layout is timed first
-    if "fused" in layouts and args.phase == "ort":
-        raise SystemExit("--projections fused: the ort phase exports the model's own layers; expected --phase torch")
+    layouts = args.layouts
     if "fused" in layouts:
-        if args.fuse_qkv:
-            raise SystemExit("--projections fused and --fuse-qkv are two layouts of the same projections; use one")
         require_fused_layout(pruned.transformer)
     defaults = pruned.source.defaults
     args.context_tokens = args.context_tokens or defaults.get("context_tokens", 333)
@@ -633,7 +644,8 @@ def main(argv=None) -> int:
         except Exception as err:  # one variant's failure (e.g. a kernel) must not lose the others' rows
             if len(variants) == 1:
                 raise
-            print(f"== kernels: {variant} failed: {type(err).__name__}: {str(err)[:500]}", flush=True)
+            print(f"== kernels: {variant}, attention backend {backend or 'default'}, projections {layout} failed: "
+                  f"{type(err).__name__}: {str(err)[:500]}", flush=True)
             continue
         result.update(phase=args.phase, router_dtype=args.router_dtype, facts=facts, model=args.model,
                       compile_blocks=args.compile_blocks, compile_mode=args.compile_mode,

@@ -113,7 +113,7 @@ def test_gathered_rope_rows_are_the_full_table_at_the_kept_positions(flux):
 def test_fused_projections_compute_what_the_separate_ones_do(batch):
     """fuse_projections: one GEMM for each single-stream block's q/k/v and MLP input and for each double-stream
     attention's q/k/v of either stream, dense and pruned alike; the same outputs and kept tokens (batch 2: samples
-    keep different tokens, so the pruned blocks attend sample by sample, on inputs sliced per sample)."""
+    keep different tokens, so the pruned blocks apply a RoPE table per sample)."""
     from shiva_export.backbones.flux import FusedColumns, FusedInputProjection
 
     pruned = load_pruned_model("tiny-flux")
@@ -145,30 +145,32 @@ def test_fused_projections_compute_what_the_separate_ones_do(batch):
     after = run()
     for handle in handles:
         handle.remove()
-    # one fused GEMM per fused layout and forward; at batch 2 the pruned blocks attend sample by sample: the one
-    # pruned double-stream block (block 1) fuses each sample's q/k/v of either stream (two calls instead of one,
-    # per stream), while a single-stream block's lead, its MLP input, is still one call for the whole batch
-    assert len(calls) == 2 * len(fused) + (0 if batch == 1 else 2)
-    # q/k/v took their columns (which releases the GEMM), except where batch 2's single-stream pruned blocks
-    # project each sample's q/k/v on their own
-    assert all(f.cache is None for f in fused[4:])
-    assert all((f.cache is None) == (batch == 1) for f in fused[:4])
+    # one fused GEMM per fused layout and forward (dense, then the bucket), whatever the batch; q/k/v took their
+    # columns of it, which released it
+    assert len(calls) == 2 * len(fused)
+    assert all(f.cache is None for f in fused)
     assert (after[0] - before[0]).abs().max() <= 1e-5
     assert (after[1][0] - before[1][0]).abs().max() <= 1e-5
     assert all(torch.equal(a, b) for a, b in zip(after[1][1:], before[1][1:]))
     assert adapter.fuse_projections(pruned.transformer) == 6 and single[0].fused_input is fused[0]
 
 
-def test_fused_projections_refuse_layers_with_adapters():
+def test_fused_projections_refuse_layers_with_adapters_and_leave_the_model_as_it_was():
     """A projection wrapped by an adapter (DoRA during training) is not a plain Linear: fusing its base weight would
-    drop the adapter, so it is refused."""
+    drop the adapter, so it is refused, before any block changes (here the last double-stream block's text k)."""
+    from shiva_export.backbones.flux import FusedColumns
     from shiva_export.errors import ConfigError
 
     pruned = load_pruned_model("tiny-flux")
-    attn = pruned.transformer.transformer_blocks[0].attn
-    attn.to_k = torch.nn.Sequential(attn.to_k)
-    with pytest.raises(ConfigError, match="to_k is a Sequential, expected a plain Linear"):
-        backbones.for_model(pruned.transformer).fuse_projections(pruned.transformer)
+    attn = pruned.transformer.transformer_blocks[1].attn
+    attn.add_k_proj = torch.nn.Sequential(attn.add_k_proj)
+    before = dict(pruned.transformer.named_modules())
+    for _ in range(2):
+        with pytest.raises(ConfigError, match=r"transformer_blocks\.1: add_k_proj is a Sequential, expected a plain "
+                                              r"Linear"):
+            backbones.for_model(pruned.transformer).fuse_projections(pruned.transformer)
+    assert dict(pruned.transformer.named_modules()) == before
+    assert not any(isinstance(m, FusedColumns) for m in pruned.transformer.modules())
 
 
 def test_only_flux_has_a_fused_projection_layout():
@@ -192,6 +194,31 @@ def test_samples_that_keep_different_tokens_compute_what_each_sample_alone_does(
     for i in range(2):
         assert (both[0][i:i + 1] - alone[i][0]).abs().max() <= 1e-5
         assert all(torch.equal(b[i:i + 1], a) for b, a in zip(both[1:], alone[i][1:]))
+
+
+def test_samples_that_keep_different_tokens_export_with_one_attention_per_block_and_match_in_ort(flux, tmp_path):
+    """The per-sample RoPE tables are applied in one batch: the static graph has one Attention per block (no loop
+    over the samples), and ORT keeps the same tokens as PyTorch in every layer."""
+    import onnx_ir as ir
+    import onnxruntime as ort
+
+    from shiva_export.export import export_bucket
+    from shiva_export.passes.manager import tensorrt_safety
+
+    pruned, _, constants = flux
+    cfg = ExportConfig(height=256, width=256, batch=2, context_tokens=24, debug_indices=True)
+    k = (N, 96, 96, 128, 128, 160)
+    graph = export_bucket(pruned.transformer, k, cfg, tensorrt_safety(cfg.dtype))
+    assert sum(node.op_type == "Attention" for node in graph.graph) == len(k)
+    ir.save(graph, tmp_path / "b.onnx")
+    feed = example_feed(pruned.config, cfg, seed=1)
+    got = ort.InferenceSession(str(tmp_path / "b.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {name: value.numpy() for name, value in feed.items()})
+    with torch.no_grad():
+        want = StaticBucket(pruned.transformer, k, debug_indices=True, constants=constants)(**feed)
+    assert all(not torch.equal(indices[0], indices[1]) for indices in want[1:])   # every layer differs per sample
+    assert np.abs(got[0] - want[0].numpy()).max() <= 1e-4
+    assert all(np.array_equal(g, w.numpy()) for g, w in zip(got[1:], want[1:]))
 
 
 def test_flop_model_matches_torch_flop_counter_exactly(flux):

@@ -2,7 +2,7 @@
 
 Pruning (D17): image tokens only, in both block kinds; the text stream runs in full. The RoPE cos/sin rows of the
 kept image tokens are gathered with the same indices (text rows kept): one [S + k, D] table when every sample keeps
-the same tokens (batch 1, one CFG pair), a [B, S + k, D] table otherwise, applied per sample by
+the same tokens (batch 1, one CFG pair), a [B, S + k, D] table otherwise, applied row by row in one batch by
 `BatchedRopeFluxAttnProcessor`. Block 0 stays dense; routers go per adjacent pair of the blocks in order (double
 then single), conditioned on the block's temb (timestep, guidance and pooled CLIP) and the mean text token.
 
@@ -171,8 +171,8 @@ class FixedRope(torch.nn.Module):
 
 
 class BatchedRopeFluxAttnProcessor:
-    """diffusers' FluxAttnProcessor, plus per-sample RoPE tables [B, S, D] (samples that keep different tokens):
-    attention then runs sample by sample, each with its own rows (exact; only the pruned blocks get it)."""
+    """diffusers' FluxAttnProcessor, plus per-sample RoPE tables [B, S, D] (samples that keep different tokens): the
+    same computation, with each sample's rows applied in one batched RoPE (exact; only the pruned blocks get it)."""
 
     def __init__(self):
         from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
@@ -191,13 +191,40 @@ class BatchedRopeFluxAttnProcessor:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         if image_rotary_emb is None or image_rotary_emb[0].dim() == 2:
             return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        from diffusers.models.transformers.transformer_flux import _get_qkv_projections, dispatch_attention_fn
+
+        # FluxAttnProcessor's body (diffusers 0.42), with `apply_rotary_emb` taking a table per sample
+        query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
+            attn, hidden_states, encoder_hidden_states)
+        query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
+        key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
+        value = value.unflatten(-1, (-1, attn.head_dim))
+        if attn.added_kv_proj_dim is not None:
+            query = torch.cat([attn.norm_added_q(encoder_query.unflatten(-1, (-1, attn.head_dim))), query], dim=1)
+            key = torch.cat([attn.norm_added_k(encoder_key.unflatten(-1, (-1, attn.head_dim))), key], dim=1)
+            value = torch.cat([encoder_value.unflatten(-1, (-1, attn.head_dim)), value], dim=1)
         cos, sin = image_rotary_emb
-        outs = [self.inner(attn, hidden_states[i:i + 1],
-                           None if encoder_hidden_states is None else encoder_hidden_states[i:i + 1],
-                           attention_mask, (cos[i], sin[i])) for i in range(hidden_states.shape[0])]
-        if isinstance(outs[0], tuple):
-            return tuple(torch.cat(parts, dim=0) for parts in zip(*outs))
-        return torch.cat(outs, dim=0)
+        query, key = rope_rows(query, cos, sin), rope_rows(key, cos, sin)
+        hidden_states = dispatch_attention_fn(query, key, value, attn_mask=attention_mask,
+                                              backend=self._attention_backend,
+                                              parallel_config=self.inner._parallel_config)
+        hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
+        if encoder_hidden_states is None:
+            return hidden_states
+        text = encoder_hidden_states.shape[1]
+        encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
+            [text, hidden_states.shape[1] - text], dim=1)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.contiguous()))
+        return hidden_states, attn.to_add_out(encoder_hidden_states.contiguous())
+
+
+def rope_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """diffusers' `apply_rotary_emb(x, (cos, sin), sequence_dim=1)` for x [B, S, H, D] with a table per sample,
+    cos / sin [B, S, D]: the same operations in the same order, element by element."""
+    cos, sin = cos[:, :, None, :].to(x.device), sin[:, :, None, :].to(x.device)
+    x_real, x_imag = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)
+    x_rotated = torch.stack([-x_imag, x_real], dim=-1).flatten(3)
+    return (x.float() * cos + x_rotated.float() * sin).to(x.dtype)
 
 
 class FusedInputProjection(torch.nn.Module):
@@ -224,7 +251,8 @@ class FusedInputProjection(torch.nn.Module):
 
     def take(self, index: int, x: torch.Tensor) -> torch.Tensor:
         """Projection `index` of x: the lead computes all of them at once; another one takes its columns of the GEMM
-        the lead just computed from this very input (the last to do so releases it), else computes its own."""
+        the lead just computed from this very input (the last to do so releases it), else computes its own (and
+        releases a GEMM of another input)."""
         if index == self.lead:
             parts = self(x)
             self.cache = (x, parts, set(range(len(parts))) - {index})
@@ -235,6 +263,7 @@ class FusedInputProjection(torch.nn.Module):
             if not waiting:
                 self.cache = None
             return part
+        self.cache = None
         return torch.nn.functional.linear(x, *self.columns(index))
 
 
@@ -257,12 +286,7 @@ class FusedColumns(torch.nn.Module):
 def _fuse(owner: torch.nn.Module, name: str, holders: list[tuple[torch.nn.Module, str]], lead: int) -> None:
     """Replaces each (module, attribute) Linear of `holders` by its columns of one FusedInputProjection, which
     `owner` holds as `name`."""
-    layers = [getattr(module, attr) for module, attr in holders]
-    for layer, (_, attr) in zip(layers, holders):
-        if type(layer) is not torch.nn.Linear or layer.bias is None:
-            raise ConfigError(f"fuse_projections: {attr} is a {type(layer).__name__}, expected a plain Linear with a "
-                              "bias (merge adapters into the weights first)")
-    fused = FusedInputProjection(layers, lead)
+    fused = FusedInputProjection([getattr(module, attr) for module, attr in holders], lead)
     setattr(owner, name, fused)
     for index, (module, attr) in enumerate(holders):
         setattr(module, attr, FusedColumns(fused, index))
@@ -332,23 +356,33 @@ class Flux(Backbone):
     def fuse_projections(self, transformer) -> int:
         """Projections that read the same input become one GEMM (`FusedInputProjection`), in every block, dense and
         pruned alike, for inference (weights frozen; not for training or export): each single-stream block's q/k/v
-        and MLP input (D -> 3D + 4D), and each double-stream attention's image q/k/v and text q/k/v (D -> 3D each)."""
-        blocks = self.blocks(transformer)
-        for block in blocks:
-            attn = block.attn
-            if isinstance(attn.to_q, FusedColumns):
-                continue
-            if getattr(attn, "fused_projections", False):
-                raise ConfigError("fuse_projections: the attentions' q/k/v are already one GEMM "
-                                  "(fuse_qkv_projections); use one layout or the other")
-            if hasattr(block, "proj_mlp"):   # single-stream: the block projects its MLP input first
-                _fuse(block, "fused_input", [(attn, "to_q"), (attn, "to_k"), (attn, "to_v"), (block, "proj_mlp")],
-                      lead=3)
-            else:                            # double-stream: the attention projects q, k, v of each stream in turn
-                _fuse(attn, "fused_input", [(attn, "to_q"), (attn, "to_k"), (attn, "to_v")], lead=0)
-                _fuse(attn, "fused_context", [(attn, "add_q_proj"), (attn, "add_k_proj"), (attn, "add_v_proj")],
-                      lead=0)
-        return len(blocks)
+        and MLP input (D -> 3D + 4D), and each double-stream attention's image q/k/v and text q/k/v (D -> 3D each).
+        Every layer is checked before any is changed: a refusal leaves the model as it was."""
+        groups = []   # (where, owner, name, [(module, attribute)], lead) of each group still separate
+        for prefix, stack in (("transformer_blocks", transformer.transformer_blocks),
+                              ("single_transformer_blocks", transformer.single_transformer_blocks)):
+            for i, block in enumerate(stack):
+                attn, where = block.attn, f"{prefix}.{i}"
+                if getattr(attn, "fused_projections", False):
+                    raise ConfigError(f"fuse_projections: {where}: the attention's q/k/v are already one GEMM "
+                                      "(fuse_qkv_projections); use one layout or the other")
+                qkv = [(attn, "to_q"), (attn, "to_k"), (attn, "to_v")]
+                if hasattr(block, "proj_mlp"):   # single-stream: the block projects its MLP input first
+                    candidates = [(where, block, "fused_input", [*qkv, (block, "proj_mlp")], 3)]
+                else:                            # double-stream: q, k, v of each stream in turn
+                    candidates = [(where, attn, "fused_input", qkv, 0),
+                                  (where, attn, "fused_context",
+                                   [(attn, "add_q_proj"), (attn, "add_k_proj"), (attn, "add_v_proj")], 0)]
+                groups += [g for g in candidates if not isinstance(getattr(*g[3][0]), FusedColumns)]
+        for where, _, _, holders, _ in groups:
+            for module, attr in holders:
+                layer = getattr(module, attr)
+                if type(layer) is not torch.nn.Linear or layer.bias is None:
+                    raise ConfigError(f"fuse_projections: {where}: {attr} is a {type(layer).__name__}, expected a "
+                                      "plain Linear with a bias (merge adapters into the weights first)")
+        for _, owner, name, holders, lead in groups:
+            _fuse(owner, name, holders, lead)
+        return len(self.blocks(transformer))
 
     def grid(self, height: int, width: int, vae_scale_factor: int) -> tuple[int, int]:
         step = vae_scale_factor * PACK

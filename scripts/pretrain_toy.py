@@ -8,9 +8,6 @@ model has to read them. Flow-matching loss (SD3's: v = noise - x0, shifted times
 
     python scripts/pretrain_toy.py --out /tmp/toy --steps 300      # about 5 minutes on 2 CPU cores
     python -m shiva_export train --model /tmp/toy/model --data /tmp/toy/data --target-keep 0.6 --out /tmp/toy/ckpt
-
-tests/assets/shapes-toy/ is the model of `--steps 300 --save-dtype fp16` (seed 0), shipped so that the suite does not
-pretrain it again; `write_data` writes its data.
 """
 
 from __future__ import annotations
@@ -31,7 +28,6 @@ from shiva_export.training_data import write_latent_dataset
 
 NUM_CLASSES = 8
 LOG_FILE = "pretrain_log.json"
-SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 MAX_OBJECTS = 3
 
 
@@ -115,9 +111,6 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--samples", type=int, default=512, help="samples written to OUT/data")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--save-dtype", choices=sorted(SAVE_DTYPES), default="fp32",
-                        help="dtype of the saved weights (fp16: the copy shipped in tests/assets, half the size; "
-                        "models load in fp32 for training)")
     args = parser.parse_args()
     if args.steps is None and args.minutes is None:
         args.minutes = 6.0
@@ -158,11 +151,11 @@ def main() -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    model.eval().to(SAVE_DTYPES[args.save_dtype])
+    model.eval()
     with atomic_directory(out / "model") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         (tmp / LOG_FILE).write_text(json.dumps({"from": args.model, "seed": args.seed, "batch": args.batch,
-                                                "lr": args.lr, "save_dtype": args.save_dtype, "log": log}))
+                                                "lr": args.lr, "log": log}))
     write_data(out / "data", world, args.samples, args.seed)
     print(f"wrote {out / 'model'} and {out / 'data'} ({args.samples} samples)")
 

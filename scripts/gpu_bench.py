@@ -137,7 +137,7 @@ def require_fused_layout(transformer) -> None:
 
 
 def fuse_layout(transformer) -> None:
-    """The backbone's fused projection layout, in place (idempotent; a refusal leaves the model unfused)."""
+    """The backbone's fused projection layout, in place (a refusal leaves the model unfused)."""
     try:
         blocks = backbones.for_model(transformer).fuse_projections(transformer)
     except ConfigError as err:
@@ -631,9 +631,11 @@ def main(argv=None) -> int:
                          "backend; expected --phase torch")
     variants = [(layout, variant, backend) for layout in layouts for variant in kernel_variants
                 for backend in backends]
+    in_place = "separate"
     for layout, variant, backend in variants:
-        if layout == "fused":
+        if layout != in_place:   # variants run layout by layout: the model is fused once, before the first
             fuse_layout(pruned.transformer)
+            in_place = layout
         kernels.set_enabled(variant == "triton")
         if backend is not None:
             set_attention_backend(pruned.transformer, backend)

@@ -34,6 +34,7 @@ from shiva_export.backbones.base import Backbone
 from shiva_export.errors import ConfigError
 from shiva_export.export import DenseModel, ExportConfig, StaticBucket, example_feed, torch_dtype
 from shiva_export.flops import ModelDims
+from shiva_export.io import atomic_output
 from shiva_export.models import num_image_tokens
 from shiva_export.passes.freeze import FreezeConfig, StepFlops, freeze, k_table
 from shiva_export.patching import compile_blocks, static_k
@@ -117,6 +118,13 @@ def parse_args(argv=None):
     if "fused" in layouts and args.fuse_qkv:
         parser.error("--projections fused and --fuse-qkv are two layouts of the same projections; use one")
     args.layouts = sorted(layouts, key=PROJECTION_LAYOUTS.index)   # fusing is in place: separate is timed first
+    args.kernel_variants = [v for v in args.kernels.split(",") if v]
+    if not args.kernel_variants or any(v not in ("triton", "torch") for v in args.kernel_variants):
+        parser.error(f"--kernels takes triton and/or torch, got {args.kernels!r}")
+    args.backends = [b for b in args.attention_backend.split(",") if b] or [None]
+    if args.phase == "ort" and args.backends != [None]:
+        parser.error("--attention-backend: the ort phase times ONNX Runtime, which uses no diffusers attention "
+                     "backend; expected --phase torch")
     return args
 
 
@@ -426,7 +434,8 @@ def run_ort_phase(pruned, args, num_tokens, configs, schedule, facts):
                                  graph_passes=tensorrt_safety(cfg.dtype))
         index = {"export_seconds": time.perf_counter() - t0,
                  "graphs": {name: graph.to_json() for name, graph in zip(names, written.graphs)}}
-        index_path.write_text(json.dumps(index))
+        with atomic_output(index_path) as tmp:
+            tmp.write_text(json.dumps(index))
         print(f"exported {len(written.graphs) + 1} graphs in {index['export_seconds']:.0f} s", flush=True)
         if args.ort_step == "export":
             raise SystemExit(0)
@@ -441,7 +450,7 @@ def run_ort_phase(pruned, args, num_tokens, configs, schedule, facts):
             debug_files[name] = folder / record["debug_file"]
     missing = [name for name in names if name not in files]
     if missing:
-        raise SystemExit(f"no exported graph for {missing} in {args.onnx_dir}")
+        refuse(f"no exported graph for {missing} in {args.onnx_dir}; expected --ort-step export first")
     providers = ["CUDAExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
     timed_providers = providers
     if args.ort_cuda_graph and device == "cuda":
@@ -583,11 +592,11 @@ def set_attention_backend(transformer, name: str) -> None:
     try:
         transformer.set_attention_backend(name)
     except (ValueError, AttributeError) as err:
-        raise SystemExit(f"--attention-backend {name}: {err}") from None
+        refuse(f"--attention-backend {name}: {err}")
     processors = [m.processor for m in transformer.modules() if getattr(m, "processor", None) is not None]
     if not any(str(getattr(getattr(p, "_attention_backend", None), "value", "")) == name.lower() for p in processors):
-        raise SystemExit(f"--attention-backend {name}: no attention processor of {type(transformer).__name__} takes "
-                         "a backend; expected a model whose processors dispatch through diffusers' attention backends")
+        refuse(f"--attention-backend {name}: no attention processor of {type(transformer).__name__} takes a backend; "
+               "expected a model whose processors dispatch through diffusers' attention backends")
 
 
 def main(argv=None) -> int:
@@ -605,7 +614,7 @@ def main(argv=None) -> int:
           f"({sum(p.numel() for p in pruned.transformer.parameters()) / 1e9:.2f}B parameters)", flush=True)
     if args.fuse_qkv:
         if not hasattr(pruned.transformer, "fuse_qkv_projections"):
-            raise SystemExit(f"--fuse-qkv: {type(pruned.transformer).__name__} has no fuse_qkv_projections")
+            refuse(f"--fuse-qkv: {type(pruned.transformer).__name__} has no fuse_qkv_projections")
         pruned.transformer.fuse_qkv_projections()
     layouts = args.layouts
     if "fused" in layouts:
@@ -622,13 +631,7 @@ def main(argv=None) -> int:
     facts = device_facts()
     print(json.dumps(facts), flush=True)
     phase = run_torch_phase if args.phase == "torch" else run_ort_phase
-    kernel_variants = [v for v in args.kernels.split(",") if v]
-    if any(v not in ("triton", "torch") for v in kernel_variants):
-        raise SystemExit(f"--kernels takes triton and/or torch, got {args.kernels!r}")
-    backends = [b for b in args.attention_backend.split(",") if b] or [None]
-    if args.phase == "ort" and backends != [None]:
-        raise SystemExit("--attention-backend: the ort phase times ONNX Runtime, which uses no diffusers attention "
-                         "backend; expected --phase torch")
+    kernel_variants, backends = args.kernel_variants, args.backends
     variants = [(layout, variant, backend) for layout in layouts for variant in kernel_variants
                 for backend in backends]
     in_place = "separate"
@@ -666,8 +669,9 @@ def main(argv=None) -> int:
         stem = "-".join([args.phase] + ([layout] if len(layouts) > 1 else [])
                         + ([variant] if len(kernel_variants) > 1 else [])
                         + ([backend.strip("_")] if len(backends) > 1 else []))
-        (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-        (out / f"{stem}.md").write_text(render_markdown(result))
+        for name, text in ((f"{stem}.json", json.dumps(result, indent=2) + "\n"), (f"{stem}.md", render_markdown(result))):
+            with atomic_output(out / name) as tmp:
+                tmp.write_text(text)
         print(render_markdown(result), flush=True)
     return 0
 

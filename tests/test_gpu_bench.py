@@ -40,13 +40,16 @@ def test_both_projection_layouts_are_timed_in_one_process(tmp_path):
     assert "input projections fused: True" in (tmp_path / "torch-fused.md").read_text()
 
 
-@pytest.mark.parametrize("model, projections, message", [
-    ("tiny-flux", "fused,fused", "--projections takes separate and/or fused, each once, got 'fused,fused'"),
-    ("tiny-sd35", "separate,fused", "--projections fused: sd3: no fused projection layout"),
+@pytest.mark.parametrize("model, options, message", [
+    ("tiny-flux", ("--projections", "fused,fused"),
+     "--projections takes separate and/or fused, each once, got 'fused,fused'"),
+    ("tiny-sd35", ("--projections", "separate,fused"), "--projections fused: sd3: no fused projection layout"),
+    ("tiny-flux", ("--kernels", "cuda"), "--kernels takes triton and/or torch, got 'cuda'"),
+    ("tiny-sd35", ("--attention-backend", "native"),
+     "--attention-backend native: no attention processor of SD3Transformer2DModel takes a backend"),
 ])
-def test_a_bad_projection_layout_is_refused_in_one_line_with_exit_2_before_any_timing(tmp_path, model, projections,
-                                                                                       message):
-    proc = gpu_bench("--model", model, *TINY, "--projections", projections, "--out", str(tmp_path / "out"))
+def test_bad_options_are_refused_in_one_line_with_exit_2_before_any_timing(tmp_path, model, options, message):
+    proc = gpu_bench("--model", model, *TINY, *options, "--out", str(tmp_path / "out"))
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and "eager" not in proc.stdout
     assert not (tmp_path / "out").exists()

@@ -6,11 +6,18 @@ Tests that write into a folder (check, bench, a broken engine set) take a privat
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Triton reads this once, when triton.language is first imported (by any test: torch.compile imports it too);
+    # its CPU interpreter then runs the fused-kernel checks of test_kernels.py. It changes nothing else here: the
+    # product takes the fused path only for CUDA tensors.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def time_varying_policy(policy) -> None:

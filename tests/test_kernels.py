@@ -1,19 +1,16 @@
 """Claims about shiva_export/kernels.py: the fused CUDA kernels equal the torch reference path.
 
-On a CPU machine they run under Triton's interpreter (TRITON_INTERPRET=1) where Triton is installed; the same
-checks run on the GPU by scripts/microbench_selection.py (its "equivalence" lines). Without Triton they skip.
+On a CPU machine they run under Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py before anything imports
+Triton); Triton is a test dependency on Linux x86-64. The same checks run on the GPU by
+scripts/microbench_selection.py (its "equivalence" lines). Without Triton (another platform) they skip.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():  # read when Triton is imported; only the fused kernels import Triton
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from shiva_export import kernels
 from shiva_export.models import example_inputs, load_transformer, num_image_tokens

@@ -34,7 +34,7 @@ from shiva_export.backbones.base import Backbone
 from shiva_export.errors import ConfigError
 from shiva_export.export import DenseModel, ExportConfig, StaticBucket, example_feed, torch_dtype
 from shiva_export.flops import ModelDims
-from shiva_export.io import atomic_output
+from shiva_export.io import write_bytes
 from shiva_export.models import num_image_tokens
 from shiva_export.passes.freeze import FreezeConfig, StepFlops, freeze, k_table
 from shiva_export.patching import compile_blocks, static_k
@@ -434,8 +434,7 @@ def run_ort_phase(pruned, args, num_tokens, configs, schedule, facts):
                                  graph_passes=tensorrt_safety(cfg.dtype))
         index = {"export_seconds": time.perf_counter() - t0,
                  "graphs": {name: graph.to_json() for name, graph in zip(names, written.graphs)}}
-        with atomic_output(index_path) as tmp:
-            tmp.write_text(json.dumps(index))
+        write_bytes(index_path, json.dumps(index).encode())
         print(f"exported {len(written.graphs) + 1} graphs in {index['export_seconds']:.0f} s", flush=True)
         if args.ort_step == "export":
             raise SystemExit(0)
@@ -631,9 +630,8 @@ def main(argv=None) -> int:
     facts = device_facts()
     print(json.dumps(facts), flush=True)
     phase = run_torch_phase if args.phase == "torch" else run_ort_phase
-    kernel_variants, backends = args.kernel_variants, args.backends
-    variants = [(layout, variant, backend) for layout in layouts for variant in kernel_variants
-                for backend in backends]
+    variants = [(layout, variant, backend) for layout in layouts for variant in args.kernel_variants
+                for backend in args.backends]
     in_place = "separate"
     for layout, variant, backend in variants:
         if layout != in_place:   # variants run layout by layout: the model is fused once, before the first
@@ -667,11 +665,10 @@ def main(argv=None) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         stem = "-".join([args.phase] + ([layout] if len(layouts) > 1 else [])
-                        + ([variant] if len(kernel_variants) > 1 else [])
-                        + ([backend.strip("_")] if len(backends) > 1 else []))
-        for name, text in ((f"{stem}.json", json.dumps(result, indent=2) + "\n"), (f"{stem}.md", render_markdown(result))):
-            with atomic_output(out / name) as tmp:
-                tmp.write_text(text)
+                        + ([variant] if len(args.kernel_variants) > 1 else [])
+                        + ([backend.strip("_")] if len(args.backends) > 1 else []))
+        write_bytes(out / f"{stem}.json", (json.dumps(result, indent=2) + "\n").encode())
+        write_bytes(out / f"{stem}.md", render_markdown(result).encode())
         print(render_markdown(result), flush=True)
     return 0
 

@@ -58,9 +58,10 @@ def test_the_pretrained_model_learned_its_data(pretrained, pretrain_toy):
     log = pretrained["pretrain"]["log"]
     assert [entry["step"] for entry in (log[0], log[-1])] == [0, PRETRAIN_STEPS]
     model, _ = load_transformer(str(pretrained["root"] / "model"))
-    world = pretrain_toy.shapes_world(model.config, load_transformer(BASE)[1].defaults, SEED)
+    initial, base = load_transformer(BASE)
+    world = pretrain_toy.shapes_world(model.config, base.defaults, SEED)
     learned = pretrain_toy.evaluate(model, world, SEED)
-    untrained = pretrain_toy.evaluate(load_transformer(BASE)[0], world, SEED)
+    untrained = pretrain_toy.evaluate(initial, world, SEED)
     assert learned == pytest.approx(log[-1]["held_out_loss"], rel=1e-6)
     assert untrained == pytest.approx(log[0]["held_out_loss"], rel=1e-6)
     assert learned < untrained / 3, log   # measured 1.78 -> 0.37

@@ -1,6 +1,6 @@
 """Where does the pruning overhead go? Profile one transformer step per configuration and list the top kernels.
 
-    python scripts/profile_overhead.py --keeps 1.0,0.6 [--model sd35-medium-shape] [--dtype bf16]
+    python scripts/profile_overhead.py --keeps 1.0,0.6 [--model sd35-medium-shape] [--dtype bf16] [--projections fused]
 
 Prints, per configuration, the CUDA time per kernel family (torch.profiler, eager mode) so that the cost of the
 router, selection (sort/compaction), gather and scatter can be compared with attention and the GEMMs.
@@ -20,7 +20,7 @@ from shiva_export.models import num_image_tokens, preset_names, read_preset
 from shiva_export.pruned import load_pruned_model
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-from gpu_bench import torch_module, uniform_k  # noqa: E402
+from gpu_bench import fuse_layout, torch_module, uniform_k  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -38,6 +38,9 @@ def main(argv=None) -> int:
                         help="routers in the backbone's fp16 (default, as the benchmarks) or fp32")
     parser.add_argument("--kernels", choices=["triton", "torch"], default="triton",
                         help="fused Triton selection/router/scatter (default on CUDA) or the pure-torch path")
+    parser.add_argument("--projections", choices=["separate", "fused"], default="separate",
+                        help="the model's own projection layers, or the backbone's fused layout (as gpu_bench's "
+                        "--projections fused)")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     defaults = read_preset(args.model).get("defaults", {}) if args.model in preset_names() else {}
@@ -46,6 +49,8 @@ def main(argv=None) -> int:
     pruned = load_pruned_model(args.model, cfg_consistent=args.batch % 2 == 0, device=device)
     dtype = args.dtype if device == "cuda" else "fp32"
     pruned.to_dtype(torch_dtype(dtype), router_fp32=args.router_dtype == "fp32")
+    if args.projections == "fused":
+        fuse_layout(pruned.transformer)
     kernels.set_enabled(args.kernels == "triton")
     n = num_image_tokens(pruned.config, args.height, args.height)
     cfg = ExportConfig(args.height, args.height, args.batch, args.context_tokens, dtype)

@@ -196,6 +196,37 @@ def test_samples_that_keep_different_tokens_compute_what_each_sample_alone_does(
         assert all(torch.equal(b[i:i + 1], a) for b, a in zip(both[1:], alone[i][1:]))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the fused kernels run on CUDA tensors)")
+def test_on_cuda_the_fused_kernels_keep_per_sample_tokens_and_rope_rows_as_the_cpu_torch_path_does(flux):
+    """Batch 2 whose samples keep different tokens, on CUDA through the fused Triton selection/router/scatter
+    kernels: each sample computes what it does alone, and the kept indices of every block are the CPU torch path's."""
+    from shiva_export import kernels
+
+    pruned, _, constants = flux
+    cfg = ExportConfig(height=256, width=256, batch=2, context_tokens=24)
+    feed = example_feed(pruned.config, cfg, seed=3)
+    k = (N, 96, 96, 128, 128, 160)
+    with torch.no_grad(), kernels.enabled(False):
+        reference = StaticBucket(pruned.transformer, k, debug_indices=True, constants=constants)(**feed)
+    pruned.transformer.to("cuda"), pruned.routers.to("cuda")   # the module fixture's model: moved back below
+    try:
+        on_gpu = {name: value.cuda() for name, value in feed.items()}
+        gpu_constants = {name: value.cuda() for name, value in constants.items()}
+        model = StaticBucket(pruned.transformer, k, debug_indices=True, constants=gpu_constants)
+        with torch.no_grad(), kernels.enabled(True):
+            assert kernels.usable(on_gpu["hidden_states"])
+            both = model(**on_gpu)
+            alone = [model(**{name: value[i:i + 1] for name, value in on_gpu.items()}) for i in range(2)]
+    finally:
+        pruned.transformer.to("cpu"), pruned.routers.to("cpu")
+    assert not torch.equal(both[1][0], both[1][1])   # the samples do keep different tokens
+    for i in range(2):
+        assert (both[0][i:i + 1] - alone[i][0]).abs().max() <= 1e-4
+        assert all(torch.equal(b[i:i + 1], a) for b, a in zip(both[1:], alone[i][1:]))
+    assert all(torch.equal(g.cpu(), c) for g, c in zip(both[1:], reference[1:]))
+    assert (both[0].cpu() - reference[0]).abs().max() <= 1e-3
+
+
 def test_samples_that_keep_different_tokens_export_with_one_attention_per_block_and_match_in_ort(flux, tmp_path):
     """The per-sample RoPE tables are applied in one batch: the static graph has one Attention per block (no loop
     over the samples), and ORT keeps the same tokens as PyTorch in every layer."""

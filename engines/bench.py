@@ -430,7 +430,7 @@ def run_bench(ws, config: BenchConfig | None = None, backends: Sequence[str] | N
         backends: engine set names (`engines.runners`) or torch-cudagraph / torch-eager / onnxruntime-cuda-graph /
             onnxruntime-cuda; default: `default_targets(device)`.
         force: measure again even if bench.json is fresh (same graphs, device, config and backends).
-        device: "cpu" | "cuda" (default: the CUDA GPU if torch sees one).
+        device: "cpu" | "cuda" (default: the CUDA GPU if torch sees one and ONNX Runtime has its CUDA provider).
         torch_target: (ws, schedule, export config, name) -> target, the maker of the PyTorch targets
             (`shiva_export.torch_bench.torch_target`); called only for torch-cudagraph / torch-eager. Without it
             those targets are unavailable (skipped from the defaults, refused when named).
@@ -442,7 +442,7 @@ def run_bench(ws, config: BenchConfig | None = None, backends: Sequence[str] | N
     from shiva_export.engines.trajectory import export_config
     from shiva_export.io import sha256_json, write_bytes, write_json
 
-    device = compute_device(device)
+    device = compute_device(device, onnxruntime=True)
     from shiva_export.engines.backends.names import engine_set_name
     from shiva_export.pipeline import runnable_reason
 

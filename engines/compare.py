@@ -591,7 +591,7 @@ def run_check(ws, backends: Sequence[Any] = ("onnxruntime",), config: CheckConfi
     from shiva_export.engines.trajectory import export_config, resolve_guidance, save_bucket_data
     from shiva_export.io import atomic_directory, sha256_json, write_json
 
-    device = compute_device(device)
+    device = compute_device(device, onnxruntime=True)
     schedule = ws.schedule()
     cfg = export_config(ws)
     if not backends:

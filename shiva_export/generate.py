@@ -120,7 +120,8 @@ def generate(artifacts: str | Path, prompt: str, model: str | Path | None = None
         raise ConfigError(f"--guidance-scale {guidance:g}: the engines run batch {export.batch} "
                           f"({'CFG pairs: a scale > 1' if cfg_pairs else 'no CFG: a scale <= 1'} is needed)")
     images = export.batch // (2 if cfg_pairs else 1)
-    device = compute_device(device)
+    on_ort = backend in ("onnxruntime", "ort")
+    device = compute_device(device, onnxruntime=on_ort)
     dtype = torch_dtype(export.dtype)
     pipe = load_pipeline(pipeline_root(source), dtype=dtype, device=device)
     call = {"prompt": [prompt] * images, "num_inference_steps": steps, "guidance_scale": guidance,
@@ -141,7 +142,7 @@ def generate(artifacts: str | Path, prompt: str, model: str | Path | None = None
 
     dense_transformer = pipe.transformer
     dense, dense_s = run(dense_transformer)
-    providers = ["CUDAExecutionProvider"] if device == "cuda" and backend in ("onnxruntime", "ort") else None
+    providers = ["CUDAExecutionProvider"] if device == "cuda" and on_ort else None
     with ShivaEngineTransformer.from_artifacts(ws.root, backend=backend, providers=providers) as engine:
         pruned, engine_s = run(engine)
     pipe.transformer = dense_transformer

@@ -426,14 +426,15 @@ def build(ws: Workspace, backends: list[str], runs: int = 5, force: bool = False
     """freeze -> export -> lint -> engines -> check -> bench -> report, each reused when its inputs are unchanged.
 
     device: where check and bench run the PyTorch reference and ONNX Runtime ("cpu" | "cuda"; default: the CUDA GPU
-    when torch sees one). Each stage's wall time is kept in `BuildResult.seconds`."""
+    when torch sees one and ONNX Runtime has its CUDA provider). Each stage's wall time is kept in
+    `BuildResult.seconds`."""
     import time
 
     from tqdm import tqdm
 
     from shiva_export.engines.backends.base import compute_device
 
-    device = compute_device(device)
+    device = compute_device(device, onnxruntime=True)
     result = BuildResult(device=device)
 
     def note(stage: str, ran: bool, started: float) -> None:

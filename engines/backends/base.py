@@ -121,13 +121,26 @@ def current_device(index: int = 0) -> DeviceInfo:
 DEVICES = ("cpu", "cuda")
 
 
-def compute_device(requested: str | None = None) -> str:
-    """Where check, bench and generate run the PyTorch reference and ONNX Runtime: "cuda" when torch sees a CUDA
-    GPU, else "cpu"; `requested` overrides, and "cuda" on a machine without one is refused in one line."""
+def compute_device(requested: str | None = None, onnxruntime: bool = False) -> str:
+    """Where a stage runs its PyTorch model (and, with `onnxruntime`, its ONNX Runtime engine sets): "cuda" when
+    torch sees a CUDA GPU, else "cpu". With `onnxruntime` (check, bench, build, generate) the GPU is the default
+    only where ONNX Runtime has its CUDA execution provider too; without it (the CPU `onnxruntime` package on a GPU
+    machine) the default is the CPU, with a logged note. `requested` overrides, and "cuda" on a machine without a
+    CUDA GPU is refused in one line."""
     import torch
 
     if requested is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        if not torch.cuda.is_available():
+            return "cpu"
+        if onnxruntime:
+            from shiva_export.engines.backends.ort import cuda_unavailable_reason
+
+            reason = cuda_unavailable_reason()
+            if reason is not None:
+                logger.warning("torch sees a CUDA GPU, but %s: running on the CPU (install onnxruntime-gpu to run "
+                               "on the GPU, or pass --device)", reason)
+                return "cpu"
+        return "cuda"
     if requested not in DEVICES:
         raise ConfigError(f"--device {requested!r} is unknown; expected one of {list(DEVICES)}")
     if requested == "cuda" and not torch.cuda.is_available():

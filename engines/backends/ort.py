@@ -55,6 +55,17 @@ def _onnxruntime():
     return onnxruntime
 
 
+def cuda_unavailable_reason() -> str | None:
+    """Why ONNX Runtime cannot run on CUDA here, or None when its CUDA execution provider is available."""
+    try:
+        available = _onnxruntime().get_available_providers()
+    except BackendUnavailableError as err:
+        return str(err)
+    if _PROVIDERS["cuda"] not in available:
+        return f"ONNX Runtime has no {_PROVIDERS['cuda']} (available: {available})"
+    return None
+
+
 def _require_provider(provider: str) -> str:
     if provider not in _PROVIDERS:
         raise ConfigError(f"ORT provider '{provider}' is unknown; expected one of {sorted(_PROVIDERS)}.")
@@ -63,7 +74,7 @@ def _require_provider(provider: str) -> str:
     if ep not in available:
         raise BackendUnavailableError(
             f"ONNX Runtime {ep} is not available here (available: {available}); "
-            "install onnxruntime-gpu built for this CUDA, or use provider 'cpu'."
+            "install onnxruntime-gpu built for this CUDA, or run on the CPU (--device cpu)."
         )
     return ep
 

@@ -51,9 +51,12 @@ def add_artifact_args(parser: argparse.ArgumentParser) -> None:
     add_out_arg(parser)
 
 
-def add_device_arg(parser) -> None:
+def add_device_arg(parser, onnxruntime: bool = True) -> None:
+    """--device; with `onnxruntime` the verb also runs ONNX Runtime engine sets there (compute_device's rule)."""
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="where the PyTorch reference and ONNX Runtime run (default: cuda when torch sees a CUDA "
+                             "GPU and ONNX Runtime has its CUDA provider, i.e. onnxruntime-gpu is installed; else cpu)"
+                        if onnxruntime else "where the pipeline's encoders run (default: cuda when torch sees a CUDA "
                              "GPU, else cpu)")
 
 

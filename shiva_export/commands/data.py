@@ -39,7 +39,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=DataConfig.seed, help="seeds every sample (by its index)")
     parser.add_argument("--force", action="store_true", help="replace data made from other inputs")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_device_arg(parser)
+    add_device_arg(parser, onnxruntime=False)
     parser.set_defaults(func=run)
 
 

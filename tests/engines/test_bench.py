@@ -115,6 +115,25 @@ def test_device_cuda_without_a_gpu_is_refused_in_one_line_before_any_work(verb, 
     assert (artifact_copy / "manifest.json").read_bytes() == before
 
 
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_the_default_device_is_the_gpu_only_where_onnx_runtime_can_use_it_too(caplog):
+    """The CPU onnxruntime package on a GPU machine: check, bench, build and generate default to the CPU (with a
+    note) instead of failing at their first ORT session; a stage without ONNX Runtime still takes the GPU."""
+    import onnxruntime
+
+    from shiva_export.engines.backends.base import compute_device
+
+    assert compute_device(None) == "cuda"
+    with caplog.at_level("WARNING"):
+        device = compute_device(None, onnxruntime=True)
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        assert device == "cuda" and not caplog.records
+    else:
+        assert device == "cpu"
+        assert "install onnxruntime-gpu" in caplog.text and "CUDAExecutionProvider" in caplog.text
+    assert compute_device("cuda", onnxruntime=True) == "cuda"   # asked for: honoured (the ORT session refuses)
+
+
 def test_the_pytorch_targets_are_the_callers_and_engines_runs_no_pytorch_model(artifact_copy):
     """torch-cudagraph / torch-eager time the PyTorch model: run_bench gets their maker from its caller (the bench
     verb and the pipeline pass `shiva_export.torch_bench.torch_target`); without one they are unavailable."""

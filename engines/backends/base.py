@@ -138,7 +138,7 @@ def compute_device(requested: str | None = None, onnxruntime: bool = False) -> s
             reason = cuda_unavailable_reason()
             if reason is not None:
                 logger.warning("torch sees a CUDA GPU, but %s: running on the CPU (install onnxruntime-gpu to run "
-                               "on the GPU, or pass --device)", reason)
+                               "on the GPU)", reason)
                 return "cpu"
         return "cuda"
     if requested not in DEVICES:

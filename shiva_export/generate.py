@@ -90,6 +90,7 @@ def generate(artifacts: str | Path, prompt: str, model: str | Path | None = None
     from PIL import Image
 
     from shiva_export.engines.backends.base import compute_device
+    from shiva_export.engines.backends.names import BACKENDS
     from shiva_export.export import torch_dtype
     from shiva_export.io import atomic_output, write_json
     from shiva_export.models import load_pipeline, pipeline_root
@@ -120,7 +121,7 @@ def generate(artifacts: str | Path, prompt: str, model: str | Path | None = None
         raise ConfigError(f"--guidance-scale {guidance:g}: the engines run batch {export.batch} "
                           f"({'CFG pairs: a scale > 1' if cfg_pairs else 'no CFG: a scale <= 1'} is needed)")
     images = export.batch // (2 if cfg_pairs else 1)
-    on_ort = backend in ("onnxruntime", "ort")
+    on_ort = BACKENDS.get(backend) == "ort"
     device = compute_device(device, onnxruntime=on_ort)
     dtype = torch_dtype(export.dtype)
     pipe = load_pipeline(pipeline_root(source), dtype=dtype, device=device)

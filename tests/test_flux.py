@@ -181,19 +181,29 @@ def test_only_flux_has_a_fused_projection_layout():
         backbones.for_model(pruned.transformer).fuse_projections(pruned.transformer)
 
 
-def test_samples_that_keep_different_tokens_compute_what_each_sample_alone_does(flux):
-    pruned, _, constants = flux
-    cfg = ExportConfig(height=256, width=256, batch=2, context_tokens=24)
-    feed = example_feed(pruned.config, cfg, seed=3)
-    k = (N, 96, 96, 128, 128, 160)
-    with torch.no_grad():
-        both = StaticBucket(pruned.transformer, k, debug_indices=True, constants=constants)(**feed)
-        alone = [StaticBucket(pruned.transformer, k, debug_indices=True, constants=constants)(
-            **{name: value[i:i + 1] for name, value in feed.items()}) for i in range(2)]
+PER_SAMPLE_K = (N, 96, 96, 128, 128, 160)   # the batch-2 checks' kept tokens per block (block 0 dense)
+
+
+def per_sample_feed(pruned) -> dict[str, torch.Tensor]:
+    """A batch of 2 whose samples keep different tokens in every pruned block."""
+    return example_feed(pruned.config, ExportConfig(height=256, width=256, batch=2, context_tokens=24), seed=3)
+
+
+def assert_each_sample_computes_what_it_does_alone(both, alone, atol: float) -> None:
     assert not torch.equal(both[1][0], both[1][1])   # the samples do keep different tokens
     for i in range(2):
-        assert (both[0][i:i + 1] - alone[i][0]).abs().max() <= 1e-5
+        assert (both[0][i:i + 1] - alone[i][0]).abs().max() <= atol
         assert all(torch.equal(b[i:i + 1], a) for b, a in zip(both[1:], alone[i][1:]))
+
+
+def test_samples_that_keep_different_tokens_compute_what_each_sample_alone_does(flux):
+    pruned, _, constants = flux
+    feed = per_sample_feed(pruned)
+    model = StaticBucket(pruned.transformer, PER_SAMPLE_K, debug_indices=True, constants=constants)
+    with torch.no_grad():
+        both = model(**feed)
+        alone = [model(**{name: value[i:i + 1] for name, value in feed.items()}) for i in range(2)]
+    assert_each_sample_computes_what_it_does_alone(both, alone, atol=1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the fused kernels run on CUDA tensors)")
@@ -203,26 +213,23 @@ def test_on_cuda_the_fused_kernels_keep_per_sample_tokens_and_rope_rows_as_the_c
     from shiva_export import kernels
 
     pruned, _, constants = flux
-    cfg = ExportConfig(height=256, width=256, batch=2, context_tokens=24)
-    feed = example_feed(pruned.config, cfg, seed=3)
-    k = (N, 96, 96, 128, 128, 160)
+    feed = per_sample_feed(pruned)
     with torch.no_grad(), kernels.enabled(False):
-        reference = StaticBucket(pruned.transformer, k, debug_indices=True, constants=constants)(**feed)
-    pruned.transformer.to("cuda"), pruned.routers.to("cuda")   # the module fixture's model: moved back below
+        reference = StaticBucket(pruned.transformer, PER_SAMPLE_K, debug_indices=True, constants=constants)(**feed)
+    pruned.transformer.to("cuda")   # the module fixture's model (backbone and routers): moved back below
+    pruned.routers.to("cuda")
     try:
         on_gpu = {name: value.cuda() for name, value in feed.items()}
         gpu_constants = {name: value.cuda() for name, value in constants.items()}
-        model = StaticBucket(pruned.transformer, k, debug_indices=True, constants=gpu_constants)
+        model = StaticBucket(pruned.transformer, PER_SAMPLE_K, debug_indices=True, constants=gpu_constants)
         with torch.no_grad(), kernels.enabled(True):
             assert kernels.usable(on_gpu["hidden_states"])
             both = model(**on_gpu)
             alone = [model(**{name: value[i:i + 1] for name, value in on_gpu.items()}) for i in range(2)]
     finally:
-        pruned.transformer.to("cpu"), pruned.routers.to("cpu")
-    assert not torch.equal(both[1][0], both[1][1])   # the samples do keep different tokens
-    for i in range(2):
-        assert (both[0][i:i + 1] - alone[i][0]).abs().max() <= 1e-4
-        assert all(torch.equal(b[i:i + 1], a) for b, a in zip(both[1:], alone[i][1:]))
+        pruned.transformer.to("cpu")
+        pruned.routers.to("cpu")
+    assert_each_sample_computes_what_it_does_alone(both, alone, atol=1e-4)
     assert all(torch.equal(g.cpu(), c) for g, c in zip(both[1:], reference[1:]))
     assert (both[0].cpu() - reference[0]).abs().max() <= 1e-3
 
@@ -238,7 +245,7 @@ def test_samples_that_keep_different_tokens_export_with_one_attention_per_block_
 
     pruned, _, constants = flux
     cfg = ExportConfig(height=256, width=256, batch=2, context_tokens=24, debug_indices=True)
-    k = (N, 96, 96, 128, 128, 160)
+    k = PER_SAMPLE_K
     graph = export_bucket(pruned.transformer, k, cfg, tensorrt_safety(cfg.dtype))
     assert sum(node.op_type == "Attention" for node in graph.graph) == len(k)
     ir.save(graph, tmp_path / "b.onnx")
